@@ -1,0 +1,100 @@
+"""``skinsynth bench ...``: performance measurements, each against a plain baseline in the same run.
+
+Every benchmark writes a JSON record with the machine (cores, GPUs, versions) next to the figures, and prints
+both throughputs and their ratio. Timed assertions never live in tests; they live here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from skinsynth.config import DataConfig
+from skinsynth.data.prepare import prepare_images, read_original
+from skinsynth.data.sources import list_source
+from skinsynth.runtime import ensure_ray, machine_info
+
+Progress = Callable[[str], None]
+
+
+def _shard_rows(data_dir: Path) -> dict[str, str]:
+    table = pq.read_table(data_dir / "images", columns=["image_id", "sha256"])
+    return dict(zip(table["image_id"].to_pylist(), table["sha256"].to_pylist()))
+
+
+def bench_prepare(cfg: DataConfig, *, limit: int | None = None, progress: Progress = print) -> dict[str, Any]:
+    """Images/s of the Ray Data ``prepare`` pipeline against a single-process loop doing the same steps.
+
+    Both runs read the same listing from a warm page cache (every file is read once before timing), write the
+    same shards, and must produce the same set of images; Ray start-up is timed separately and excluded.
+
+    Args:
+        cfg: data section (source, path, preprocessing) to benchmark.
+        limit: only the first ``limit`` images of the source (None = all).
+        progress: receives one-line messages.
+
+    Returns:
+        The benchmark record (also what the CLI writes as JSON).
+    """
+    listing = list_source(cfg)
+    if limit is not None:
+        listing.records = listing.records.head(limit).reset_index(drop=True)
+        listing.quarantine = []
+    n_images = len(listing.records)
+    progress(f"bench prepare: {n_images} images from {cfg.source}; warming the page cache")
+    for record in listing.records.to_dict("records"):
+        if record["uri"]:
+            read_original(record)
+
+    t0 = time.perf_counter()
+    ensure_ray(cfg.num_cpus)
+    ray_startup_s = time.perf_counter() - t0
+
+    results: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="skinsynth-bench-") as tmp:
+        for engine in ("local", "ray"):
+            progress(f"bench prepare: {engine} ...")
+            t0 = time.perf_counter()
+            result = prepare_images(
+                cfg, Path(tmp) / engine, engine=engine, force=True, listing=listing, progress=lambda _m: None
+            )
+            seconds = time.perf_counter() - t0
+            results[engine] = {"seconds": round(seconds, 3), "images_per_s": round(n_images / seconds, 2)}
+            rows[engine] = _shard_rows(result.data_dir)
+            progress(f"bench prepare: {engine}: {n_images / seconds:.1f} images/s ({seconds:.1f} s)")
+    if rows["local"] != rows["ray"]:
+        raise RuntimeError("the Ray and single-process runs produced different image sets; the benchmark is void")
+    ratio = results["ray"]["images_per_s"] / results["local"]["images_per_s"]
+    record = {
+        "benchmark": "prepare",
+        "source": cfg.source,
+        "path": cfg.path,
+        "images": n_images,
+        "image_size": cfg.preprocess.size,
+        "baseline": "single-process loop, same steps and outputs",
+        "local": results["local"],
+        "ray": results["ray"],
+        "ray_startup_s_excluded": round(ray_startup_s, 2),
+        "speedup": round(ratio, 3),
+        "machine": machine_info(),
+    }
+    progress(
+        f"bench prepare: ray {results['ray']['images_per_s']:.1f} images/s vs single-process "
+        f"{results['local']['images_per_s']:.1f} images/s -> {ratio:.2f}x on {record['machine']['cpu_cores']} cores"
+    )
+    return record
+
+
+def write_record(record: dict[str, Any], path: str | Path) -> Path:
+    """Write a benchmark record as JSON (creating folders) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return path

@@ -1,0 +1,192 @@
+"""``skinsynth <command>``: thin wrappers over each stage's ``run`` function.
+
+Errors the user can fix (bad config key, missing path, ...) print one ``skinsynth: error: ...`` line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from skinsynth import DISCLAIMER, __version__
+from skinsynth.errors import SkinsynthError
+
+EXAMPLES = """examples:
+  skinsynth demo                                   # phantom data, whole pipeline, a few minutes on a laptop
+  skinsynth run experiments/ham10000_baseline.yaml --set data.path=../shared/data/ham10000
+  skinsynth data prepare --source ham10000 --path ../shared/data/ham10000 --out runs/ham --size 64
+  skinsynth data summary runs/ham
+  skinsynth data download ham10000 --out data/ham10000
+  skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
+"""
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, with_file: bool = True) -> None:
+    if with_file:
+        parser.add_argument("--config", metavar="EXPERIMENT.yaml", help="experiment file (defaults: the phantom demo)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set data.split.label_fraction=0.1 (repeatable)",
+    )
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=["phantom", "ham10000", "isic", "folder"], help="data.source")
+    parser.add_argument("--path", metavar="DIR", help="data.path: the source folder")
+    parser.add_argument("--size", type=int, metavar="PX", help="data.preprocess.size: output side in pixels")
+
+
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    """Explicit flags become overrides applied before ``--set`` (so ``--set`` has the last word)."""
+    flags = []
+    if getattr(args, "source", None):
+        flags.append(f"data.source={args.source}")
+    if getattr(args, "path", None):
+        flags.append(f"data.path={args.path}")
+    if getattr(args, "size", None):
+        flags.append(f"data.preprocess.size={args.size}")
+    if getattr(args, "out", None):
+        flags.append(f"run.out={args.out}")
+    return flags + list(args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``skinsynth`` command."""
+    parser = argparse.ArgumentParser(
+        prog="skinsynth",
+        description="Synthetic dermoscopy + semi-supervised learning experiments on Ray. " + DISCLAIMER,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"skinsynth {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the whole pipeline on phantom data (offline, laptop-sized)")
+    demo.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/demo)")
+    demo.add_argument("--force", action="store_true", help="redo stages even when up to date")
+    _add_config_args(demo, with_file=False)
+
+    run = commands.add_parser("run", help="run an experiment file, skipping stages that are up to date")
+    run.add_argument("experiment", metavar="EXPERIMENT.yaml")
+    run.add_argument("--out", metavar="RUN_DIR", help="override run.out")
+    run.add_argument("--force", action="store_true", help="redo stages even when up to date")
+    _add_config_args(run, with_file=False)
+
+    data = commands.add_parser("data", help="data sources: prepare, summary, download")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="Ray Data pipeline: source -> Parquet shards, splits, data card, quarantine",
+        description="Decode, validate, remove hair, estimate skin tone, colour-normalise and resize a source into "
+        "RUN_DIR/data/ (Parquet shards, splits.parquet, data_card.json, quarantine.csv).",
+    )
+    _add_data_flags(prepare)
+    prepare.add_argument("--out", metavar="RUN_DIR", help="run directory (run.out)")
+    prepare.add_argument("--engine", choices=["ray", "local"], default="ray", help="ray (default) or a plain loop")
+    prepare.add_argument("--force", action="store_true", help="redo even when the manifest matches")
+    _add_config_args(prepare)
+
+    summary = data_commands.add_parser("summary", help="print the data card of a run directory as a table")
+    summary.add_argument("run_dir", metavar="RUN_DIR")
+
+    download = data_commands.add_parser(
+        "download", help="fetch an official dataset release (needs internet; resumable, checksummed)"
+    )
+    download.add_argument("dataset", choices=["ham10000"])
+    download.add_argument("--out", metavar="DIR", required=True, help="folder to download and unpack into")
+    download.add_argument("--base-url", default=None, help="Dataverse server (default: Harvard Dataverse)")
+
+    bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    bench_prepare = bench_commands.add_parser(
+        "prepare", help="Ray Data prepare vs a single-process loop (images/s and ratio)"
+    )
+    _add_data_flags(bench_prepare)
+    bench_prepare.add_argument("--limit", type=int, help="only the first N images of the source")
+    bench_prepare.add_argument("--json", default="bench/prepare.json", help="where to write the record")
+    _add_config_args(bench_prepare)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from skinsynth.config import load_config
+    from skinsynth.pipeline import data_summary_text, format_run_summary, run_experiment
+
+    cfg = load_config(None, _data_overrides(args))
+    outcomes = run_experiment(cfg, force=args.force)
+    print()
+    print(data_summary_text(cfg.run.out))
+    print(format_run_summary(cfg, outcomes))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from skinsynth.config import load_config
+    from skinsynth.pipeline import format_run_summary, run_experiment
+
+    cfg = load_config(args.experiment, _data_overrides(args))
+    outcomes = run_experiment(cfg, force=args.force)
+    print(format_run_summary(cfg, outcomes))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "summary":
+        from skinsynth.pipeline import data_summary_text
+
+        print(data_summary_text(args.run_dir))
+        return 0
+    if args.data_command == "download":
+        from skinsynth.data.download import download_dataset
+
+        kwargs = {"base_url": args.base_url} if args.base_url else {}
+        out = download_dataset(args.dataset, args.out, **kwargs)
+        print(f"downloaded {args.dataset} into {out}; prepare it with:")
+        print(f"  skinsynth data prepare --source {args.dataset} --path {out} --out runs/{args.dataset}")
+        return 0
+    from skinsynth.config import dump_config, load_config
+    from skinsynth.data.card import format_data_card
+    from skinsynth.data.prepare import prepare_images
+
+    cfg = load_config(args.config, _data_overrides(args))
+    dump_config(cfg, cfg.run.out)
+    result = prepare_images(cfg.data, cfg.run.out, engine=args.engine, force=args.force)
+    print()
+    print(format_data_card(result.card))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from skinsynth.bench import bench_prepare, write_record
+    from skinsynth.config import load_config
+
+    cfg = load_config(args.config, _data_overrides(args))
+    record = bench_prepare(cfg.data, limit=args.limit)
+    print(f"record written to {write_record(record, args.json)}")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "data": _cmd_data, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``skinsynth`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SkinsynthError as err:
+        print(f"skinsynth: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("skinsynth: interrupted; finished stages are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

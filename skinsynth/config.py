@@ -1,0 +1,278 @@
+"""Typed experiment configuration.
+
+One experiment file (``experiments/*.yaml``) is a nested mapping whose sections are the dataclasses below.
+Values are type-checked when loaded, ``--set a.b=c`` overrides are parsed as YAML scalars and checked the same
+way, and an unknown key is an error that names the key and its nearest valid spelling (a typo in a research
+config must never silently fall back to a default). The fully resolved config is written into the run directory
+so every output can be traced back to the exact settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from skinsynth.errors import SkinsynthError
+
+
+class ConfigError(SkinsynthError, ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and what it is called."""
+
+    name: str = "demo"
+    out: str = "runs/demo"  # run directory (a local path or a pyarrow filesystem URI)
+    seed: int = 0
+
+
+@dataclass
+class PhantomConfig:
+    """The simulated dermoscopy set (source ``phantom``): known class, lesion geometry and skin tone."""
+
+    n_images: int = 420
+    image_size: int = 128  # rendered size, before preprocessing resizes it
+    class_balance: Literal["uniform", "ham10000"] = "uniform"
+    views_per_lesion: float = 1.3
+    seed: int = 0
+
+
+@dataclass
+class PreprocessConfig:
+    """Per-image steps of ``prepare``; each one can be switched off."""
+
+    size: int = 64  # output side in pixels (square)
+    hair_removal: bool = True  # DullRazor-style black-hat + inpainting (Lee et al. 1997)
+    hair_kernel_fraction: float = 0.08  # black-hat kernel side as a fraction of the short side
+    hair_threshold: int = 12  # black-hat response (0-255) above which a pixel counts as hair
+    color_constancy: bool = True  # Shades of Gray (Finlayson & Trezzi 2004)
+    shades_of_gray_p: int = 6  # Minkowski norm; 6 is what Barata et al. 2015 found best for dermoscopy
+    center_crop: bool = True  # crop to square after resizing the short side; False squashes instead
+    estimate_tone: bool = True  # ITA on non-lesion skin
+    min_side: int = 32  # images whose short side is smaller are quarantined
+    allow_grayscale: bool = False  # single-channel images carry no colour or tone: quarantined by default
+    max_working_side: int = 512  # large originals are downscaled to this before hair removal (speed)
+
+
+@dataclass
+class SplitConfig:
+    """Lesion-grouped, class-stratified splits and the labelled subset of the train split."""
+
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    label_fraction: float = 1.0  # share of train images whose label is visible; the rest is the SSL pool
+    kfold: int = 0  # >1 adds a lesion-grouped k-fold index over train+val
+    use_source_split: bool = False  # keep a source's own split column (e.g. ISIC 2017) instead of re-splitting
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """The ``prepare`` stage: which source to read and how to turn it into Parquet shards."""
+
+    source: Literal["phantom", "ham10000", "isic", "folder"] = "phantom"
+    path: str | None = None  # source folder; not needed for phantom
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    batch_size: int = 256  # images per Ray Data batch, and per Parquet shard
+    num_cpus: int | None = None  # local Ray only; None = all cores
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: one section per stage."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow only lossless conversions (int -> float)."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only reached when a new annotation type is added without support here
+        raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _leaf_paths(cls: Any, prefix: str = "") -> list[str]:
+    """Every dotted key below a config section (``preprocess.size``, ``split.seed``, ...)."""
+    paths = []
+    for name, tp in _field_types(cls).items():
+        path = f"{prefix}.{name}" if prefix else name
+        paths += _leaf_paths(tp, path) if dataclasses.is_dataclass(tp) else [path]
+    return paths
+
+
+def _unknown_key_error(key: str, section: Any, prefix: str) -> ConfigError:
+    """Name the unknown key and its nearest valid spelling: a sibling first, else a key deeper in the section."""
+    full = f"{prefix}.{key}" if prefix else key
+    valid = [f.name for f in dataclasses.fields(section)]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        suggestion = f"{prefix}.{close[0]}" if prefix else close[0]
+    else:
+        # e.g. `data.size` -> `data.preprocess.size`: the right name in the wrong section
+        deeper = {path.rsplit(".", 1)[-1]: path for path in reversed(_leaf_paths(section, prefix))}
+        close = difflib.get_close_matches(key, list(deeper), n=1, cutoff=0.75)
+        suggestion = deeper[close[0]] if close else None
+    hint = f" (did you mean '{suggestion}'?)" if suggestion else ""
+    return ConfigError(f"unknown config key '{full}'{hint}; valid keys here: {', '.join(sorted(valid))}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key_error(str(key), cls, prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, checking each part against the dataclass schema."""
+    parts = dotted.split(".")
+    cls: Any = ExperimentConfig
+    node = tree
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"config key '{prefix}' is a value, not a section; cannot set '{dotted}'")
+        hints = _field_types(cls)
+        if part not in hints:
+            raise _unknown_key_error(part, cls, prefix)
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            cls = hints[part]
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' must be a mapping")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` into the dotted key and the value parsed as a YAML scalar (``3`` -> int, ``true``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load an experiment file (or the defaults) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML experiment file; None uses the built-in defaults (the phantom demo).
+        overrides: ``a.b=c`` strings, applied in order after the file.
+
+    Returns:
+        The type-checked :class:`ExperimentConfig`.
+
+    Raises:
+        ConfigError: unreadable file, unknown key (with the nearest valid spelling) or a value of the wrong type.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must contain a mapping of sections (run:, data:, ...)")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    return _build(ExperimentConfig, tree)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (for YAML/JSON dumps and hashing)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config (section); stage manifests use it to decide whether to re-run."""
+    payload = json.dumps(config_to_dict(section), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def dump_config(cfg: ExperimentConfig, run_dir: str | Path) -> Path:
+    """Write the fully resolved config to ``RUN_DIR/config.yaml`` and return its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(target)
+    return target

@@ -1,0 +1,362 @@
+"""The ``prepare`` stage: a Ray Data pipeline from a raw source to Parquet image shards under ``RUN_DIR/data/``.
+
+The driver lists the source and hashes every file, so byte-identical copies join one lesion group before any
+split is made. One Ray Data pass then runs, per batch of images in an actor pool: read (file or phantom render) ->
+decode/validate -> hair removal -> ITA -> colour constancy -> resize/crop -> PNG -> one Parquet shard; each batch
+returns only a small metadata table (hash, tone, refusal reason), from which the driver builds the quarantine list,
+the lesion-grouped splits and the data card. Pixels never travel back to the driver. Outputs are written into a
+temporary folder and renamed into place, so an interrupted run never leaves a half-written ``data/``.
+
+Layout of ``RUN_DIR/data/``::
+
+    images/*.parquet   one row per good image (schema: skinsynth.data.schema.IMAGE_SCHEMA)
+    splits.parquet     image_id -> split, labelled, fold (schema: SPLIT_SCHEMA)
+    quarantine.csv     image_id, uri, dx, reason for every item not in the shards
+    data_card.json     counts per class, split, tone, sex, age band, site; quarantine; source and licence
+    manifest.json      config and input hashes (what ``skinsynth run`` compares to skip the stage)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from skinsynth.config import DataConfig, PreprocessConfig, config_hash, config_to_dict
+from skinsynth.data.card import build_data_card
+from skinsynth.data.preprocess import BadImage, encode_png, preprocess_image
+from skinsynth.data.schema import (
+    CLASS_TO_LABEL,
+    IMAGE_SCHEMA,
+    SPLIT_SCHEMA,
+    tone_from_ita,
+)
+from skinsynth.data.sources import SourceListing, list_source
+from skinsynth.data.splits import lesion_grouped_split, merge_duplicate_groups
+
+# What each batch returns to the driver: one row per image, ``error`` set for refused images.
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("dx", pa.string()),
+        pa.field("group_id", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("ita", pa.float32()),
+        pa.field("tone", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+QUARANTINE_COLUMNS = ["image_id", "uri", "dx", "reason"]
+Progress = Callable[[str], None]
+
+
+def read_original(record: Mapping[str, Any]) -> bytes:
+    """Bytes of one source image: the file at ``uri``, or a phantom image rendered from its seed and PNG-encoded."""
+    if record["source"] == "phantom":
+        from skinsynth.data.phantom import render_phantom
+
+        return encode_png(render_phantom(record))
+    with open(record["uri"], "rb") as fh:
+        return fh.read()
+
+
+def process_batch(
+    batch: pd.DataFrame,
+    cfg: PreprocessConfig,
+    shard_dir: str,
+    loader: Callable[[Mapping[str, Any]], bytes] = read_original,
+) -> pa.Table:
+    """Preprocess a batch of source records, write the good images as one Parquet shard, return per-image results.
+
+    Args:
+        batch: source records (:data:`skinsynth.data.sources.RECORD_COLUMNS` plus ``row``, the record's position,
+            which names the shard so that reruns give the same files).
+        cfg: preprocessing settings.
+        shard_dir: folder for the shard (``part-<first row>.parquet``).
+        loader: returns the original bytes of a record; injected so tests and other storage can swap it.
+
+    Returns:
+        A table in :data:`RESULT_SCHEMA`, one row per input record.
+    """
+    # Ray runs one worker per core already; OpenCV's own thread pool would only oversubscribe the cores.
+    cv2.setNumThreads(1)
+    good: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for record in batch.to_dict("records"):
+        result = {"image_id": record["image_id"], "dx": record["dx"], "group_id": record["group_id"]}
+        try:
+            prepared = preprocess_image(loader(record), cfg)
+        except BadImage as err:
+            results.append({**result, "error": str(err)})
+            continue
+        except OSError as err:
+            results.append({**result, "error": f"cannot read file: {err.strerror or err}"})
+            continue
+        tone = tone_from_ita(prepared.ita)
+        results.append({**result, "sha256": prepared.sha256, "ita": prepared.ita, "tone": tone})
+        good.append(
+            {
+                **result,
+                "image": prepared.png,
+                "label": CLASS_TO_LABEL[record["dx"]],
+                "source": record["source"],
+                "synthetic": False,
+                "age": _none_if_nan(record.get("age")),
+                "sex": _none_if_nan(record.get("sex")),
+                "localization": _none_if_nan(record.get("localization")),
+                "fitzpatrick": _none_if_nan(record.get("fitzpatrick")),
+                "tone_true": _none_if_nan(record.get("tone_true")),
+                "sha256": prepared.sha256,
+                "width": prepared.width,
+                "height": prepared.height,
+                "ita": prepared.ita,
+                "tone": tone,
+            }
+        )
+    if good:
+        first_row = int(batch["row"].iloc[0])
+        pq.write_table(
+            pa.Table.from_pylist(good, schema=IMAGE_SCHEMA), Path(shard_dir) / f"part-{first_row:07d}.parquet"
+        )
+    return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+
+
+def _none_if_nan(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return None
+    return value
+
+
+@dataclass
+class PrepareResult:
+    """What ``prepare`` produced."""
+
+    data_dir: Path
+    card: dict[str, Any]
+    skipped: bool = False
+
+
+class _BatchPreprocessor:
+    """Ray Data actor around :func:`process_batch`: long-lived workers skip per-task start-up on small machines."""
+
+    def __init__(self, cfg: PreprocessConfig, shard_dir: str):
+        self._cfg = cfg
+        self._shard_dir = shard_dir
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        return process_batch(batch, self._cfg, self._shard_dir)
+
+
+def _batches(records: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    return [records.iloc[i : i + size] for i in range(0, len(records), size)]
+
+
+def _run_ray(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.DataFrame:
+    """The per-image work as a Ray Data actor pool, one actor per CPU of the cluster."""
+    import ray
+    import ray.data
+
+    from skinsynth.runtime import ensure_ray
+
+    ensure_ray(cfg.num_cpus)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # results in record order
+    batches = _batches(records, cfg.batch_size)
+    workers = max(1, min(len(batches), int(ray.cluster_resources().get("CPU", 1))))
+    return (
+        ray.data.from_pandas(batches)
+        .map_batches(
+            _BatchPreprocessor,
+            batch_format="pandas",
+            batch_size=cfg.batch_size,
+            fn_constructor_kwargs={"cfg": cfg.preprocess, "shard_dir": str(shard_dir)},
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=1,
+        )
+        .to_pandas()
+    )
+
+
+def _run_local(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.DataFrame:
+    """The same per-image work in a plain single-process loop (the baseline of ``skinsynth bench prepare``)."""
+    tables = [process_batch(batch, cfg.preprocess, str(shard_dir)) for batch in _batches(records, cfg.batch_size)]
+    return (pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()).to_pandas()
+
+
+ENGINES: dict[str, Callable[[pd.DataFrame, DataConfig, Path], pd.DataFrame]] = {"ray": _run_ray, "local": _run_local}
+
+
+def hash_files(records: pd.DataFrame) -> pd.Series:
+    """sha256 of every record's file (None for phantom rows and unreadable files), read on the driver.
+
+    Hashing here, before any image is processed, lets byte-identical copies share a lesion group in the shards
+    themselves, and gives the stage a content fingerprint that a touched-but-unchanged file does not invalidate.
+    """
+    hashes = []
+    for uri in records["uri"]:
+        try:
+            hashes.append(hashlib.sha256(Path(uri).read_bytes()).hexdigest() if uri else None)
+        except OSError:
+            hashes.append(None)  # the worker reports the read error as the quarantine reason
+    return pd.Series(hashes, index=records.index, dtype=object)
+
+
+def input_fingerprint(records: pd.DataFrame, quarantine: list[dict[str, Any]]) -> str:
+    """Hash of what the stage reads: every record (with its file's sha256) and every listing-time refusal."""
+    digest = hashlib.sha256()
+    for record in records.sort_values("image_id").itertuples(index=False):
+        digest.update(f"{record.image_id}|{record.uri}|{record.dx}|{record.group_id}|{record.sha256}\n".encode())
+    for item in quarantine:
+        digest.update(f"q|{item['image_id']}|{item['uri']}|{item['reason']}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The stage manifest, or None when absent or unreadable."""
+    try:
+        return json.loads((stage_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_images(
+    cfg: DataConfig,
+    run_dir: str | Path,
+    *,
+    engine: str = "ray",
+    force: bool = False,
+    listing: SourceListing | None = None,
+    progress: Progress = print,
+) -> PrepareResult:
+    """Run the ``prepare`` stage into ``RUN_DIR/data/``.
+
+    Args:
+        cfg: the data section of the experiment config.
+        run_dir: run directory; ``data/`` is created (or replaced) inside it.
+        engine: ``ray`` (Ray Data actor pool) or ``local`` (single-process loop, same steps; used as the baseline).
+        force: redo the stage even when its manifest says inputs and config are unchanged.
+        listing: records to process instead of listing ``cfg.source`` (e.g. a subset for a benchmark).
+        progress: receives one-line progress messages.
+
+    Returns:
+        A :class:`PrepareResult` with the data card.
+
+    Raises:
+        SourceError: the source cannot be read.
+        SplitError: impossible split settings or a lesion that would leak between splits.
+    """
+    run_dir = Path(run_dir)
+    data_dir = run_dir / "data"
+    started = time.perf_counter()
+    listing = listing if listing is not None else list_source(cfg)
+    records = listing.records.assign(sha256=hash_files(listing.records))
+    hashed = records[records["sha256"].notna()]
+    merged_groups, duplicates = merge_duplicate_groups(hashed)
+    records.loc[hashed.index, "group_id"] = merged_groups
+    fingerprint = input_fingerprint(records, listing.quarantine)
+    cfg_hash = config_hash(cfg)
+    manifest = read_manifest(data_dir)
+    if (
+        not force
+        and manifest
+        and manifest.get("config_hash") == cfg_hash
+        and manifest.get("input_hash") == fingerprint
+    ):
+        progress(f"prepare: {data_dir} is up to date (same config and inputs); skipping")
+        return PrepareResult(data_dir, json.loads((data_dir / "data_card.json").read_text()), skipped=True)
+
+    progress(
+        f"prepare: {len(listing.records)} images from {listing.name}"
+        + (f" ({len(listing.quarantine)} quarantined while listing)" if listing.quarantine else "")
+        + f", {engine} engine"
+    )
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".data.tmp-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_dir = run_dir / f".data.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+
+    (tmp_dir / "images").mkdir()
+    t0 = time.perf_counter()
+    results = ENGINES[engine](records.assign(row=np.arange(len(records))), cfg, tmp_dir / "images")
+    process_s = time.perf_counter() - t0
+    progress(
+        f"prepare: processed {len(results)} images in {process_s:.1f} s ({len(results) / max(process_s, 1e-9):.0f}/s)"
+    )
+
+    bad = results[results["error"].notna()]
+    good = results[results["error"].isna()].reset_index(drop=True)
+    by_id = records.set_index("image_id")
+    quarantine = pd.DataFrame(
+        listing.quarantine
+        + [
+            {"image_id": r.image_id, "uri": by_id.at[r.image_id, "uri"], "dx": r.dx, "reason": r.error}
+            for r in bad.itertuples(index=False)
+        ],
+        columns=QUARANTINE_COLUMNS,
+    )
+    good["source_split"] = good["image_id"].map(by_id["source_split"]) if len(good) else None
+    splits = lesion_grouped_split(good, cfg.split) if len(good) else pd.DataFrame(columns=SPLIT_SCHEMA.names)
+
+    pq.write_table(pa.Table.from_pandas(splits, schema=SPLIT_SCHEMA, preserve_index=False), tmp_dir / "splits.parquet")
+    quarantine.to_csv(tmp_dir / "quarantine.csv", index=False)
+
+    good = good.merge(records[["image_id", "age", "sex", "localization"]], on="image_id", how="left")
+    extra_truth = records[["image_id", "ita_true", "tone_true"]] if "ita_true" in records else None
+    card = build_data_card(
+        good,
+        splits,
+        quarantine,
+        listing=listing,
+        cfg=cfg,
+        duplicates=duplicates,
+        ita_truth=extra_truth,
+        seconds={"total": round(time.perf_counter() - started, 2), "process": round(process_s, 2)},
+        engine=engine,
+    )
+    (tmp_dir / "data_card.json").write_text(json.dumps(card, indent=2, default=str))
+    (tmp_dir / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stage": "prepare",
+                "config_hash": cfg_hash,
+                "input_hash": fingerprint,
+                "config": config_to_dict(cfg),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "rows": int(len(good)),
+                "quarantined": int(len(quarantine)),
+            },
+            indent=2,
+        )
+    )
+    _replace_dir(tmp_dir, data_dir)
+    progress(
+        f"prepare: wrote {len(good)} images to {data_dir / 'images'}, {len(quarantine)} quarantined "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
+    return PrepareResult(data_dir, card)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished temp folder into place; the old one is removed only after the new one is in."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""Shared fixtures: one local Ray for the session, the shared real data (when present), image builders."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray with 2 CPUs for every test that needs it (start-up costs seconds)."""
+    import ray
+
+    from skinsynth.runtime import ensure_ray
+
+    ensure_ray(2)
+    yield ray
+    ray.shutdown()
+
+
+def _require_shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not (path / "metadata.csv").is_file():
+        pytest.skip(f"real data not available: {path} is missing (needs ../shared/data next to the repo)")
+    return path
+
+
+@pytest.fixture
+def ham10000_dir() -> Path:
+    return _require_shared("ham10000")
+
+
+@pytest.fixture
+def isic2017_dir() -> Path:
+    return _require_shared("isic2017")
+
+
+def lab_to_rgb(lightness: float, a: float, b: float, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """A uint8 RGB image of one CIELAB colour."""
+    lab = np.zeros((*shape, 3), np.float32)
+    lab[...] = (lightness, a, b)
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def skin_with_lesion(size: int = 96, seed: int = 0) -> np.ndarray:
+    """Light skin (L*=70, a*=12, b*=16) with a dark brown round lesion in the middle and mild noise."""
+    rng = np.random.default_rng(seed)
+    img = lab_to_rgb(70, 12, 16, (size, size)).astype(np.int16)
+    yy, xx = np.mgrid[:size, :size]
+    lesion = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    img[lesion] = lab_to_rgb(35, 15, 25, (1, 1))[0, 0]
+    img += rng.integers(-3, 4, img.shape, dtype=np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    """Encode an array with Pillow (optionally converting the mode first)."""
+    img = Image.fromarray(rgb)
+    if mode:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+GOOD_IDS = [f"ISIC_good{i:02d}" for i in range(14)]
+GOOD_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] * 2
+
+# image_id -> the start of its expected quarantine reason
+BAD_EXPECTED = {
+    "ISIC_trunc": "truncated or corrupt image",
+    "ISIC_empty": "empty file (0 bytes)",
+    "ISIC_text": "not an image: the file format is not recognised",
+    "ISIC_gray": "grayscale image (mode L)",
+    "ISIC_tiny": "too small: 1x1 px",
+    "ISIC_unknowndx": "unknown label 'xyz'",
+    "ISIC_missing": "image file not found for this image_id",
+    "ISIC_orphan": "image file has no metadata row",
+}
+
+
+@pytest.fixture
+def messy_ham_dir(tmp_path) -> Path:
+    """A HAM10000-layout folder (two image parts) holding every kind of bad input next to good images.
+
+    Good: 14 JPEGs (two per class, two images share a lesion) plus one RGBA PNG. Bad: see ``BAD_EXPECTED``, plus a
+    metadata row that repeats ``ISIC_good00`` (quarantined as a duplicate image_id, the first row kept).
+    """
+    root = tmp_path / "ham"
+    part1, part2 = root / "HAM10000_images_part_1", root / "HAM10000_images_part_2"
+    part1.mkdir(parents=True)
+    part2.mkdir()
+    rows = []
+    for i, (image_id, dx) in enumerate(zip(GOOD_IDS, GOOD_CLASSES)):
+        folder = part1 if i % 2 else part2
+        (folder / f"{image_id}.jpg").write_bytes(encode(skin_with_lesion(96 + i, seed=i)))
+        lesion = "HAM_shared" if i in (0, 7) else f"HAM_{i:04d}"
+        rows.append((lesion, image_id, dx, "histo", 50.0, "female", "back"))  # images 0 and 7 are both akiec
+    (part1 / "ISIC_rgba.png").write_bytes(encode(skin_with_lesion(100, seed=99), "PNG", mode="RGBA"))
+    rows.append(("HAM_rgba", "ISIC_rgba", "nv", "histo", 40.0, "male", "trunk"))
+    full = encode(skin_with_lesion(120, seed=5))
+    (part1 / "ISIC_trunc.jpg").write_bytes(full[: len(full) // 2])
+    (part1 / "ISIC_empty.jpg").write_bytes(b"")
+    (part2 / "ISIC_text.jpg").write_text("not a jpeg at all\n")
+    (part2 / "ISIC_gray.jpg").write_bytes(encode(skin_with_lesion(96, seed=7), "JPEG", mode="L"))
+    (part2 / "ISIC_tiny.jpg").write_bytes(encode(np.full((1, 1, 3), 200, np.uint8)))
+    (part2 / "ISIC_unknowndx.jpg").write_bytes(encode(skin_with_lesion(96, seed=8)))
+    (part2 / "ISIC_orphan.jpg").write_bytes(encode(skin_with_lesion(96, seed=9)))
+    for image_id in ("ISIC_trunc", "ISIC_empty", "ISIC_text", "ISIC_gray", "ISIC_tiny", "ISIC_missing"):
+        rows.append((f"HAM_{image_id}", image_id, "nv", "histo", 60.0, "male", "back"))
+    rows.append(("HAM_x", "ISIC_unknowndx", "xyz", "histo", 60.0, "male", "back"))
+    rows.append(("HAM_dup", GOOD_IDS[0], "mel", "histo", 61.0, "male", "back"))  # duplicated image_id
+    lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"] + [",".join(map(str, r)) for r in rows]
+    (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
