@@ -522,3 +522,28 @@ def test_missing_file_in_listing_raises(dataverse: FakeDataverse, tmp_path: Path
         _run(dataverse, tmp_path / "ham")
     assert "HAM10000_images_part_1.zip" in str(err.value)  # tells what is there instead
     assert dataverse.file_gets() == []  # nothing downloaded before the listing was validated
+
+
+def test_cli_download_gives_a_folder_the_ham10000_source_reads(
+    dataverse: FakeDataverse, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from skinsynth.cli import main
+    from skinsynth.data.sources import list_ham10000
+
+    out = tmp_path / "ham"
+    assert main(["data", "download", "ham10000", "--out", str(out), "--base-url", dataverse.base_url]) == 0
+    assert f"skinsynth data prepare --source ham10000 --path {out}" in capsys.readouterr().out
+    listing = list_ham10000(str(out))
+    assert set(listing.records["image_id"]) == set(PART1_IMAGES + PART2_IMAGES)
+    assert listing.quarantine == []
+    by_id = listing.records.set_index("image_id")
+    assert by_id.at["ISIC_0024306", "group_id"] == by_id.at["ISIC_0024307", "group_id"] == "HAM_0000118"
+
+
+def test_cli_download_without_network_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from skinsynth.cli import main
+
+    code = main(["data", "download", "ham10000", "--out", str(tmp_path / "x"), "--base-url", "http://127.0.0.1:9"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("skinsynth: error: cannot reach http://127.0.0.1:9")
