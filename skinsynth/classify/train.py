@@ -1,0 +1,319 @@
+"""Classifier training with Ray Train: a timm model, fed from the prepared shards through Ray Data.
+
+One ``TorchTrainer`` run per model (``RUN_DIR/ray_train/<name>``): DDP across ``num_workers``, AdamW with a linear
+warm-up then cosine schedule (Loshchilov & Hutter 2017, "SGDR" / 2019, "Decoupled weight decay"), class-weighted
+or focal loss (Lin et al. 2017) for HAM10000's 58:1 imbalance, early stopping on validation balanced accuracy, and
+a checkpoint through ``ray.train.report`` after every epoch. Re-running the same command continues from the last
+checkpoint: Ray Train finds the run's snapshot under the same storage path and name, and the loop restores model,
+optimiser, schedule, epoch and early-stopping state from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skinsynth.config import ExperimentConfig, TrainConfig, config_to_dict
+from skinsynth.data.schema import CLASSES
+from skinsynth.errors import SkinsynthError
+
+Progress = Callable[[str], None]
+CHECKPOINT_FILE = "state.pt"
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, weight: torch.Tensor | None) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017, "Focal loss for dense object detection"): cross-entropy scaled by
+    ``(1 - p_t) ** gamma`` so that easy, majority-class images stop dominating the gradient."""
+    log_p = F.log_softmax(logits, dim=1)
+    log_pt = log_p.gather(1, labels[:, None]).squeeze(1)
+    loss = -((1.0 - log_pt.exp()) ** gamma) * log_pt
+    if weight is not None:
+        loss = loss * weight[labels]
+    return loss.mean()
+
+
+def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1 over the classes present (absent classes get 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, preds))
+
+
+def _predict(model, batches, device, amp_dtype) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x.to(device))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            labels.append(y)
+    if not probs:
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop (see the module docstring). ``config`` holds plain values only."""
+    import ray.train
+    import ray.train.torch
+    import timm.data
+
+    from skinsynth.classify.data import collate, train_augmentation
+    from skinsynth.classify.models import create_classifier
+
+    tc = TrainConfig(**config["train"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    amp_dtype = None
+    if tc.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = max(1, math.ceil(config["train_images"] / (tc.batch_size * context.get_world_size())))
+    total_steps = steps_per_epoch * tc.epochs
+    warmup_steps = int(tc.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+    )
+    weight = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
+    use_weight = tc.imbalance in ("weighted_loss", "focal")
+
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "stale_epochs": 0, "history": [], "best_model": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        _unwrap(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        if rank == 0:
+            print(f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})")
+
+    augment = train_augmentation(config["image_size"]) if tc.augment else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(state["epoch"], tc.epochs):
+        if state["stale_epochs"] >= tc.early_stopping_patience:
+            break
+        model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        batches = train_shard.iter_torch_batches(
+            batch_size=tc.batch_size,
+            collate_fn=lambda b: collate(b, mean=mean, std=std, augment=augment),
+            local_shuffle_buffer_size=tc.batch_size * 8,
+            local_shuffle_seed=tc.seed + epoch,
+            drop_last=False,
+        )
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+                if tc.imbalance == "focal":
+                    loss = focal_loss(logits.float(), y, tc.focal_gamma, weight if use_weight else None)
+                else:
+                    loss = F.cross_entropy(
+                        logits.float(), y, weight=weight if use_weight else None, label_smoothing=tc.label_smoothing
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+        train_s = time.perf_counter() - t0
+
+        val_batches = val_shard.iter_torch_batches(
+            batch_size=tc.batch_size * 2, collate_fn=lambda b: collate(b, mean=mean, std=std)
+        )
+        probs, labels = _predict(model, val_batches, device, amp_dtype)
+        val_bacc = _balanced_accuracy(labels, probs.argmax(1)) if len(labels) else float("nan")
+        improved = val_bacc > state["best_score"]
+        if improved:
+            state.update(best_score=val_bacc, best_epoch=epoch, stale_epochs=0)
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        else:
+            state["stale_epochs"] += 1
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_balanced_accuracy": val_bacc,
+            "best_val_balanced_accuracy": state["best_score"],
+            "train_images_per_s": seen * context.get_world_size() / max(train_s, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        state["history"].append(metrics)
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            print(
+                f"train: epoch {epoch + 1}/{tc.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1})  "
+                f"{metrics['train_images_per_s']:.0f} img/s"
+            )
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "state": state,
+                    },
+                    Path(directory) / CHECKPOINT_FILE,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    """``auto`` means: use GPUs when the Ray cluster has them (never ask for one that is absent: Ray would wait)."""
+    import ray
+
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    if setting and ray.cluster_resources().get("GPU", 0) == 0:
+        raise SkinsynthError("train.use_gpu is true but the Ray cluster has no GPU (use 'auto' or false)")
+    return bool(setting)
+
+
+@dataclass
+class TrainResult:
+    """Where the trained model went and how training went."""
+
+    model_dir: Path
+    best_val_balanced_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]]
+
+
+def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> TrainResult:
+    """Train ``cfg.train`` on ``RUN_DIR/data`` and write the best model to ``RUN_DIR/models/<name>/``.
+
+    Args:
+        cfg: the experiment (``run.out`` must hold a prepared ``data/``).
+        progress: receives one-line messages.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        SkinsynthError: no prepared data, no labelled training image, or a GPU asked for that is not there.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from skinsynth.classify.data import load_split_table, read_rows, shard_dataset, split_ids
+    from skinsynth.runtime import ensure_ray
+
+    run_dir = Path(cfg.run.out).resolve()
+    tc = cfg.train
+    splits = load_split_table(run_dir)
+    train_ids = split_ids(splits, "train", labelled_only=True)
+    val_ids = split_ids(splits, "val")
+    if not train_ids:
+        raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    train_labels = read_rows(run_dir, train_ids, columns=["image_id", "label"])["label"].to_numpy()
+    weights = class_weights(train_labels)
+    ensure_ray(cfg.data.num_cpus)
+    use_gpu = resolve_use_gpu(tc.use_gpu)
+    progress(
+        f"train: {tc.model} ({tc.pretrained} weights) on {len(train_ids)} labelled images, {len(val_ids)} validation, "
+        f"{tc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
+    )
+    storage = run_dir / "ray_train"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": config_to_dict(tc),
+            "class_weights": weights.tolist(),
+            "train_images": len(train_ids),
+            "image_size": card["image_size"],
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=tc.name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+        datasets={"train": shard_dataset(run_dir, train_ids), "val": shard_dataset(run_dir, val_ids)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise SkinsynthError(f"training of '{tc.name}' reported no checkpoint; see the log above")
+    with result.checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = saved["state"]
+    model_dir = export_model(run_dir, tc, state, card)
+    progress(
+        f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
+        f"model written to {model_dir}"
+    )
+    return TrainResult(model_dir, state["best_score"], state["best_epoch"], state["epoch"], state["history"])
+
+
+def export_model(run_dir: Path, tc: TrainConfig, state: dict[str, Any], data_card: dict[str, Any]) -> Path:
+    """Write the best weights, the training config and the history to ``RUN_DIR/models/<name>/`` atomically."""
+    model_dir = run_dir / "models" / tc.name
+    tmp = model_dir.with_name(f".{tc.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(state["best_model"], tmp / "model.pt")
+    info = {
+        "model": tc.model,
+        "classes": list(CLASSES),
+        "image_size": data_card["image_size"],
+        "train_config": config_to_dict(tc),
+        "best_epoch": state["best_epoch"] + 1,
+        "best_val_balanced_accuracy": state["best_score"],
+        "history": state["history"],
+        "data_source": data_card["source"],
+    }
+    (tmp / "training.json").write_text(json.dumps(info, indent=2, default=float))
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+    return model_dir
