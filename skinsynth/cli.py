@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   skinsynth run experiments/ham10000_baseline.yaml --set data.path=../shared/data/ham10000
   skinsynth data prepare --source ham10000 --path ../shared/data/ham10000 --out runs/ham --size 64
   skinsynth data summary runs/ham
+  skinsynth train --out runs/ham --set train.epochs=20
+  skinsynth evaluate --out runs/ham --external runs/isic2017
   skinsynth data download ham10000 --out data/ham10000
   skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
 """
@@ -102,6 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--out", metavar="DIR", required=True, help="folder to download and unpack into")
     download.add_argument("--base-url", default=None, help="Dataverse server (default: Harvard Dataverse)")
 
+    train = commands.add_parser(
+        "train",
+        help="train a timm classifier on RUN_DIR/data with Ray Train (resumes an interrupted run)",
+        description="Train the classifier of an experiment (section train:) on its prepared data. Re-running the "
+        "same command continues from the last checkpoint.",
+    )
+    train.add_argument("--out", metavar="RUN_DIR", help="run directory with a prepared data/ (run.out)")
+    _add_config_args(train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="clinical metrics with lesion-bootstrap intervals, fairness per group, external sets",
+        description="Evaluate RUN_DIR/models/<train.name>: operating point on validation, metrics on test, "
+        "per-group fairness, optional external prepared run dirs; writes RUN_DIR/eval/<name>/.",
+    )
+    evaluate.add_argument("--out", metavar="RUN_DIR", help="run directory (run.out)")
+    evaluate.add_argument(
+        "--external", action="append", default=[], metavar="RUN_DIR", help="a prepared external set (repeatable)"
+    )
+    evaluate.add_argument("--tta", action="store_true", help="average predictions over the four flips")
+    evaluate.add_argument("--n-boot", type=int, default=1000, help="lesion-bootstrap resamples for the 95%% CIs")
+    _add_config_args(evaluate)
+
     bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_prepare = bench_commands.add_parser(
@@ -162,6 +187,27 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from skinsynth.classify.train import train_classifier
+    from skinsynth.config import load_config
+
+    cfg = load_config(args.config, _data_overrides(args))
+    result = train_classifier(cfg)
+    print(f"model: {result.model_dir} (best validation balanced accuracy {result.best_val_balanced_accuracy:.3f})")
+    print(DISCLAIMER)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from skinsynth.classify.evaluate import evaluate_model
+    from skinsynth.config import load_config
+
+    cfg = load_config(args.config, _data_overrides(args))
+    evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot)
+    print(DISCLAIMER)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from skinsynth.bench import bench_prepare, write_record
     from skinsynth.config import load_config
@@ -172,7 +218,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "data": _cmd_data, "bench": _cmd_bench}
+COMMANDS = {
+    "demo": _cmd_demo,
+    "run": _cmd_run,
+    "data": _cmd_data,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "bench": _cmd_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -108,6 +108,7 @@ class TrainConfig:
     augment: bool = True
     early_stopping_patience: int = 5  # epochs without a better validation balanced accuracy
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
     use_gpu: bool | Literal["auto"] = "auto"  # auto = use GPUs when the cluster has them
     amp: bool = True  # mixed precision, GPU only
     seed: int = 0

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,22 +41,31 @@ def test_warmup_then_cosine():
 
 
 @pytest.fixture(scope="module")
-def phantom_run(ray_local, tmp_path_factory):
+def trained_phantom(ray_local, tmp_path_factory):
+    """A tiny timm model trained for one epoch on 140 phantom images at 32 px (the run dir and the result)."""
+    from skinsynth.classify.train import train_classifier
     from skinsynth.data.prepare import prepare_images
 
     out = tmp_path_factory.mktemp("train") / "run"
-    cfg = load_config(None, [f"run.out={out}", "data.phantom.n_images=70", "data.preprocess.size=32"])
+    cfg = load_config(
+        None,
+        [
+            f"run.out={out}",
+            "data.phantom.n_images=140",
+            "data.preprocess.size=32",
+            "train.model=test_efficientnet",
+            "train.pretrained=none",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.lr=0.003",
+        ],
+    )
     prepare_images(cfg.data, out, progress=lambda _m: None)
-    return cfg
+    return cfg, train_classifier(cfg, progress=print)
 
 
-def test_train_on_phantom_writes_model_and_resumes(phantom_run, capsys):
-    from skinsynth.classify.train import train_classifier
-
-    overrides = {"model": "test_efficientnet", "pretrained": "none", "epochs": 1, "batch_size": 32, "lr": 3e-3}
-    for key, value in overrides.items():
-        setattr(phantom_run.train, key, value)
-    result = train_classifier(phantom_run, progress=print)
+def test_training_writes_the_best_model(trained_phantom):
+    cfg, result = trained_phantom
     assert result.epochs_run == 1 and len(result.history) == 1
     assert (result.model_dir / "model.pt").is_file()
     info = json.loads((result.model_dir / "training.json").read_text())
@@ -65,13 +74,48 @@ def test_train_on_phantom_writes_model_and_resumes(phantom_run, capsys):
     state = torch.load(result.model_dir / "model.pt", weights_only=True)
     assert any(k.endswith("classifier.weight") and v.shape[0] == 7 for k, v in state.items())
 
-    # the same command with more epochs continues from the last checkpoint instead of starting over
-    phantom_run.train.epochs = 2
-    t0 = time.perf_counter()
-    resumed = train_classifier(phantom_run, progress=print)
-    print(f"resumed run took {time.perf_counter() - t0:.1f} s")
+
+def test_evaluation_reports_phantom_tone_groups_with_their_sizes(trained_phantom):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from skinsynth.classify.evaluate import evaluate_model
+
+    cfg, _ = trained_phantom
+    report = evaluate_model(cfg, n_boot=50, progress=print)
+    out = cfg.run.out
+    eval_dir = Path(out) / "eval" / cfg.train.name
+    saved = json.loads((eval_dir / "report.json").read_text())
+    assert saved["test"]["balanced_accuracy"] == report["test"]["balanced_accuracy"]
+    assert 0.0 <= report["test"]["balanced_accuracy"] <= 1.0
+    low, high = report["test"]["intervals_95"]["balanced_accuracy"]
+    assert low <= high
+    assert report["operating_point"]["chosen_on"] == "val"
+    # the fairness table shows the tones the phantom was built with, with the true group sizes of the test split
+    splits = pd.read_parquet(f"{out}/data/splits.parquet")
+    test_ids = set(splits.loc[splits["split"] == "test", "image_id"])
+    images = pq.read_table(f"{out}/data/images", columns=["image_id", "tone_true", "tone"]).to_pandas()
+    expected = images[images["image_id"].isin(test_ids)]["tone_true"].value_counts().to_dict()
+    fairness = pd.read_csv(eval_dir / "fairness_test.csv")
+    shown = fairness[fairness["attribute"] == "tone_true"].set_index("group")["n"].to_dict()
+    assert shown == expected
+    assert len(shown) >= 4  # the phantom covers the whole tone range
+    assert set(fairness["attribute"]) >= {"tone_true", "tone", "sex", "age_band", "localization"}
+    for name in report["figures"]:
+        assert (eval_dir / name).stat().st_size > 1000
+    card = json.loads((Path(out) / "models" / cfg.train.name / "model_card.json").read_text())
+    assert "not a medical device" in card["intended_use"]
+    assert card["metrics_test"]["balanced_accuracy"] == report["test"]["balanced_accuracy"]
+
+
+def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
+    from skinsynth.classify.train import train_classifier
+
+    cfg, first = trained_phantom
+    cfg.train.epochs = 2  # the same command, asked for one more epoch
+    resumed = train_classifier(cfg, progress=print)
     out = capsys.readouterr().out
     assert "resuming from the checkpoint of epoch 1" in out
     assert resumed.epochs_run == 2
     assert [h["epoch"] for h in resumed.history] == [0, 1]
-    assert resumed.history[:1] == result.history
+    assert resumed.history[:1] == first.history

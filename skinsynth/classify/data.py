@@ -92,16 +92,15 @@ def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     return (x - mean_t) / std_t
 
 
-def collate(
-    batch: dict[str, np.ndarray],
-    *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    augment: v2.Compose | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class Collate:
     """Ray Data numpy batch -> (normalised images, labels); augmentation is drawn per image."""
-    images = decode_pngs(batch["image"])
-    if augment is not None:
-        images = torch.stack([augment(img) for img in images])
-    labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
-    return to_model_input(images, mean, std), labels
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment: v2.Compose | None = None):
+        self.mean, self.std, self.augment = mean, std, augment
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = decode_pngs(batch["image"])
+        if self.augment is not None:
+            images = torch.stack([self.augment(img) for img in images])
+        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+        return to_model_input(images, self.mean, self.std), labels

@@ -84,12 +84,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import timm.data
 
-    from skinsynth.classify.data import collate, train_augmentation
+    from skinsynth.classify.data import Collate, train_augmentation
     from skinsynth.classify.models import create_classifier
 
     tc = TrainConfig(**config["train"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    # Ray gives each worker one logical CPU and sets OMP_NUM_THREADS=1; on a CPU-only node the worker should still
+    # use the cores it shares with no other trainer (data decoding is light next to the model's work).
+    torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(tc.seed + rank)
     np.random.seed(tc.seed + rank)
     model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
@@ -134,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size,
-            collate_fn=lambda b: collate(b, mean=mean, std=std, augment=augment),
+            collate_fn=Collate(mean, std, augment),
             local_shuffle_buffer_size=tc.batch_size * 8,
             local_shuffle_seed=tc.seed + epoch,
             drop_last=False,
@@ -155,12 +158,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.update()
             scheduler.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
         train_s = time.perf_counter() - t0
 
-        val_batches = val_shard.iter_torch_batches(
-            batch_size=tc.batch_size * 2, collate_fn=lambda b: collate(b, mean=mean, std=std)
-        )
+        val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std))
         probs, labels = _predict(model, val_batches, device, amp_dtype)
         val_bacc = _balanced_accuracy(labels, probs.argmax(1)) if len(labels) else float("nan")
         improved = val_bacc > state["best_score"]
@@ -203,6 +204,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def _threads_per_worker(num_workers: int, use_gpu: bool) -> int:
+    """CPU threads for each worker's torch ops: the machine's cores shared among local workers (1 on GPU)."""
+    if use_gpu:
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
 
 
 def resolve_use_gpu(setting: bool | str) -> bool:
@@ -270,6 +278,7 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
             "class_weights": weights.tolist(),
             "train_images": len(train_ids),
             "image_size": card["image_size"],
+            "torch_threads": tc.torch_threads or _threads_per_worker(tc.num_workers, use_gpu),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(

@@ -1,0 +1,270 @@
+"""Evaluation of a trained classifier: clinical metrics with lesion-bootstrap intervals, fairness, external sets.
+
+The malignant-vs-benign operating point is chosen on validation (default: sensitivity >= 0.90) and then applied
+unchanged to test and to external sets, as a deployed threshold would be. Outputs under ``RUN_DIR/eval/<model>/``:
+``report.json``, ``fairness_test.csv``, PNG figures; and ``model_card.json`` next to the model's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from skinsynth import DISCLAIMER, __version__
+from skinsynth.classify import metrics as M
+from skinsynth.classify.data import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
+from skinsynth.config import ExperimentConfig
+from skinsynth.data.schema import CLASSES, age_band
+from skinsynth.errors import SkinsynthError
+
+Progress = Callable[[str], None]
+EVAL_COLUMNS = ["image_id", "image", "label", "group_id", "tone", "tone_true", "sex", "age", "localization"]
+CI_METRICS: dict[str, Callable] = {
+    "balanced_accuracy": M.balanced_accuracy,
+    "macro_auroc": M.macro_auroc,
+    "malignant_auroc": M.malignant_auroc,
+}
+
+
+def load_trained_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The best weights of ``RUN_DIR/models/<name>`` in eval mode, with its ``training.json``."""
+    from skinsynth.classify.models import create_classifier
+
+    info_path = model_dir / "training.json"
+    if not info_path.is_file():
+        raise SkinsynthError(f"no trained model at {model_dir}: run 'skinsynth train' first")
+    info = json.loads(info_path.read_text())
+    model = create_classifier(info["model"], num_classes=len(info["classes"]), pretrained="none")
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), info
+
+
+def predict_probs(model: torch.nn.Module, images: pd.Series, batch_size: int = 128, tta: bool = False) -> np.ndarray:
+    """Class probabilities for PNG-encoded images; with ``tta`` the mean over the four flips."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = to_model_input(decode_pngs(images.iloc[start : start + batch_size]), mean, std)
+            views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
+            out.append(torch.stack([torch.softmax(model(v), dim=1) for v in views]).mean(0))
+    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def _with_intervals(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
+    intervals = {}
+    for name, fn in CI_METRICS.items():
+        try:
+            low, high = M.bootstrap_ci(fn, probs, labels, groups, n_boot=n_boot, seed=seed)
+            intervals[name] = [low, high]
+        except ValueError:  # undefined on every resample (e.g. no malignant lesion at all)
+            intervals[name] = None
+    return intervals
+
+
+def _binary_with_intervals(scores, is_mal, groups, threshold, n_boot, seed) -> dict:
+    point = M.binary_metrics_at(scores, is_mal, threshold)
+    sens, spec = [], []
+    for idx in M.group_bootstrap_indices(groups, n_boot, seed):
+        res = M.binary_metrics_at(scores[idx], is_mal[idx], threshold)
+        if res["sensitivity"] is not None and res["specificity"] is not None:
+            sens.append(res["sensitivity"])
+            spec.append(res["specificity"])
+    if sens:
+        point["sensitivity_ci"] = [float(np.percentile(sens, 2.5)), float(np.percentile(sens, 97.5))]
+        point["specificity_ci"] = [float(np.percentile(spec, 2.5)), float(np.percentile(spec, 97.5))]
+    return point
+
+
+def evaluate_split(
+    model, rows: pd.DataFrame, threshold: float, *, n_boot: int, seed: int, tta: bool
+) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """Metrics, intervals and the fairness table of one set of shard rows."""
+    probs = predict_probs(model, rows["image"], tta=tta)
+    labels = rows["label"].to_numpy(np.int64)
+    groups = rows["group_id"].to_numpy()
+    report = M.classification_metrics(probs, labels)
+    report["intervals_95"] = _with_intervals(probs, labels, groups, n_boot, seed)
+    scores = M.malignant_scores(probs).numpy()
+    is_mal = M.is_malignant_label(labels).numpy()
+    report["malignant_vs_benign"] = _binary_with_intervals(scores, is_mal, groups, threshold, n_boot, seed)
+    attributes = rows[["tone", "sex", "localization"]].assign(age_band=rows["age"].map(age_band))
+    fairness = M.fairness_table(probs, labels, attributes, threshold)
+    if rows["tone_true"].notna().all():
+        # simulated data knows each image's true tone: report it beside the ITA estimate, so the two can be compared
+        true_tone = M.fairness_table(
+            probs, labels, rows[["tone_true"]].rename(columns={"tone_true": "tone"}), threshold
+        )
+        fairness = pd.concat([true_tone.assign(attribute="tone_true"), fairness], ignore_index=True)
+    report["fairness"] = M.fairness_summary(fairness)
+    return report, fairness, probs
+
+
+def evaluate_model(
+    cfg: ExperimentConfig,
+    *,
+    external: list[str] | tuple[str, ...] = (),
+    tta: bool = False,
+    n_boot: int = 1000,
+    min_sensitivity: float = 0.90,
+    progress: Progress = print,
+) -> dict[str, Any]:
+    """Evaluate ``RUN_DIR/models/<train.name>`` on validation (operating point), test and external run dirs.
+
+    Args:
+        cfg: the experiment (``run.out`` holds ``data/`` and ``models/<train.name>``).
+        external: run directories of other prepared sources (e.g. ISIC 2017); all their images are used, metrics
+            restricted to the classes they contain.
+        tta: average predictions over the four flips.
+        n_boot: lesion-bootstrap resamples for the 95% intervals.
+        min_sensitivity: malignant sensitivity the validation operating point must reach.
+        progress: receives one-line messages.
+
+    Returns:
+        The report (also written to ``RUN_DIR/eval/<name>/report.json``).
+    """
+    run_dir = Path(cfg.run.out).resolve()
+    model_dir = run_dir / "models" / cfg.train.name
+    model, info = load_trained_model(model_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    splits = load_split_table(run_dir)
+    out_dir = run_dir / "eval" / cfg.train.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    val = read_rows(run_dir, split_ids(splits, "val"), EVAL_COLUMNS)
+    val_probs = predict_probs(model, val["image"], tta=tta)
+    val_labels = val["label"].to_numpy(np.int64)
+    threshold = M.choose_operating_point(
+        M.malignant_scores(val_probs), M.is_malignant_label(val_labels), min_sensitivity
+    )
+    progress(f"evaluate: operating point {threshold:.4f} (validation malignant sensitivity >= {min_sensitivity})")
+
+    test = read_rows(run_dir, split_ids(splits, "test"), EVAL_COLUMNS)
+    test_report, fairness, test_probs = evaluate_split(
+        model, test, threshold, n_boot=n_boot, seed=cfg.run.seed, tta=tta
+    )
+    fairness.to_csv(out_dir / "fairness_test.csv", index=False)
+    report: dict[str, Any] = {
+        "model": info["model"],
+        "model_dir": str(model_dir),
+        "data_source": info.get("data_source"),
+        "disclaimer": DISCLAIMER,
+        "tta": tta,
+        "operating_point": {"threshold": threshold, "chosen_on": "val", "min_sensitivity": min_sensitivity},
+        "validation": {"n": int(len(val)), **M.classification_metrics(val_probs, val_labels)},
+        "test": test_report,
+        "external": {},
+    }
+    progress(
+        f"evaluate: test balanced accuracy {test_report['balanced_accuracy']:.3f} "
+        f"{_fmt_ci(test_report['intervals_95']['balanced_accuracy'])}, macro AUROC {test_report['macro_auroc']:.3f} "
+        f"{_fmt_ci(test_report['intervals_95']['macro_auroc'])} on {len(test)} images"
+    )
+    for ext_dir in external:
+        ext_rows = read_rows(ext_dir, list(load_split_table(ext_dir)["image_id"]), EVAL_COLUMNS)
+        ext_probs = predict_probs(model, ext_rows["image"], tta=tta)
+        ext_labels = ext_rows["label"].to_numpy(np.int64)
+        present = [CLASSES[i] for i in sorted(set(ext_labels.tolist()))]
+        ext = M.external_metrics(ext_probs, ext_labels, present)
+        ext["n"] = int(len(ext_rows))
+        scores = M.malignant_scores(ext_probs).numpy()
+        ext["malignant_vs_benign"] = M.binary_metrics_at(scores, M.is_malignant_label(ext_labels).numpy(), threshold)
+        # the internal test images of the same classes, scored the same way: the fair baseline for the drop
+        same = np.isin(test["label"].to_numpy(), [CLASSES.index(c) for c in present])
+        internal_restricted = M.external_metrics(test_probs[same], test["label"].to_numpy(np.int64)[same], present)
+        ext["internal_test_same_classes"] = internal_restricted
+        ext["drop_from_internal_test"] = M.metric_drop(internal_restricted, ext)
+        report["external"][str(ext_dir)] = ext
+        progress(
+            f"evaluate: external {ext_dir}: balanced accuracy {ext['balanced_accuracy']:.3f} over {present} "
+            f"(internal test, same classes: {internal_restricted['balanced_accuracy']:.3f})"
+        )
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+
+    from skinsynth.classify.figures import write_figures
+
+    report["figures"] = write_figures(out_dir, test, test_probs, report, fairness)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    write_model_card(model_dir, info, report, cfg)
+    progress(f"evaluate: report written to {out_dir / 'report.json'}")
+    return report
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[n/a]"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return str(value)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, Any], cfg: ExperimentConfig) -> Path:
+    """``model_card.json`` next to the weights (Mitchell et al. 2019, "Model cards for model reporting")."""
+    import timm
+    import torchmetrics
+
+    from skinsynth.classify.models import pretrained_source
+
+    test = report["test"]
+    card = {
+        "model": info["model"],
+        "weights": str(model_dir / "model.pt"),
+        "pretrained": pretrained_source(info["model"], info["train_config"]["pretrained"]),
+        "classes": info["classes"],
+        "image_size": info["image_size"],
+        "data": {"source": info.get("data_source"), "run_dir": str(Path(cfg.run.out).resolve())},
+        "training": {k: info[k] for k in ("best_epoch", "best_val_balanced_accuracy")},
+        "metrics_test": {
+            "balanced_accuracy": test["balanced_accuracy"],
+            "macro_auroc": test["macro_auroc"],
+            "malignant_vs_benign": test["malignant_vs_benign"],
+            "ece": test["ece"],
+            "intervals_95": test["intervals_95"],
+        },
+        "operating_point": report["operating_point"],
+        "intended_use": "Research on skin-lesion classification, data efficiency and fairness. " + DISCLAIMER,
+        "limitations": [
+            "Not validated clinically; never use for diagnosis.",
+            "Skin tone is estimated (ITA), not Fitzpatrick type; dark skin is scarce or absent in the real data.",
+            "Trained on dermoscopy images of one source; performance drops under domain shift (see external).",
+        ],
+        "versions": {
+            "skinsynth": __version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "torchmetrics": torchmetrics.__version__,
+            "python": platform.python_version(),
+        },
+        "seed": info["train_config"]["seed"],
+        "git_commit": _git_commit(),
+    }
+    path = model_dir / "model_card.json"
+    path.write_text(json.dumps(card, indent=2, default=_json_default))
+    return path
