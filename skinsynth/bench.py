@@ -132,3 +132,93 @@ def write_record(record: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     return path
+
+
+def _plain_training_epoch(cfg, rows, weights) -> float:
+    """One epoch of the same model, data, augmentation, loss and batch size in a plain PyTorch loop: images/s."""
+    import numpy as np
+    import timm.data
+    import torch
+    import torch.nn.functional as F
+
+    from skinsynth.classify.data import Collate, train_augmentation
+    from skinsynth.classify.models import create_classifier
+    from skinsynth.data.schema import CLASSES
+
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    collate = Collate(tuple(data_cfg["mean"]), tuple(data_cfg["std"]), train_augmentation(cfg.data.preprocess.size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    order = np.random.default_rng(tc.seed).permutation(len(rows))
+    model.train()
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), tc.batch_size):
+        batch = rows.iloc[order[start : start + tc.batch_size]]
+        x, y = collate({"image": batch["image"].to_numpy(), "label": batch["label"].to_numpy()})
+        loss = F.cross_entropy(model(x), y, weight=weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return len(rows) / (time.perf_counter() - t0)
+
+
+def bench_train(cfg, *, progress: Progress = print) -> dict[str, Any]:
+    """Training images/s of the Ray Train path against a plain PyTorch loop, one epoch each, same run.
+
+    Both use the same model, labelled train images, augmentation, weighted loss, optimiser and batch size. The Ray
+    figure is the one the training loop measures over its epoch (Ray Data feeding included; cluster and worker
+    start-up excluded, reported separately as wall time).
+
+    Args:
+        cfg: experiment whose ``run.out`` holds prepared data; ``train`` gives model and batch size.
+        progress: receives one-line messages.
+
+    Returns:
+        The benchmark record.
+    """
+    import shutil
+    import uuid
+
+    import torch
+
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.classify.train import class_weights, train_classifier, training_run_name
+
+    run_dir = Path(cfg.run.out)
+    ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
+    rows = read_rows(run_dir, ids, ["image_id", "image", "label"])
+    weights = class_weights(rows["label"].to_numpy())
+    progress(f"bench train: {cfg.train.model}, {len(rows)} images, batch {cfg.train.batch_size}; plain loop ...")
+    plain = _plain_training_epoch(cfg, rows, weights)
+    progress(f"bench train: plain PyTorch loop {plain:.1f} images/s ({torch.get_num_threads()} threads)")
+
+    cfg.train.name = f"bench-{uuid.uuid4().hex[:8]}"
+    cfg.train.epochs = 1
+    t0 = time.perf_counter()
+    try:
+        result = train_classifier(cfg, progress=lambda _m: None)
+    finally:
+        shutil.rmtree(run_dir / "models" / cfg.train.name, ignore_errors=True)
+        shutil.rmtree(run_dir / "ray_train" / training_run_name(cfg.train, run_dir.resolve()), ignore_errors=True)
+    wall = time.perf_counter() - t0
+    ray_rate = result.history[0]["train_images_per_s"]
+    record = {
+        "benchmark": "train",
+        "model": cfg.train.model,
+        "images": len(rows),
+        "image_size": cfg.data.preprocess.size,
+        "batch_size": cfg.train.batch_size,
+        "baseline": "plain PyTorch loop in one process, same model, data, augmentation, loss and batch size",
+        "plain_images_per_s": round(plain, 2),
+        "ray_train_images_per_s": round(ray_rate, 2),
+        "ratio": round(ray_rate / plain, 3),
+        "ray_train_wall_s_including_startup_and_validation": round(wall, 1),
+        "machine": machine_info(),
+    }
+    progress(
+        f"bench train: Ray Train {ray_rate:.1f} images/s vs plain loop {plain:.1f} images/s -> "
+        f"{record['ratio']:.2f}x (Ray run wall time {wall:.0f} s with start-up and validation)"
+    )
+    return record

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   skinsynth evaluate --out runs/ham --external runs/isic2017
   skinsynth data download ham10000 --out data/ham10000
   skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
+  skinsynth bench train --out runs/demo --set train.model=tf_efficientnet_lite0
 """
 
 
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_prepare.add_argument("--limit", type=int, help="only the first N images of the source")
     bench_prepare.add_argument("--json", default="bench/prepare.json", help="where to write the record")
     _add_config_args(bench_prepare)
+    bench_train = bench_commands.add_parser(
+        "train", help="Ray Train classifier epoch vs a plain PyTorch loop (images/s and ratio)"
+    )
+    bench_train.add_argument("--out", metavar="RUN_DIR", help="run directory with prepared data (run.out)")
+    bench_train.add_argument("--json", default="bench/train.json", help="where to write the record")
+    _add_config_args(bench_train)
     return parser
 
 
@@ -209,11 +216,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from skinsynth.bench import bench_prepare, write_record
+    from skinsynth.bench import bench_prepare, bench_train, write_record
     from skinsynth.config import load_config
 
     cfg = load_config(args.config, _data_overrides(args))
-    record = bench_prepare(cfg.data, limit=args.limit)
+    record = bench_prepare(cfg.data, limit=args.limit) if args.bench_command == "prepare" else bench_train(cfg)
     print(f"record written to {write_record(record, args.json)}")
     return 0
 

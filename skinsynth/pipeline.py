@@ -1,10 +1,13 @@
 """Runs the stages of an experiment in order, skipping those whose manifest matches (``demo`` and ``run``).
 
-Stages so far: prepare. Later stages (generate, audit, tune, evaluate) append themselves to :data:`STAGES`.
+Stages so far: prepare -> train -> evaluate. Each later stage writes a ``manifest.json`` with the hash of its own
+config section and of its input stage's manifest, so a change upstream re-runs everything downstream of it.
+Later stages (generate, audit, tune) slot in between.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from skinsynth import DISCLAIMER
-from skinsynth.config import ExperimentConfig, dump_config
+from skinsynth.config import ExperimentConfig, config_to_dict, dump_config
 from skinsynth.data.card import format_data_card
 from skinsynth.data.prepare import prepare_images
 from skinsynth.errors import SkinsynthError
@@ -39,8 +42,62 @@ def _stage_prepare(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: 
     return StageOutcome("prepare", time.perf_counter() - t0, result.skipped, detail)
 
 
+def _manifest_hash(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def _up_to_date(stage_dir: Path, expected: str) -> bool:
+    try:
+        return json.loads((stage_dir / "manifest.json").read_text()).get("input_hash") == expected
+    except (OSError, ValueError):
+        return False
+
+
+def _write_manifest(stage_dir: Path, stage: str, expected: str) -> None:
+    payload = {"stage": stage, "input_hash": expected, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (stage_dir / "manifest.json").write_text(json.dumps(payload, indent=2))
+
+
+def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    from skinsynth.classify.train import train_classifier
+
+    t0 = time.perf_counter()
+    model_dir = run_dir / "models" / cfg.train.name
+    expected = _manifest_hash(config_to_dict(cfg.train), _file_hash(run_dir / "data" / "manifest.json"))
+    if not force and _up_to_date(model_dir, expected):
+        progress(f"train: {model_dir} is up to date; skipping")
+        return StageOutcome("train", time.perf_counter() - t0, True, str(model_dir))
+    result = train_classifier(cfg, progress=progress)
+    _write_manifest(result.model_dir, "train", expected)
+    detail = f"best val balanced accuracy {result.best_val_balanced_accuracy:.3f} -> {result.model_dir}"
+    return StageOutcome("train", time.perf_counter() - t0, False, detail)
+
+
+def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    from skinsynth.classify.evaluate import evaluate_model
+
+    t0 = time.perf_counter()
+    eval_dir = run_dir / "eval" / cfg.train.name
+    expected = _manifest_hash(_file_hash(run_dir / "models" / cfg.train.name / "manifest.json"))
+    if not force and _up_to_date(eval_dir, expected):
+        progress(f"evaluate: {eval_dir} is up to date; skipping")
+        return StageOutcome("evaluate", time.perf_counter() - t0, True, str(eval_dir))
+    report = evaluate_model(cfg, progress=progress)
+    _write_manifest(eval_dir, "evaluate", expected)
+    test = report["test"]
+    detail = f"test balanced accuracy {test['balanced_accuracy']:.3f}, macro AUROC {test['macro_auroc']:.3f}"
+    return StageOutcome("evaluate", time.perf_counter() - t0, False, f"{detail} -> {eval_dir}")
+
+
 STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], StageOutcome]]] = [
     ("prepare", _stage_prepare),
+    ("train", _stage_train),
+    ("evaluate", _stage_evaluate),
 ]
 
 
@@ -75,6 +132,7 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
         state = "skipped" if o.skipped else f"{o.seconds:6.1f} s"
         lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
     lines.append(f"next: skinsynth data summary {cfg.run.out}")
+    lines.append(f"      open {Path(cfg.run.out) / 'eval' / cfg.train.name / 'report.json'} and its figures")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
 

@@ -60,13 +60,35 @@ def test_prepare_then_summary_on_messy_folder(messy_ham_dir, tmp_path, capsys):
     assert "research tool, not a medical device" in summary
 
 
+DEMO_SMALL = [
+    "--set",
+    "data.phantom.n_images=70",
+    "--set",
+    "train.model=test_efficientnet",
+    "--set",
+    "train.pretrained=none",
+    "--set",
+    "train.epochs=1",
+]
+
+
 def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path / "demo"), "--set", "data.phantom.n_images=70"])
-    assert code == 0
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *DEMO_SMALL]) == 0
     printed = capsys.readouterr().out
     assert "SIMULATED phantom data" in printed
     assert "images: 70 at 64 px" in printed
     assert "run summary: demo" in printed
-    # second run: the prepare stage is up to date and skipped
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "data.phantom.n_images=70"]) == 0
-    assert re.search(r"^  prepare\s+skipped", capsys.readouterr().out, re.MULTILINE)
+    assert re.search(r"^  evaluate\s+[0-9.]+ s  test balanced accuracy", printed, re.MULTILINE)
+    assert (out / "eval" / "classifier" / "report.json").is_file()
+    # second run: every stage is up to date and skipped
+    assert main(["demo", "--out", str(out), *DEMO_SMALL]) == 0
+    summary = capsys.readouterr().out
+    for stage in ("prepare", "train", "evaluate"):
+        assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
+    # a changed training setting re-runs training and evaluation, not prepare
+    assert main(["demo", "--out", str(out), *DEMO_SMALL, "--set", "train.lr=0.002"]) == 0
+    summary = capsys.readouterr().out
+    assert re.search(r"^  prepare\s+skipped", summary, re.MULTILINE)
+    assert not re.search(r"^  train\s+skipped", summary, re.MULTILINE)
+    assert not re.search(r"^  evaluate\s+skipped", summary, re.MULTILINE)

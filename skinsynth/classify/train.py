@@ -10,6 +10,7 @@ optimiser, schedule, epoch and early-stopping state from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -206,6 +207,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
+    """Ray Train run name: the model name plus a hash of everything that defines the run except its length.
+
+    Ray Train resumes a run from the latest checkpoint under the same name, so re-running the same command (or
+    the same command with more epochs or patience) continues it, while any other change (model, learning rate,
+    data, ...) starts a fresh run instead of silently resuming a different one.
+    """
+    identity = {k: v for k, v in config_to_dict(tc).items() if k not in {"epochs", "early_stopping_patience"}}
+    data_manifest = run_dir / "data" / "manifest.json"
+    data_hash = json.loads(data_manifest.read_text()).get("input_hash") if data_manifest.is_file() else None
+    payload = json.dumps({"train": identity, "data": data_hash}, sort_keys=True)
+    return f"{tc.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+
 def _threads_per_worker(num_workers: int, use_gpu: bool) -> int:
     """CPU threads for each worker's torch ops: the machine's cores shared among local workers (1 on GPU)."""
     if use_gpu:
@@ -282,7 +297,7 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=tc.name,
+            name=training_run_name(tc, run_dir),
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
