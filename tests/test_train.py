@@ -119,3 +119,42 @@ def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
     assert resumed.epochs_run == 2
     assert [h["epoch"] for h in resumed.history] == [0, 1]
     assert resumed.history[:1] == first.history
+
+
+def test_killed_training_resumes_with_the_same_command(tmp_path):
+    """Kill ``skinsynth train`` (the whole process group) after its first checkpoint, run it again, see it resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    settings = [
+        "--set", "data.phantom.n_images=140", "--set", "data.preprocess.size=32",
+        "--set", "train.model=test_efficientnet", "--set", "train.pretrained=none",
+        "--set", "train.epochs=6", "--set", "train.batch_size=16",
+    ]  # fmt: skip
+    cli = [sys.executable, "-m", "skinsynth.cli"]
+    subprocess.run(
+        [*cli, "data", "prepare", "--out", str(out), *settings], check=True, capture_output=True, timeout=300
+    )
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        [*cli, "train", "--out", str(out), *settings], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while not list((out / "ray_train").glob("*/checkpoint_*/state.pt")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # as hard as a lost machine: nothing gets to clean up
+    first.wait(timeout=30)
+    assert not (out / "models" / "classifier").exists()  # it really died before finishing
+
+    second = subprocess.run([*cli, "train", "--out", str(out), *settings], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming from the checkpoint" in line]
+    assert resumed, second.stdout[-3000:]
+    info = json.loads((out / "models" / "classifier" / "training.json").read_text())
+    assert [h["epoch"] for h in info["history"]] == list(range(6))

@@ -263,6 +263,7 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     Raises:
         SkinsynthError: no prepared data, no labelled training image, or a GPU asked for that is not there.
     """
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -276,6 +277,11 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     val_ids = split_ids(splits, "val")
     if not train_ids:
         raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+    if not val_ids:
+        raise SkinsynthError(
+            "training needs a validation split (model selection and early stopping use it); "
+            "set data.split.val_fraction above 0 and prepare again"
+        )
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
     train_labels = read_rows(run_dir, train_ids, columns=["image_id", "label"])["label"].to_numpy()
     weights = class_weights(train_labels)
@@ -286,6 +292,8 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
         f"{tc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
     storage = run_dir / "ray_train"
+    # the per-epoch lines of the loop are the progress report; Ray Data's bars would repeat every epoch in logs
+    ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
