@@ -92,17 +92,35 @@ def create_classifier(
 
     if pretrained == "hub":
         try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
         except Exception as err:  # network, offline mode, missing weights for the tag: one clear message
             raise RuntimeError(
                 f"could not download timm's pretrained weights for {name!r} (pretrained='hub' needs internet "
                 f"access to the Hugging Face Hub): {err}. Offline, use pretrained='package' "
                 f"(for {', '.join(PACKAGE_MODELS)}) or pretrained='none'."
             ) from err
+        return _small_head(model, num_classes)
 
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     if pretrained == "package":
         load_package_weights(model)
+        _small_head(model, num_classes)
+    return model
+
+
+def _small_head(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    """Re-initialise a new classification head on pretrained features with small weights.
+
+    timm's EfficientNet initialiser scales the head by ``1 / sqrt(out_features)``: sensible for 1,000 ImageNet
+    classes, but for 7 classes over 1,280 pretrained features it starts with logits in the tens and a loss near 7,
+    and the first epochs spend the pretrained features on undoing that. A near-zero head starts at the uniform
+    prediction (loss ln 7) instead, the usual fine-tuning start.
+    """
+    if 0 < num_classes != 1000:
+        head = model.get_classifier()
+        if isinstance(head, torch.nn.Linear):
+            torch.nn.init.normal_(head.weight, std=0.01)
+            torch.nn.init.zeros_(head.bias)
     return model
 
 
