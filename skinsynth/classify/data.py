@@ -12,6 +12,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchvision.transforms import v2
@@ -38,10 +40,16 @@ def split_ids(splits: pd.DataFrame, split: str, labelled_only: bool = False) -> 
 
 
 def read_rows(run_dir: str | Path, image_ids: list[str], columns: list[str] | None = None) -> pd.DataFrame:
-    """Shard rows of the given ids, read on the caller (small sets: validation, test, evaluation)."""
-    table = pq.read_table(Path(run_dir) / "data" / "images", columns=columns)
-    frame = table.to_pandas()
-    return frame[frame["image_id"].isin(set(image_ids))].sort_values("image_id").reset_index(drop=True)
+    """Shard rows of the given ids, read on the caller (small sets: validation, test, evaluation).
+
+    The id filter is pushed into the Parquet read, so only the requested rows' images are decoded into memory.
+    """
+    table = pq.read_table(
+        Path(run_dir) / "data" / "images",
+        columns=columns,
+        filters=pc.field("image_id").isin(pa.array(list(image_ids), pa.string())),
+    )
+    return table.to_pandas().sort_values("image_id").reset_index(drop=True)
 
 
 def _keep_ids(batch: pd.DataFrame, ids: frozenset[str]) -> pd.DataFrame:

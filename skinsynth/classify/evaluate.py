@@ -138,7 +138,6 @@ def evaluate_model(
     run_dir = Path(cfg.run.out).resolve()
     model_dir = run_dir / "models" / cfg.train.name
     model, info = load_trained_model(model_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     splits = load_split_table(run_dir)
     out_dir = run_dir / "eval" / cfg.train.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +182,9 @@ def evaluate_model(
         scores = M.malignant_scores(ext_probs).numpy()
         ext["malignant_vs_benign"] = M.binary_metrics_at(scores, M.is_malignant_label(ext_labels).numpy(), threshold)
         # the internal test images of the same classes, scored the same way: the fair baseline for the drop
-        same = np.isin(test["label"].to_numpy(), [CLASSES.index(c) for c in present])
-        internal_restricted = M.external_metrics(test_probs[same], test["label"].to_numpy(np.int64)[same], present)
+        test_labels = test["label"].to_numpy(np.int64)
+        same = np.isin(test_labels, [CLASSES.index(c) for c in present])
+        internal_restricted = M.external_metrics(test_probs[same], test_labels[same], present)
         ext["internal_test_same_classes"] = internal_restricted
         ext["drop_from_internal_test"] = M.metric_drop(internal_restricted, ext)
         report["external"][str(ext_dir)] = ext
