@@ -137,27 +137,25 @@ def write_record(record: dict[str, Any], path: str | Path) -> Path:
 def _plain_training_epoch(cfg, rows, weights) -> float:
     """One epoch of the same model, data, augmentation, loss and batch size in a plain PyTorch loop: images/s."""
     import numpy as np
-    import timm.data
     import torch
     import torch.nn.functional as F
 
     from skinsynth.classify.data import Collate, train_augmentation
-    from skinsynth.classify.models import create_classifier
-    from skinsynth.data.schema import CLASSES
+    from skinsynth.classify.train import build_training_model, make_optimizer
 
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    collate = Collate(tuple(data_cfg["mean"]), tuple(data_cfg["std"]), train_augmentation(cfg.data.preprocess.size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    setup = build_training_model(tc)
+    model = setup.model
+    collate = Collate(setup.mean, setup.std, train_augmentation(cfg.data.preprocess.size))
+    optimizer = make_optimizer(model, tc)
     order = np.random.default_rng(tc.seed).permutation(len(rows))
     model.train()
     t0 = time.perf_counter()
     for start in range(0, len(rows), tc.batch_size):
         batch = rows.iloc[order[start : start + tc.batch_size]]
         x, y = collate({"image": batch["image"].to_numpy(), "label": batch["label"].to_numpy()})
-        loss = F.cross_entropy(model(x), y, weight=weights)
+        loss = F.cross_entropy(model(x.contiguous(memory_format=setup.memory_format)), y, weight=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -106,6 +106,8 @@ class TrainConfig:
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     augment: bool = True
+    freeze_blocks: int = 0  # leading stages (plus the stem) kept at their pretrained values; needs pretrained weights
+    channels_last: bool = True  # NHWC tensors: faster convolutions with oneDNN on CPU and with cuDNN on GPU
     early_stopping_patience: int = 5  # epochs without a better validation balanced accuracy
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers

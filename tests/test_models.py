@@ -14,6 +14,7 @@ from skinsynth.classify import models
 from skinsynth.classify.models import (
     ModelError,
     create_classifier,
+    freeze_early_layers,
     model_input_config,
     package_state_dict_to_timm,
     package_weights_path,
@@ -180,3 +181,37 @@ def test_model_input_config(lite0_7):
     assert cfg["input_size"] == [3, 224, 224] and cfg["interpolation"] == "bicubic"
     other = model_input_config(create_classifier("test_efficientnet"))
     assert other["mean"] == pytest.approx([0.485, 0.456, 0.406])  # each model's own, not a global default
+
+
+def test_freeze_early_layers_keeps_stem_and_stages_and_loads_into_a_plain_model():
+    model = create_classifier(LITE0, num_classes=7, pretrained="package")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = freeze_early_layers(model, 2)
+    assert frozen == ["conv_stem", "bn1", "blocks.0", "blocks.1"]
+    for name, param in model.named_parameters():
+        assert param.requires_grad == (
+            name.split(".")[0] not in {"conv_stem", "bn1"} and not name.startswith(("blocks.0.", "blocks.1."))
+        ), name
+    # a training step moves neither frozen weights nor frozen batch-norm statistics
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert torch.equal(after["blocks.1.0.bn1.running_mean"], before["blocks.1.0.bn1.running_mean"])
+    assert torch.equal(after["conv_stem.weight"], before["conv_stem.weight"])
+    assert not torch.equal(after["blocks.2.0.bn1.running_mean"], before["blocks.2.0.bn1.running_mean"])
+    # evaluation builds the unfrozen model and loads the weights strictly: same outputs
+    plain = create_classifier(LITE0, num_classes=7, pretrained="none")
+    plain.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(plain.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_freeze_early_layers_errors():
+    model = create_classifier("test_resnet", num_classes=7)
+    with pytest.raises(ModelError, match="'blocks' stage list"):
+        freeze_early_layers(model, 1)
+    with pytest.raises(ModelError, match="has 7 stages"):
+        freeze_early_layers(create_classifier(LITE0, num_classes=7), 8)
+    assert freeze_early_layers(model, 0) == []

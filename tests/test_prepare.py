@@ -10,7 +10,7 @@ from skinsynth.config import DataConfig, PhantomConfig, PreprocessConfig, SplitC
 from skinsynth.data.prepare import prepare_images
 from skinsynth.data.preprocess import decode_png
 from skinsynth.data.schema import IMAGE_SCHEMA, SPLIT_SCHEMA
-from tests.conftest import BAD_EXPECTED, GOOD_IDS
+from tests.conftest import BAD_EXPECTED, GOOD_IDS, encode, skin_with_lesion
 
 
 def _messy_cfg(path) -> DataConfig:
@@ -140,3 +140,24 @@ def test_interrupted_run_leaves_previous_data_intact(ray_local, messy_ham_dir, t
     again = prepare_images(cfg, tmp_path / "run", engine="local", force=True, progress=lambda _m: None)
     assert again.card["images"] == 15
     assert not list((tmp_path / "run").glob(".data*"))
+
+
+def test_shards_mix_classes_even_when_the_listing_is_sorted_by_class(tmp_path):
+    """Class folders list one class after another (as HAM10000's metadata does); shards must not follow that order,
+    or every streamed training batch would hold a single class."""
+    root = tmp_path / "src"
+    for dx in ("mel", "nv", "bcc"):
+        (root / dx).mkdir(parents=True)
+        for i in range(8):
+            (root / dx / f"{dx}_{i}.png").write_bytes(encode(skin_with_lesion(48, seed=i), "PNG"))
+    cfg = DataConfig(source="folder", path=str(root), batch_size=8, preprocess=PreprocessConfig(size=32))
+    first = prepare_images(cfg, tmp_path / "a", engine="local", progress=lambda _m: None)
+    shards = sorted((first.data_dir / "images").iterdir())
+    assert len(shards) == 3
+    classes_per_shard = [len(set(pq.read_table(s, columns=["label"])["label"].to_pylist())) for s in shards]
+    assert max(classes_per_shard) >= 2, classes_per_shard
+    # the order is seeded: the same config writes the same shards
+    again = prepare_images(cfg, tmp_path / "b", engine="local", progress=lambda _m: None)
+    for a, b in zip(shards, sorted((again.data_dir / "images").iterdir())):
+        assert a.name == b.name
+        assert pq.read_table(a)["image_id"].to_pylist() == pq.read_table(b)["image_id"].to_pylist()

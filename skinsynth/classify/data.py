@@ -56,15 +56,21 @@ def _keep_ids(batch: pd.DataFrame, ids: frozenset[str]) -> pd.DataFrame:
     return batch[batch["image_id"].isin(ids)]
 
 
-def shard_dataset(run_dir: str | Path, image_ids: list[str], columns: list[str] = TRAIN_COLUMNS):
+def shard_dataset(
+    run_dir: str | Path, image_ids: list[str], columns: list[str] = TRAIN_COLUMNS, shuffle_seed: int | None = None
+):
     """A Ray Dataset over the prepared shards, restricted to ``image_ids``.
+
+    With ``shuffle_seed`` the shard files are read in a seeded order that changes with every pass (epoch); the
+    training loop's local shuffle buffer then mixes rows across shards.
 
     Synthetic rows are refused here for anything but the train split by construction: callers pass validation
     and test ids from ``splits.parquet``, which only ever holds real images.
     """
     import ray.data
 
-    ds = ray.data.read_parquet(str(Path(run_dir) / "data" / "images"), columns=columns)
+    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    ds = ray.data.read_parquet(str(Path(run_dir) / "data" / "images"), columns=columns, shuffle=shuffle)
     return ds.map_batches(_keep_ids, batch_format="pandas", fn_kwargs={"ids": frozenset(image_ids)})
 
 

@@ -31,6 +31,7 @@ from skinsynth.errors import SkinsynthError
 
 Progress = Callable[[str], None]
 CHECKPOINT_FILE = "state.pt"
+SHUFFLE_BUFFER_ROWS = 2048
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, weight: torch.Tensor | None) -> torch.Tensor:
@@ -65,13 +66,15 @@ def _balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
     return float(balanced_accuracy_score(labels, preds))
 
 
-def _predict(model, batches, device, amp_dtype) -> tuple[np.ndarray, np.ndarray]:
+def _predict(
+    model, batches, device, amp_dtype, memory_format=torch.contiguous_format
+) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     probs, labels = [], []
     with torch.no_grad():
         for x, y in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x.to(device))
+                logits = model(x.to(device, memory_format=memory_format))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
             labels.append(y)
     if not probs:
@@ -79,14 +82,51 @@ def _predict(model, batches, device, amp_dtype) -> tuple[np.ndarray, np.ndarray]
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
+@dataclass
+class TrainingModel:
+    """A classifier set up for fine-tuning, with the input normalisation its weights expect."""
+
+    model: torch.nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    memory_format: torch.memory_format
+    frozen: list[str]
+
+
+def build_training_model(tc: TrainConfig) -> TrainingModel:
+    """The model exactly as training uses it: created, early layers frozen, in the configured memory format.
+
+    Shared by the Ray Train loop and the plain-loop baseline of ``skinsynth bench train``, so both time one model.
+    """
+    import timm.data
+
+    from skinsynth.classify.models import create_classifier, freeze_early_layers
+
+    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
+    frozen = freeze_early_layers(model, tc.freeze_blocks)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    return TrainingModel(
+        model.to(memory_format=memory_format),
+        tuple(data_cfg["mean"]),
+        tuple(data_cfg["std"]),
+        memory_format,
+        frozen,
+    )
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (frozen layers carry no optimiser state)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (see the module docstring). ``config`` holds plain values only."""
     import ray.train
     import ray.train.torch
-    import timm.data
 
     from skinsynth.classify.data import Collate, train_augmentation
-    from skinsynth.classify.models import create_classifier
 
     tc = TrainConfig(**config["train"])
     context = ray.train.get_context()
@@ -96,17 +136,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(tc.seed + rank)
     np.random.seed(tc.seed + rank)
-    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
-    model = ray.train.torch.prepare_model(model)
+    setup = build_training_model(tc)
+    if setup.frozen and rank == 0:
+        print(f"train: kept at pretrained values: {', '.join(setup.frozen)}")
+    mean, std, memory_format = setup.mean, setup.std, setup.memory_format
+    model = ray.train.torch.prepare_model(setup.model)
     device = ray.train.torch.get_device()
     amp_dtype = None
     if tc.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, tc)
     steps_per_epoch = max(1, math.ceil(config["train_images"] / (tc.batch_size * context.get_world_size())))
     total_steps = steps_per_epoch * tc.epochs
     warmup_steps = int(tc.warmup_epochs * steps_per_epoch)
@@ -139,12 +180,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size,
             collate_fn=Collate(mean, std, augment),
-            local_shuffle_buffer_size=tc.batch_size * 8,
+            # a few thousand PNG rows (tens of MB) mix many shards, so no batch is dominated by one shard's lesions
+            local_shuffle_buffer_size=max(tc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=tc.seed + epoch,
             drop_last=False,
         )
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, memory_format=memory_format), y.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x)
                 if tc.imbalance == "focal":
@@ -163,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
 
         val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std))
-        probs, labels = _predict(model, val_batches, device, amp_dtype)
+        probs, labels = _predict(model, val_batches, device, amp_dtype, memory_format)
         val_bacc = _balanced_accuracy(labels, probs.argmax(1)) if len(labels) else float("nan")
         improved = val_bacc > state["best_score"]
         if improved:
@@ -277,6 +319,8 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     val_ids = split_ids(splits, "val")
     if not train_ids:
         raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+    if tc.freeze_blocks and tc.pretrained == "none":
+        raise SkinsynthError("train.freeze_blocks keeps layers at their pretrained values: it needs train.pretrained")
     if not val_ids:
         raise SkinsynthError(
             "training needs a validation split (model selection and early stopping use it); "
@@ -309,7 +353,10 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
-        datasets={"train": shard_dataset(run_dir, train_ids), "val": shard_dataset(run_dir, val_ids)},
+        datasets={
+            "train": shard_dataset(run_dir, train_ids, shuffle_seed=tc.seed),
+            "val": shard_dataset(run_dir, val_ids),
+        },
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()

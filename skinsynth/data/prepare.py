@@ -292,7 +292,11 @@ def prepare_images(
 
     (tmp_dir / "images").mkdir()
     t0 = time.perf_counter()
-    results = ENGINES[engine](records.assign(row=np.arange(len(records))), cfg, tmp_dir / "images")
+    # Process (and so shard) the records in a seeded random order: source listings are often sorted by diagnosis
+    # (HAM10000's metadata is), and class-sorted shards would make every streamed training batch one class.
+    order = np.random.default_rng(cfg.split.seed).permutation(len(records))
+    shuffled = records.iloc[order].reset_index(drop=True)
+    results = ENGINES[engine](shuffled.assign(row=np.arange(len(shuffled))), cfg, tmp_dir / "images")
     process_s = time.perf_counter() - t0
     progress(
         f"prepare: processed {len(results)} images in {process_s:.1f} s ({len(results) / max(process_s, 1e-9):.0f}/s)"
