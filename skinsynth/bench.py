@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from skinsynth.config import DataConfig
+from skinsynth.config import DataConfig, config_to_dict
 from skinsynth.data.prepare import prepare_images, read_original
 from skinsynth.data.sources import list_source
 from skinsynth.runtime import ensure_ray, machine_info
@@ -218,5 +218,109 @@ def bench_train(cfg, *, progress: Progress = print) -> dict[str, Any]:
     progress(
         f"bench train: Ray Train {ray_rate:.1f} images/s vs plain loop {plain:.1f} images/s -> "
         f"{record['ratio']:.2f}x (Ray run wall time {wall:.0f} s with start-up and validation)"
+    )
+    return record
+
+
+def bench_sample(cfg, *, images: int = 64, progress: Progress = print) -> dict[str, Any]:
+    """Images/s of the sampler: a single-process loop, then the Ray Data actor pool with 1 and 2 actors, same run.
+
+    All three sample the same plan (``images`` spread evenly over the classes, cut into the same batches) with the
+    same generator and settings; the 1- and 2-actor runs must give byte-identical images, or the benchmark is void.
+    Actor-pool times include starting the actors and loading the model (what a user waits for).
+
+    Args:
+        cfg: experiment whose ``run.out`` holds a trained ``generator/``; ``sample`` gives sampler, steps, guidance
+            and batch size.
+        images: images in the benchmark plan.
+        progress: receives one-line messages.
+
+    Returns:
+        The benchmark record.
+    """
+    import dataclasses
+
+    import pandas as pd
+    import ray
+    import torch
+
+    from skinsynth.data.schema import CLASSES
+    from skinsynth.generate.model import load_generator
+    from skinsynth.generate.sample import (
+        SamplerSettings,
+        build_plan,
+        generator_id_of,
+        plan_batches,
+        run_actor_pool,
+        sample_rows,
+        training_scheduler_config,
+        write_shard,
+    )
+
+    run_dir = Path(cfg.run.out)
+    generator_dir = run_dir / "generator"
+    generator_id = generator_id_of(generator_dir)
+    unet, conditioning = load_generator(generator_dir)
+    per_class = {dx: images // len(CLASSES) + (i < images % len(CLASSES)) for i, dx in enumerate(CLASSES)}
+    plan_cfg = dataclasses.replace(cfg.sample, plan="counts", counts=per_class, max_images=0)
+    tones = list(conditioning.tones[:1]) * len(CLASSES) if conditioning.tones else [None] * len(CLASSES)
+    plan = build_plan(plan_cfg, pd.DataFrame({"dx": list(CLASSES), "tone": tones}), conditioning)
+    batches = plan_batches(plan, cfg.sample.batch_size)
+    s = cfg.sample
+    settings = SamplerSettings(
+        s.sampler, s.steps, s.guidance, generator_id, dict(training_scheduler_config(generator_dir))
+    )
+    progress(
+        f"bench sample: {len(plan)} images at {conditioning.image_size} px, {s.sampler} {s.steps} steps, "
+        f"guidance {s.guidance}, batch {s.batch_size}; single-process loop ..."
+    )
+    ensure_ray(cfg.data.num_cpus)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    unet = unet.to(device)
+    results: dict[str, dict[str, float]] = {}
+    hashes: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="skinsynth-bench-") as tmp:
+        loop_dir = Path(tmp) / "loop"
+        loop_dir.mkdir()
+        t0 = time.perf_counter()
+        for batch in batches:
+            write_shard(sample_rows(unet, conditioning, batch, settings), loop_dir, int(batch["plan_index"].iloc[0]))
+        seconds = time.perf_counter() - t0
+        results["single_process"] = {"seconds": round(seconds, 2), "images_per_s": round(len(plan) / seconds, 3)}
+        progress(
+            f"bench sample: single-process loop {len(plan) / seconds:.2f} images/s "
+            f"({torch.get_num_threads()} torch threads, {device.type})"
+        )
+        for actors in (1, 2):
+            out = Path(tmp) / f"actors{actors}"
+            out.mkdir()
+            t0 = time.perf_counter()
+            run_actor_pool(generator_dir, settings, batches, out, actors)
+            seconds = time.perf_counter() - t0
+            results[f"actors_{actors}"] = {"seconds": round(seconds, 2), "images_per_s": round(len(plan) / seconds, 3)}
+            hashes[f"actors_{actors}"] = pq.read_table(out, columns=["sha256"])["sha256"].to_pylist()
+            progress(f"bench sample: {actors} actor(s) {len(plan) / seconds:.2f} images/s ({seconds:.1f} s)")
+    if sorted(hashes["actors_1"]) != sorted(hashes["actors_2"]):
+        raise RuntimeError("1 and 2 actors produced different images from the same plan; the benchmark is void")
+    one, two = results["actors_1"]["images_per_s"], results["actors_2"]["images_per_s"]
+    loop = results["single_process"]["images_per_s"]
+    record = {
+        "benchmark": "sample",
+        "generator_id": generator_id,
+        "images": len(plan),
+        "image_size": conditioning.image_size,
+        "sample": config_to_dict(cfg.sample),
+        "baseline": "single-process loop over the same model, plan and batches",
+        **results,
+        "ratio_2_vs_1_actor": round(two / one, 3),
+        "ratio_2_actors_vs_single_process": round(two / loop, 3),
+        "images_per_s_per_gpu": round(two / min(2, gpus), 3) if gpus else None,
+        "identical_images_1_vs_2_actors": True,
+        "machine": machine_info(),
+    }
+    progress(
+        f"bench sample: 2 actors {two:.2f} vs 1 actor {one:.2f} images/s -> {record['ratio_2_vs_1_actor']:.2f}x; "
+        f"vs single-process {loop:.2f} images/s -> {record['ratio_2_actors_vs_single_process']:.2f}x"
     )
     return record

@@ -20,9 +20,13 @@ EXAMPLES = """examples:
   skinsynth data summary runs/ham
   skinsynth train --out runs/ham --set train.epochs=20
   skinsynth evaluate --out runs/ham --external runs/isic2017
+  skinsynth generate train --out runs/demo --set generator.train_steps=2000 --set generator.size=small
+  skinsynth generate sample --out runs/demo --set sample.plan=fill --set sample.fill_to=200
+  skinsynth generate export runs/demo --to synthetic_pngs
   skinsynth data download ham10000 --out data/ham10000
   skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
   skinsynth bench train --out runs/demo --set train.model=tf_efficientnet_lite0
+  skinsynth bench sample --out runs/demo --images 64
 """
 
 
@@ -128,6 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-boot", type=int, default=1000, help="lesion-bootstrap resamples for the 95%% CIs")
     _add_config_args(evaluate)
 
+    generate = commands.add_parser("generate", help="class-conditional diffusion generator: train, sample, export")
+    generate_commands = generate.add_subparsers(dest="generate_command", required=True, metavar="GENERATE_COMMAND")
+    generate_train = generate_commands.add_parser(
+        "train",
+        help="train the generator on the real train split with Ray Train (resumes an interrupted run)",
+        description="Train a class-conditional diffusers UNet (section generator:) from scratch on RUN_DIR/data's "
+        "real train split; writes RUN_DIR/generator/ (EMA weights, grid.png, generator_card.json). Re-running the "
+        "same command (or with more generator.train_steps) continues from the last checkpoint.",
+    )
+    generate_train.add_argument("--out", metavar="RUN_DIR", help="run directory with a prepared data/ (run.out)")
+    _add_config_args(generate_train)
+    generate_sample = generate_commands.add_parser(
+        "sample",
+        help="sample a plan of synthetic images with a Ray Data actor pool (one replica per GPU or CPU)",
+        description="Sample the plan of section sample: (fill / ratio / counts per class) from RUN_DIR/generator "
+        "into RUN_DIR/synthetic/ (Parquet shards with provenance). An interrupted run continues where it stopped.",
+    )
+    generate_sample.add_argument("--out", metavar="RUN_DIR", help="run directory with a trained generator/ (run.out)")
+    generate_sample.add_argument("--force", action="store_true", help="sample again even when up to date")
+    _add_config_args(generate_sample)
+    generate_export = generate_commands.add_parser(
+        "export", help="write synthetic images as PNG files whose text chunks say they are synthetic"
+    )
+    generate_export.add_argument("run_dir", metavar="RUN_DIR")
+    generate_export.add_argument("--to", required=True, metavar="DIR", help="destination folder")
+    generate_export.add_argument("--limit", type=int, help="only the first N images")
+
     bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_prepare = bench_commands.add_parser(
@@ -143,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--out", metavar="RUN_DIR", help="run directory with prepared data (run.out)")
     bench_train.add_argument("--json", default="bench/train.json", help="where to write the record")
     _add_config_args(bench_train)
+    bench_sample = bench_commands.add_parser(
+        "sample", help="sampler actor pool with 1 and 2 actors vs a single-process loop (images/s and ratios)"
+    )
+    bench_sample.add_argument("--out", metavar="RUN_DIR", help="run directory with a trained generator/ (run.out)")
+    bench_sample.add_argument("--images", type=int, default=64, help="images in the benchmark plan")
+    bench_sample.add_argument("--json", default="bench/sample.json", help="where to write the record")
+    _add_config_args(bench_sample)
     return parser
 
 
@@ -215,13 +253,43 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from skinsynth.bench import bench_prepare, bench_train, write_record
+def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.generate_command == "export":
+        from skinsynth.generate.export import export_synthetic
+
+        written = export_synthetic(args.run_dir, args.to, limit=args.limit)
+        print(f"exported {written} synthetic PNGs (provenance in their text chunks) to {args.to}")
+        print(DISCLAIMER)
+        return 0
     from skinsynth.config import load_config
 
     cfg = load_config(args.config, _data_overrides(args))
-    record = bench_prepare(cfg.data, limit=args.limit) if args.bench_command == "prepare" else bench_train(cfg)
-    print(f"record written to {write_record(record, args.json)}")
+    if args.generate_command == "train":
+        from skinsynth.generate.train import train_generator
+
+        train_generator(cfg)
+    else:
+        from skinsynth.generate.sample import sample_synthetic
+
+        result = sample_synthetic(cfg.sample, cfg.run.out, force=args.force)
+        card = result.card
+        print(f"synthetic set: {card['images']} images in {result.synthetic_dir}; classes {card['classes']}")
+    print(DISCLAIMER)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from skinsynth import bench
+    from skinsynth.config import load_config
+
+    cfg = load_config(args.config, _data_overrides(args))
+    if args.bench_command == "prepare":
+        record = bench.bench_prepare(cfg.data, limit=args.limit)
+    elif args.bench_command == "train":
+        record = bench.bench_train(cfg)
+    else:
+        record = bench.bench_sample(cfg, images=args.images)
+    print(f"record written to {bench.write_record(record, args.json)}")
     return 0
 
 
@@ -231,6 +299,7 @@ COMMANDS = {
     "data": _cmd_data,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "generate": _cmd_generate,
     "bench": _cmd_bench,
 }
 

@@ -117,12 +117,58 @@ class TrainConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """The class-conditional diffusion generator (``skinsynth generate train``), trained from scratch on the real
+    train split: DDPM with classifier-free guidance (label dropout) and EMA weights."""
+
+    enabled: bool = True  # false: `skinsynth run` skips generate train and sample (real-data-only experiments)
+    size: Literal["tiny", "small", "base", "large"] = "tiny"  # UNet preset: tiny for tests/CPU, base+ for GPUs
+    tone_conditioning: bool = False  # also condition on the estimated ITA skin-tone group
+    label_dropout: float = 0.1  # share of training images shown unconditioned (classifier-free guidance)
+    train_steps: int = 300  # optimiser steps (demo-sized; real runs use thousands)
+    batch_size: int = 16  # per worker, per optimiser step (before accumulation)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    ema_decay: float = 0.999
+    num_train_timesteps: int = 1000  # DDPM noise levels
+    checkpoint_every: int = 100  # steps between checkpoints (ray.train.report); the last step always gets one
+    grid_every: int = 0  # steps between sample-grid PNGs (0 = only the final one)
+    log_every: int = 50  # steps between progress lines
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    amp: bool = True  # bf16 (or fp16 with loss scaling) on GPU
+    torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """What ``skinsynth generate sample`` makes: a sampling plan, the sampler, and how it is spread over actors."""
+
+    plan: Literal["fill", "ratio", "counts"] = "ratio"  # fill every class up to fill_to | ratio x real | counts
+    fill_to: int = 0  # plan=fill: synthetic images so that real + synthetic reaches this per class
+    ratio: float = 0.25  # plan=ratio: synthetic images per real train image of each class (demo-sized)
+    counts: dict[str, int] = field(default_factory=dict)  # plan=counts: class code -> images
+    tones: Literal["match", "uniform"] = "match"  # tone-conditioned generators: real tone mix, or even over tones
+    max_images: int = 0  # cap on the whole plan (0 = none); classes are scaled down proportionally
+    sampler: Literal["ddim", "dpm"] = "ddim"  # DDIM (Song et al. 2021) or DPM-Solver++ (Lu et al. 2022)
+    steps: int = 20  # denoising steps
+    guidance: float = 2.0  # classifier-free guidance scale (1 = conditional only, no guidance)
+    batch_size: int = 16  # images per model call
+    num_actors: int = 0  # sampler replicas; 0 = one per GPU, or one per CPU when there is none
+    seed: int = 0  # base seed: image i of the plan uses seed + i
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one section per stage."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -132,6 +178,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"mapping of {_type_name(key_tp)} -> {_type_name(value_tp)}"
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -158,6 +207,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -228,6 +282,13 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise _unknown_key_error(part, cls, prefix)
         if i == len(parts) - 1:
             node[part] = value
+        elif typing.get_origin(hints[part]) is dict and i == len(parts) - 2:
+            # a mapping-valued key (``sample.counts.mel=100``): the last part is an entry, checked when built
+            entries = node.setdefault(part, {})
+            if not isinstance(entries, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' must be a mapping")
+            entries[parts[-1]] = value
+            return
         else:
             cls = hints[part]
             node = node.setdefault(part, {})

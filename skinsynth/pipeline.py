@@ -1,8 +1,8 @@
 """Runs the stages of an experiment in order, skipping those whose manifest matches (``demo`` and ``run``).
 
-Stages so far: prepare -> train -> evaluate. Each later stage writes a ``manifest.json`` with the hash of its own
-config section and of its input stage's manifest, so a change upstream re-runs everything downstream of it.
-Later stages (generate, audit, tune) slot in between.
+Stages so far: prepare -> generate (train the generator) -> sample -> train (the classifier) -> evaluate. Each
+later stage writes a ``manifest.json`` with the hash of its own config section and of its input stage's manifest,
+so a change upstream re-runs everything downstream of it. Later stages (audit, tune) slot in between.
 """
 
 from __future__ import annotations
@@ -63,6 +63,34 @@ def _write_manifest(stage_dir: Path, stage: str, expected: str) -> None:
     (stage_dir / "manifest.json").write_text(json.dumps(payload, indent=2))
 
 
+def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    from skinsynth.generate.train import train_generator
+
+    t0 = time.perf_counter()
+    generator_dir = run_dir / "generator"
+    if not cfg.generator.enabled:
+        return StageOutcome("generate", 0.0, True, "disabled (generator.enabled: false)")
+    expected = _manifest_hash(config_to_dict(cfg.generator), _file_hash(run_dir / "data" / "manifest.json"))
+    if not force and _up_to_date(generator_dir, expected):
+        progress(f"generate: {generator_dir} is up to date; skipping")
+        return StageOutcome("generate", time.perf_counter() - t0, True, str(generator_dir))
+    result = train_generator(cfg, progress=progress)
+    _write_manifest(result.generator_dir, "generate", expected)
+    detail = f"generator {result.generator_id}, {result.steps} steps -> {result.generator_dir / 'grid.png'}"
+    return StageOutcome("generate", time.perf_counter() - t0, False, detail)
+
+
+def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    from skinsynth.generate.sample import sample_synthetic
+
+    if not cfg.generator.enabled:
+        return StageOutcome("sample", 0.0, True, "disabled (generator.enabled: false)")
+    t0 = time.perf_counter()
+    result = sample_synthetic(cfg.sample, run_dir, force=force, progress=progress)
+    detail = f"{result.card['images']} synthetic images -> {result.synthetic_dir}"
+    return StageOutcome("sample", time.perf_counter() - t0, result.skipped, detail)
+
+
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.classify.train import train_classifier
 
@@ -83,7 +111,10 @@ def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
 
     t0 = time.perf_counter()
     eval_dir = run_dir / "eval" / cfg.train.name
-    expected = _manifest_hash(_file_hash(run_dir / "models" / cfg.train.name / "manifest.json"))
+    expected = _manifest_hash(
+        _file_hash(run_dir / "models" / cfg.train.name / "manifest.json"),
+        _file_hash(run_dir / "synthetic" / "manifest.json"),  # the report scores the synthetic set too
+    )
     if not force and _up_to_date(eval_dir, expected):
         progress(f"evaluate: {eval_dir} is up to date; skipping")
         return StageOutcome("evaluate", time.perf_counter() - t0, True, str(eval_dir))
@@ -96,6 +127,8 @@ def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
 
 STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], StageOutcome]]] = [
     ("prepare", _stage_prepare),
+    ("generate", _stage_generate),
+    ("sample", _stage_sample),
     ("train", _stage_train),
     ("evaluate", _stage_evaluate),
 ]

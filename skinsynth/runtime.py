@@ -8,6 +8,8 @@ import platform
 
 import ray
 
+from skinsynth.errors import SkinsynthError
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Start (or join) Ray once per process.
@@ -38,3 +40,38 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "gpus": gpus,
     }
+
+
+def threads_per_worker(num_workers: int, use_gpu: bool) -> int:
+    """CPU threads for each worker's torch ops: the machine's cores shared among local workers (1 on GPU)."""
+    if use_gpu:
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+def resolve_use_gpu(setting: bool | str, key: str) -> bool:
+    """``auto`` means: use GPUs when the Ray cluster has them (never ask for one that is absent: Ray would wait).
+
+    Args:
+        setting: the config value (true, false or "auto").
+        key: the config key, named in the error.
+    """
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    if setting and ray.cluster_resources().get("GPU", 0) == 0:
+        raise SkinsynthError(f"{key} is true but the Ray cluster has no GPU (use 'auto' or false)")
+    return bool(setting)
+
+
+def git_commit() -> str | None:
+    """The commit of the skinsynth checkout in use (None outside a git checkout), for cards and reports."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -69,6 +70,12 @@ DEMO_SMALL = [
     "train.pretrained=none",
     "--set",
     "train.epochs=1",
+    "--set",
+    "generator.train_steps=4",
+    "--set",
+    "generator.checkpoint_every=2",
+    "--set",
+    "sample.steps=3",
 ]
 
 
@@ -81,14 +88,20 @@ def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     assert "run summary: demo" in printed
     assert re.search(r"^  evaluate\s+[0-9.]+ s  test balanced accuracy", printed, re.MULTILINE)
     assert (out / "eval" / "classifier" / "report.json").is_file()
+    assert (out / "generator" / "grid.png").is_file()
+    card = json.loads((out / "synthetic" / "synthetic_card.json").read_text())
+    assert card["images"] > 0 and card["synthetic"] is True
+    report = json.loads((out / "eval" / "classifier" / "report.json").read_text())
+    assert report["synthetic_conditioning"]["n"] == card["images"]
     # second run: every stage is up to date and skipped
     assert main(["demo", "--out", str(out), *DEMO_SMALL]) == 0
     summary = capsys.readouterr().out
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "generate", "sample", "train", "evaluate"):
         assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
     # a changed training setting re-runs training and evaluation, not prepare
     assert main(["demo", "--out", str(out), *DEMO_SMALL, "--set", "train.lr=0.002"]) == 0
     summary = capsys.readouterr().out
     assert re.search(r"^  prepare\s+skipped", summary, re.MULTILINE)
+    assert re.search(r"^  generate\s+skipped", summary, re.MULTILINE)
     assert not re.search(r"^  train\s+skipped", summary, re.MULTILINE)
     assert not re.search(r"^  evaluate\s+skipped", summary, re.MULTILINE)

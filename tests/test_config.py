@@ -106,6 +106,23 @@ def test_every_experiment_file_loads():
         load_config(path)
 
 
+def test_demo_file_is_the_embedded_default():
+    """`skinsynth demo` runs the built-in defaults; experiments/demo.yaml must say exactly the same."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+    assert load_config(demo) == load_config(None)
+
+
+def test_mapping_values_and_their_overrides_are_type_checked():
+    cfg = load_config(None, ["sample.plan=counts", "sample.counts.mel=40", "sample.counts.df=5"])
+    assert cfg.sample.counts == {"mel": 40, "df": 5}
+    with pytest.raises(ConfigError, match="'sample.counts.mel' must be int, got 'many'"):
+        load_config(None, ["sample.counts.mel=many"])
+    with pytest.raises(ConfigError, match="'sample.counts' must be a mapping"):
+        load_config(None, ["sample.counts=7"])
+
+
 def test_cli_config_errors_are_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "skinsynth.cli", "data", "prepare", "--out", str(tmp_path), "--set", "data.sise=3"],

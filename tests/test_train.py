@@ -108,6 +108,33 @@ def test_evaluation_reports_phantom_tone_groups_with_their_sizes(trained_phantom
     assert card["metrics_test"]["balanced_accuracy"] == report["test"]["balanced_accuracy"]
 
 
+def test_synthetic_conditioning_check_scores_the_conditioning_class(trained_phantom, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.classify.evaluate import load_trained_model, predict_probs, synthetic_conditioning
+
+    cfg, result = trained_phantom
+    model, _ = load_trained_model(result.model_dir)
+    assert synthetic_conditioning(model, tmp_path) is None  # no synthetic set, nothing to report
+    # stand-in "synthetic" images whose conditioning class is their true class: the check must equal plain accuracy
+    rows = read_rows(cfg.run.out, split_ids(load_split_table(cfg.run.out), "test"), ["image", "label"])
+    (tmp_path / "synthetic" / "images").mkdir(parents=True)
+    table = pa.table({"image": rows["image"], "label": rows["label"], "generator_id": ["g0"] * len(rows)})
+    pq.write_table(table, tmp_path / "synthetic" / "images" / "part-0000000.parquet")
+    check = synthetic_conditioning(model, tmp_path)
+    labels = rows["label"].to_numpy()
+    preds = predict_probs(model, rows["image"]).argmax(1)
+    assert check["n"] == len(rows) and check["generator_id"] == "g0"
+    assert check["accuracy"] == pytest.approx(float(np.mean(preds == labels)))
+    present = sorted(set(labels.tolist()))
+    recalls = [float(np.mean(preds[labels == c] == c)) for c in present]
+    assert check["balanced_accuracy"] == pytest.approx(float(np.mean(recalls)))
+    assert check["chance_balanced_accuracy"] == pytest.approx(1 / len(present))
+
+
 def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
     from skinsynth.classify.train import train_classifier
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from skinsynth.classify.data import decode_pngs, load_split_table, read_rows, sp
 from skinsynth.config import ExperimentConfig
 from skinsynth.data.schema import CLASSES, age_band
 from skinsynth.errors import SkinsynthError
+from skinsynth.runtime import git_commit
 
 Progress = Callable[[str], None]
 EVAL_COLUMNS = ["image_id", "image", "label", "group_id", "tone", "tone_true", "sex", "age", "localization"]
@@ -192,6 +192,14 @@ def evaluate_model(
             f"evaluate: external {ext_dir}: balanced accuracy {ext['balanced_accuracy']:.3f} over {present} "
             f"(internal test, same classes: {internal_restricted['balanced_accuracy']:.3f})"
         )
+    synthetic = synthetic_conditioning(model, run_dir, tta=tta)
+    if synthetic is not None:
+        report["synthetic_conditioning"] = synthetic
+        progress(
+            f"evaluate: on {synthetic['n']} synthetic images the classifier names the generator's conditioning class "
+            f"with accuracy {synthetic['accuracy']:.3f}, balanced accuracy {synthetic['balanced_accuracy']:.3f} "
+            f"(chance {synthetic['chance_balanced_accuracy']:.3f})"
+        )
     report["seconds"] = round(time.perf_counter() - t0, 1)
 
     from skinsynth.classify.figures import write_figures
@@ -201,6 +209,37 @@ def evaluate_model(
     write_model_card(model_dir, info, report, cfg)
     progress(f"evaluate: report written to {out_dir / 'report.json'}")
     return report
+
+
+def synthetic_conditioning(model: torch.nn.Module, run_dir: Path, *, tta: bool = False) -> dict[str, Any] | None:
+    """How often a classifier trained on real images names the class a synthetic image was conditioned on.
+
+    The check of class conditioning used by conditional-GAN and diffusion papers (the "classification accuracy"
+    of Shmelkov et al. 2018, "How good is my GAN?"): far above chance means the generator's classes are
+    recognisable; at chance, the conditioning is not working. None when the run has no synthetic set.
+    """
+    import pyarrow.parquet as pq
+
+    shards = run_dir / "synthetic" / "images"
+    if not shards.is_dir():
+        return None
+    rows = pq.read_table(shards, columns=["image", "label", "generator_id"]).to_pandas()
+    if rows.empty:
+        return None
+    labels = rows["label"].to_numpy(np.int64)
+    preds = predict_probs(model, rows["image"], tta=tta).argmax(1)
+    present = sorted(set(labels.tolist()))
+    recall = {CLASSES[c]: float(np.mean(preds[labels == c] == c)) for c in present}
+    return {
+        "n": int(len(rows)),
+        "generator_id": str(rows["generator_id"].iloc[0]),
+        "accuracy": float(np.mean(preds == labels)),
+        "balanced_accuracy": float(np.mean(list(recall.values()))),
+        "recall_per_class": recall,
+        "n_per_class": {CLASSES[c]: int(np.sum(labels == c)) for c in present},
+        "chance_balanced_accuracy": 1.0 / len(present),
+        "chance_accuracy_uniform_guess": 1.0 / len(CLASSES),
+    }
 
 
 def _fmt_ci(ci: list[float] | None) -> str:
@@ -213,16 +252,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and value != value:
         return None
     return str(value)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, Any], cfg: ExperimentConfig) -> Path:
@@ -263,7 +292,7 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
             "python": platform.python_version(),
         },
         "seed": info["train_config"]["seed"],
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     path = model_dir / "model_card.json"
     path.write_text(json.dumps(card, indent=2, default=_json_default))

@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size,
-            collate_fn=Collate(mean, std, augment),
+            collate_fn=Collate(mean, std, augment),  # runs in Ray Data's prefetch thread, overlapping the step
             # a few thousand PNG rows (tens of MB) mix many shards, so no batch is dominated by one shard's lesions
             local_shuffle_buffer_size=max(tc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=tc.seed + epoch,
@@ -263,24 +263,6 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     return f"{tc.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
 
-def _threads_per_worker(num_workers: int, use_gpu: bool) -> int:
-    """CPU threads for each worker's torch ops: the machine's cores shared among local workers (1 on GPU)."""
-    if use_gpu:
-        return 1
-    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
-
-
-def resolve_use_gpu(setting: bool | str) -> bool:
-    """``auto`` means: use GPUs when the Ray cluster has them (never ask for one that is absent: Ray would wait)."""
-    import ray
-
-    if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    if setting and ray.cluster_resources().get("GPU", 0) == 0:
-        raise SkinsynthError("train.use_gpu is true but the Ray cluster has no GPU (use 'auto' or false)")
-    return bool(setting)
-
-
 @dataclass
 class TrainResult:
     """Where the trained model went and how training went."""
@@ -310,7 +292,7 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     from ray.train.torch import TorchTrainer
 
     from skinsynth.classify.data import load_split_table, read_rows, shard_dataset, split_ids
-    from skinsynth.runtime import ensure_ray
+    from skinsynth.runtime import ensure_ray, resolve_use_gpu, threads_per_worker
 
     run_dir = Path(cfg.run.out).resolve()
     tc = cfg.train
@@ -330,7 +312,7 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     train_labels = read_rows(run_dir, train_ids, columns=["image_id", "label"])["label"].to_numpy()
     weights = class_weights(train_labels)
     ensure_ray(cfg.data.num_cpus)
-    use_gpu = resolve_use_gpu(tc.use_gpu)
+    use_gpu = resolve_use_gpu(tc.use_gpu, "train.use_gpu")
     progress(
         f"train: {tc.model} ({tc.pretrained} weights) on {len(train_ids)} labelled images, {len(val_ids)} validation, "
         f"{tc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
@@ -345,7 +327,7 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
             "class_weights": weights.tolist(),
             "train_images": len(train_ids),
             "image_size": card["image_size"],
-            "torch_threads": tc.torch_threads or _threads_per_worker(tc.num_workers, use_gpu),
+            "torch_threads": tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(

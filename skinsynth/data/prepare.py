@@ -347,7 +347,7 @@ def prepare_images(
             indent=2,
         )
     )
-    _replace_dir(tmp_dir, data_dir)
+    replace_dir(tmp_dir, data_dir)
     progress(
         f"prepare: wrote {len(good)} images to {data_dir / 'images'}, {len(quarantine)} quarantined "
         f"({time.perf_counter() - started:.1f} s)"
@@ -355,7 +355,7 @@ def prepare_images(
     return PrepareResult(data_dir, card)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Swap a finished temp folder into place; the old one is removed only after the new one is in."""
     old = None
     if target.exists():

@@ -1,0 +1,464 @@
+"""Sampling: a plan of images per class (and tone), our own guided denoising loop, and a Ray Data actor pool.
+
+The stock diffusers pipelines take no class labels, so the loop is written out here (``denoise``): DDIM
+(Song et al. 2021, "Denoising diffusion implicit models", eta = 0) or DPM-Solver++ (Lu et al. 2022, "DPM-Solver++:
+fast solver for guided sampling") from the diffusers schedulers, with classifier-free guidance
+(Ho & Salimans 2022): ``eps = eps_uncond + w * (eps_cond - eps_uncond)``.
+
+Determinism: image ``i`` of a plan starts from noise drawn with seed ``sample.seed + i``, both samplers are
+deterministic from there, and batches are cut from the plan in order, so the same plan, seed and generator give
+the same images whatever the number of actors.
+
+Layout of ``RUN_DIR/synthetic/``::
+
+    images/*.parquet       one row per synthetic image (IMAGE_SCHEMA; synthetic = true, provenance columns set)
+    plan.parquet           the plan: plan_index, dx, label, tone (requested), seed
+    synthetic_card.json    counts per class and tone, sampler settings, generator id, timing
+    manifest.json          config and input hashes (what ``skinsynth run`` compares to skip the stage)
+
+An interrupted run keeps the shards it finished (in ``RUN_DIR/.synthetic.partial-<plan hash>/``) and the same
+command continues with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from skinsynth.config import SampleConfig, config_hash, config_to_dict
+from skinsynth.data.prepare import read_manifest, replace_dir
+from skinsynth.data.preprocess import encode_png
+from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES, IMAGE_SCHEMA
+from skinsynth.data.tone import estimate_tone
+from skinsynth.errors import SkinsynthError
+from skinsynth.generate.model import Conditioning, load_generator, predict_noise
+
+Progress = Callable[[str], None]
+SCHEDULER_DIR = "scheduler"
+PLAN_COLUMNS = ["plan_index", "dx", "label", "tone", "seed"]
+RESULT_SCHEMA = pa.schema(
+    [pa.field("image_id", pa.string()), pa.field("dx", pa.string()), pa.field("tone", pa.string())]
+)
+
+
+def training_noise_scheduler(num_train_timesteps: int) -> DDPMScheduler:
+    """The DDPM forward process the generator is trained with: cosine schedule (Nichol & Dhariwal 2021,
+    "Improved denoising diffusion probabilistic models"), better than linear at 32-128 px."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2")
+
+
+def sampling_scheduler(train_scheduler_config: Any, sampler: str):
+    """A fresh DDIM or DPM-Solver++ scheduler over the training noise schedule (schedulers hold per-run state)."""
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(train_scheduler_config)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++")
+    raise SkinsynthError(f"unknown sampler '{sampler}' (known: ddim, dpm)")
+
+
+def initial_noise(seeds: list[int], image_size: int) -> torch.Tensor:
+    """One N(0, I) image per seed, each drawn from its own generator (so an image never depends on its batch)."""
+    return torch.stack(
+        [torch.randn(3, image_size, image_size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+
+
+@torch.no_grad()
+def denoise(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    null_label: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` for ``steps`` steps with classifier-free guidance.
+
+    Args:
+        unet: the conditional UNet (eval mode).
+        scheduler: a fresh sampling scheduler (:func:`sampling_scheduler`).
+        noise: (N, 3, H, W) starting noise on the UNet's device.
+        labels: (N,) joint conditioning indices (:class:`Conditioning`).
+        null_label: the unconditional index.
+        steps: denoising steps.
+        guidance: guidance scale ``w``; 1 is the conditional model alone (half the work).
+
+    Returns:
+        Images in [-1, 1], (N, 3, H, W).
+    """
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    guided = guidance != 1.0
+    uncond = torch.full_like(labels, null_label)
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        timestep = torch.full((model_in.shape[0],), int(t), device=x.device, dtype=torch.long)
+        eps = predict_noise(unet, model_in, timestep, torch.cat([labels, uncond]) if guided else labels)
+        if guided:
+            eps_cond, eps_uncond = eps.float().chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        x = scheduler.step(eps.float(), t, x).prev_sample
+    return x.clamp(-1.0, 1.0)
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    return ((x.float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` into integers proportional to ``weights`` (Hamilton's method; ties by name)."""
+    norm = sum(weights.values())
+    if total <= 0 or norm <= 0:
+        return {k: 0 for k in weights}
+    exact = {k: total * w / norm for k, w in weights.items()}
+    counts = {k: int(math.floor(v)) for k, v in exact.items()}
+    order = sorted(weights, key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def class_counts_for_plan(cfg: SampleConfig, real_counts: dict[str, int]) -> dict[str, int]:
+    """Synthetic images per class from the plan kind and the real train counts.
+
+    Raises:
+        SkinsynthError: counts naming an unknown class, negative numbers, or a plan that asks for nothing.
+    """
+    if cfg.plan == "fill":
+        if cfg.fill_to <= 0:
+            raise SkinsynthError("sample.plan 'fill' needs sample.fill_to > 0 (images per class, real + synthetic)")
+        counts = {dx: max(0, cfg.fill_to - real_counts.get(dx, 0)) for dx in CLASSES}
+    elif cfg.plan == "ratio":
+        if cfg.ratio < 0:
+            raise SkinsynthError(f"sample.ratio must be >= 0, got {cfg.ratio}")
+        counts = {dx: int(math.floor(cfg.ratio * real_counts.get(dx, 0) + 0.5)) for dx in CLASSES}  # half up
+    else:
+        unknown = sorted(set(cfg.counts) - set(CLASSES))
+        if unknown:
+            raise SkinsynthError(f"sample.counts names unknown classes {unknown}; known: {', '.join(CLASSES)}")
+        if any(n < 0 for n in cfg.counts.values()):
+            raise SkinsynthError("sample.counts must be >= 0 for every class")
+        counts = {dx: int(cfg.counts.get(dx, 0)) for dx in CLASSES}
+    total = sum(counts.values())
+    if cfg.max_images and total > cfg.max_images:
+        counts = _largest_remainder(cfg.max_images, {k: float(v) for k, v in counts.items()})
+    if sum(counts.values()) == 0:
+        raise SkinsynthError(f"the sampling plan ({cfg.plan}) asks for no images; check sample.* settings")
+    return counts
+
+
+def build_plan(cfg: SampleConfig, real_train: pd.DataFrame, conditioning: Conditioning) -> pd.DataFrame:
+    """The sampling plan: one row per image with class, requested tone (tone-conditioned generators) and seed.
+
+    Args:
+        cfg: the ``sample`` section.
+        real_train: the real train rows (columns ``dx`` and ``tone``) the counts and tone mix come from.
+        conditioning: the generator's conditioning (whether it knows tones).
+
+    Returns:
+        A frame with :data:`PLAN_COLUMNS`, ordered by class then tone; ``seed`` is ``cfg.seed + plan_index``.
+    """
+    real_counts = real_train["dx"].value_counts().to_dict()
+    counts = class_counts_for_plan(cfg, real_counts)
+    rows: list[tuple[str, str | None]] = []
+    for dx in CLASSES:
+        n = counts[dx]
+        if not conditioning.tones:
+            rows += [(dx, None)] * n
+            continue
+        known = real_train[real_train["tone"].isin(conditioning.tones)]
+        if cfg.tones == "match" and (known["dx"] == dx).any():
+            weights = known.loc[known["dx"] == dx, "tone"].value_counts().to_dict()
+        else:  # uniform over the tone groups seen in training (a class with no known tone also lands here)
+            weights = dict.fromkeys(known["tone"].unique(), 1.0) or {conditioning.tones[0]: 1.0}
+        per_tone = _largest_remainder(n, {t: float(w) for t, w in weights.items()})
+        for tone in conditioning.tones:
+            rows += [(dx, tone)] * per_tone.get(tone, 0)
+    plan = pd.DataFrame(rows, columns=["dx", "tone"])
+    plan.insert(0, "plan_index", np.arange(len(plan), dtype=np.int64))
+    plan.insert(2, "label", plan["dx"].map(CLASS_TO_LABEL).astype(np.int64))
+    plan["seed"] = cfg.seed + plan["plan_index"]
+    return plan[PLAN_COLUMNS]
+
+
+@dataclass
+class SamplerSettings:
+    """Everything an actor needs besides the model; plain values so it crosses the Ray boundary cheaply."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    generator_id: str
+    scheduler_config: dict[str, Any]
+
+
+def sample_rows(
+    unet: torch.nn.Module, conditioning: Conditioning, plan: pd.DataFrame, settings: SamplerSettings
+) -> list[dict[str, Any]]:
+    """Generate the images of ``plan`` rows as one batch and return them as IMAGE_SCHEMA rows."""
+    device = next(unet.parameters()).device
+    labels = torch.as_tensor(
+        [
+            conditioning.index(int(r.label), conditioning.tone_index(r.tone) if conditioning.tones else None)
+            for r in plan.itertuples(index=False)
+        ],
+        dtype=torch.long,
+        device=device,
+    )
+    noise = initial_noise(plan["seed"].tolist(), conditioning.image_size).to(device)
+    scheduler = sampling_scheduler(settings.scheduler_config, settings.sampler)
+    images = to_uint8_images(
+        denoise(unet, scheduler, noise, labels, conditioning.null_index, settings.steps, settings.guidance)
+    )
+    out = []
+    for r, rgb in zip(plan.itertuples(index=False), images):
+        png = encode_png(rgb)
+        ita, tone = estimate_tone(rgb)
+        image_id = f"syn-{settings.generator_id[:8]}-{int(r.plan_index):07d}"
+        out.append(
+            {
+                "image_id": image_id,
+                "image": png,
+                "dx": r.dx,
+                "label": int(r.label),
+                "group_id": image_id,  # every synthetic image is its own group; none ever enters val or test
+                "source": "synthetic",
+                "synthetic": True,
+                "ita": ita,
+                "tone": tone,
+                "sha256": hashlib.sha256(png).hexdigest(),
+                "width": rgb.shape[1],
+                "height": rgb.shape[0],
+                "generator_id": settings.generator_id,
+                "seed": int(r.seed),
+                "sampler": settings.sampler,
+                "steps": settings.steps,
+                "guidance": settings.guidance,
+            }
+        )
+    return out
+
+
+def write_shard(rows: list[dict[str, Any]], shard_dir: str | Path, first_index: int) -> Path:
+    """One Parquet shard, written under a temporary name and renamed (a finished shard is always whole)."""
+    target = Path(shard_dir) / f"part-{first_index:07d}.parquet"
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:6]}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), tmp)
+    tmp.rename(target)
+    return target
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class SamplerActor:
+    """Ray Data actor: one generator replica (one GPU, or one CPU core) that samples plan batches into shards.
+
+    ``loader`` returns ``(unet, conditioning)`` for the generator folder; injected so tests and other storage can
+    swap it.
+    """
+
+    def __init__(
+        self,
+        generator_dir: str,
+        settings: SamplerSettings,
+        shard_dir: str,
+        loader: Callable[[str], tuple[torch.nn.Module, Conditioning]] = load_generator,
+    ):
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # one actor per core: intra-op threads would only oversubscribe
+        unet, self.conditioning = loader(generator_dir)
+        self.unet = unet.to(_device()).eval()
+        self.settings = settings
+        self.shard_dir = shard_dir
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        rows = sample_rows(self.unet, self.conditioning, batch, self.settings)
+        write_shard(rows, self.shard_dir, int(batch["plan_index"].iloc[0]))
+        return pa.Table.from_pylist(
+            [{"image_id": r["image_id"], "dx": r["dx"], "tone": r["tone"]} for r in rows], schema=RESULT_SCHEMA
+        )
+
+
+def plan_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """The plan cut into model batches, in order (the cut is part of what makes sampling reproducible)."""
+    return [plan.iloc[i : i + batch_size] for i in range(0, len(plan), batch_size)]
+
+
+def run_actor_pool(
+    generator_dir: Path, settings: SamplerSettings, batches: list[pd.DataFrame], shard_dir: Path, num_actors: int
+) -> int:
+    """Sample ``batches`` with a Ray Data actor pool of ``num_actors`` replicas; returns the images made."""
+    import ray.data
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    done = (
+        ray.data.from_pandas(batches)
+        .map_batches(
+            SamplerActor,
+            batch_format="pandas",
+            batch_size=None,  # one plan batch per call, exactly as cut
+            fn_constructor_kwargs={
+                "generator_dir": str(generator_dir),
+                "settings": settings,
+                "shard_dir": str(shard_dir),
+            },
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            **resources,
+        )
+        .to_pandas()  # the small per-image results; the images themselves are in the shards
+    )
+    return len(done)
+
+
+def default_num_actors(requested: int) -> int:
+    """``sample.num_actors`` (at most what the cluster can hold: an actor that cannot be placed would be waited
+    for forever), or one per GPU of the cluster, or one per CPU when it has none."""
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = max(1, int(resources.get("GPU", 0)) or int(resources.get("CPU", 1)))
+    return min(requested, slots) if requested > 0 else slots
+
+
+def generator_id_of(generator_dir: Path) -> str:
+    """The generator's id from its card (a content hash of its weights)."""
+    card_path = generator_dir / "generator_card.json"
+    if not card_path.is_file():
+        raise SkinsynthError(f"no trained generator at {generator_dir}: run 'skinsynth generate train' first")
+    return json.loads(card_path.read_text())["generator_id"]
+
+
+@dataclass
+class SampleResult:
+    """What ``generate sample`` produced."""
+
+    synthetic_dir: Path
+    card: dict[str, Any]
+    skipped: bool = False
+
+
+def sample_synthetic(
+    cfg: SampleConfig,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: Progress = print,
+) -> SampleResult:
+    """Sample the plan of ``cfg`` from ``RUN_DIR/generator`` into ``RUN_DIR/synthetic/``.
+
+    Args:
+        cfg: the ``sample`` section.
+        run_dir: run directory with ``data/`` (for the real counts) and a trained ``generator/``.
+        force: sample again even when the manifest matches.
+        progress: receives one-line messages.
+
+    Returns:
+        A :class:`SampleResult` with the synthetic card.
+
+    Raises:
+        SkinsynthError: no generator or data, or a plan that asks for nothing.
+    """
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.runtime import ensure_ray
+
+    run_dir = Path(run_dir)
+    generator_dir = run_dir / "generator"
+    synthetic_dir = run_dir / "synthetic"
+    generator_id = generator_id_of(generator_dir)
+    labelled = split_ids(load_split_table(run_dir), "train", labelled_only=True)  # what the generator learnt from
+    real_train = read_rows(run_dir, labelled, columns=["image_id", "dx", "tone"])
+    conditioning = Conditioning(**_conditioning_args(generator_dir))
+    plan = build_plan(cfg, real_train, conditioning)
+    expected = hashlib.sha256(
+        json.dumps({"cfg": config_hash(cfg), "generator": generator_id, "plan": len(plan)}).encode()
+    ).hexdigest()[:16]
+    manifest = read_manifest(synthetic_dir)
+    if not force and manifest and manifest.get("input_hash") == expected:
+        progress(f"sample: {synthetic_dir} is up to date (same plan and generator); skipping")
+        return SampleResult(synthetic_dir, json.loads((synthetic_dir / "synthetic_card.json").read_text()), True)
+
+    partial = run_dir / f".synthetic.partial-{expected}"
+    shard_dir = partial / "images"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".synthetic.partial-*"):
+        if stale != partial:
+            shutil.rmtree(stale, ignore_errors=True)
+    for tmp in shard_dir.glob(".*.tmp"):
+        tmp.unlink()
+    batches = plan_batches(plan, cfg.batch_size)
+    finished = {p.name for p in shard_dir.glob("part-*.parquet")}
+    todo = [b for b in batches if f"part-{int(b['plan_index'].iloc[0]):07d}.parquet" not in finished]
+    ensure_ray()
+    actors = min(default_num_actors(cfg.num_actors), max(1, len(todo)))
+    settings = SamplerSettings(
+        cfg.sampler, cfg.steps, cfg.guidance, generator_id, dict(training_scheduler_config(generator_dir))
+    )
+    progress(
+        f"sample: {len(plan)} images ({_counts_text(plan)}) with {cfg.sampler}, {cfg.steps} steps, guidance "
+        f"{cfg.guidance}; {len(batches) - len(todo)} of {len(batches)} batches already done; {actors} actor(s)"
+    )
+    t0 = time.perf_counter()
+    if todo:
+        run_actor_pool(generator_dir, settings, todo, shard_dir, actors)
+    seconds = time.perf_counter() - t0
+    made = sum(len(b) for b in todo)
+    progress(f"sample: {made} images in {seconds:.1f} s ({made / max(seconds, 1e-9):.2f}/s)")
+
+    pq.write_table(pa.Table.from_pandas(plan, preserve_index=False), partial / "plan.parquet")
+    written = pq.read_table(shard_dir, columns=["image_id", "dx", "tone"]).to_pandas()
+    if len(written) != len(plan):
+        raise SkinsynthError(f"sampling wrote {len(written)} images for a plan of {len(plan)}; re-run to finish")
+    card = {
+        "generator_id": generator_id,
+        "images": int(len(written)),
+        "classes": {dx: int((written["dx"] == dx).sum()) for dx in CLASSES},
+        "estimated_tones": written["tone"].fillna("unknown").value_counts().to_dict(),
+        "requested_tones": plan["tone"].fillna("none").value_counts().to_dict(),
+        "sample": config_to_dict(cfg),
+        "actors": actors,
+        "seconds": round(seconds, 2),
+        "synthetic": True,
+        "note": "synthetic images from a generative model: not real patients, never a diagnosis",
+    }
+    (partial / "synthetic_card.json").write_text(json.dumps(card, indent=2))
+    (partial / "manifest.json").write_text(
+        json.dumps({"stage": "sample", "input_hash": expected, "config": config_to_dict(cfg)}, indent=2)
+    )
+    replace_dir(partial, synthetic_dir)
+    progress(f"sample: wrote {len(written)} synthetic images to {synthetic_dir / 'images'}")
+    return SampleResult(synthetic_dir, card)
+
+
+def _counts_text(plan: pd.DataFrame) -> str:
+    counts = plan["dx"].value_counts()
+    return ", ".join(f"{dx} {int(counts[dx])}" for dx in CLASSES if dx in counts)
+
+
+def _conditioning_args(generator_dir: Path) -> dict[str, Any]:
+    info = json.loads((generator_dir / "conditioning.json").read_text())
+    return {"classes": tuple(info["classes"]), "tones": tuple(info["tones"]), "image_size": int(info["image_size"])}
+
+
+def training_scheduler_config(generator_dir: Path) -> Any:
+    """The DDPM noise schedule a saved generator was trained with (what its samplers must use)."""
+    return DDPMScheduler.from_pretrained(generator_dir / SCHEDULER_DIR, local_files_only=True).config

@@ -1,0 +1,474 @@
+"""Generator training with Ray Train: DDPM on the real train split, classifier-free guidance, EMA weights.
+
+The loop (``generator_train_loop``) is the DDPM objective of Ho et al. 2020 - noise an image to a random level,
+predict the noise, mean squared error - with three additions: label dropout (a share of images get the null token,
+so one network is both the conditional and the unconditional model of classifier-free guidance, Ho & Salimans
+2022), an exponential moving average of the weights (what sampling uses; Song & Ermon 2020 found it essential for
+sample quality), and gradient accumulation for large effective batches on small devices. DDP across
+``generator.num_workers`` workers, bf16/fp16 autocast on GPU, a checkpoint through ``ray.train.report`` every
+``checkpoint_every`` steps; re-running the same command resumes from the last one.
+
+The generator never trains on synthetic rows (model-collapse guard, Shumailov et al. 2024, "AI models collapse when
+trained on recursively generated data"): ``train_generator`` refuses with a clear error if any input row is
+synthetic.
+
+Output, ``RUN_DIR/generator/``: ``unet/`` (EMA weights), ``scheduler/`` (the DDPM noise schedule),
+``conditioning.json``, ``grid.png`` (per-class samples), ``grids/`` (grids during training), ``training.json``
+and ``generator_card.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skinsynth.config import ExperimentConfig, GeneratorConfig, config_to_dict
+from skinsynth.errors import SkinsynthError
+from skinsynth.generate.model import Conditioning, create_generator, predict_noise, save_generator
+from skinsynth.generate.sample import (
+    SCHEDULER_DIR,
+    denoise,
+    initial_noise,
+    sampling_scheduler,
+    to_uint8_images,
+    training_noise_scheduler,
+)
+
+Progress = Callable[[str], None]
+CHECKPOINT_FILE = "state.pt"
+GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
+GRID_PER_CLASS = 6
+
+
+class GeneratorCollate:
+    """Ray Data batch -> (images in [-1, 1], joint conditioning labels), with random flips and quarter turns.
+
+    Dermoscopy has no up, down, left or right, so the eight dihedral transforms are exact, label-preserving
+    augmentations that multiply a small training set without inventing pixels.
+    """
+
+    def __init__(self, conditioning: Conditioning, augment: bool = True):
+        self.conditioning = conditioning
+        self.augment = augment
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        from skinsynth.classify.data import decode_pngs
+
+        images = decode_pngs(batch["image"]).float().div_(127.5).sub_(1.0)
+        if self.augment:
+            images = torch.stack([_dihedral(img) for img in images])
+        tones = batch["tone"] if self.conditioning.tones else [None] * len(images)
+        labels = [
+            self.conditioning.index(int(lab), self.conditioning.tone_index(tone) if self.conditioning.tones else None)
+            for lab, tone in zip(batch["label"], tones)
+        ]
+        return images, torch.as_tensor(labels, dtype=torch.long)
+
+
+def _dihedral(img: torch.Tensor) -> torch.Tensor:
+    img = torch.rot90(img, int(torch.randint(0, 4, ())), dims=(1, 2))
+    return torch.flip(img, dims=(2,)) if torch.rand(()) < 0.5 else img
+
+
+def sample_grid(
+    unet: torch.nn.Module,
+    conditioning: Conditioning,
+    scheduler_config: Any,
+    per_class: int = GRID_PER_CLASS,
+    steps: int = 25,
+    guidance: float = 2.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """One row of ``per_class`` DDIM samples per class (fixed seeds, so grids over training are comparable),
+    tiled into an RGB image with the class code at the start of each row."""
+    device = next(unet.parameters()).device
+    size = conditioning.image_size
+    labels = torch.arange(len(conditioning.classes)).repeat_interleave(per_class)
+    cond = torch.as_tensor([conditioning.index(int(lab)) for lab in labels], device=device)
+    noise = initial_noise([seed + i for i in range(len(labels))], size).to(device)
+    images = to_uint8_images(
+        denoise(
+            unet, sampling_scheduler(scheduler_config, "ddim"), noise, cond, conditioning.null_index, steps, guidance
+        )
+    )
+    label_w = max(48, size)
+    rows = []
+    for c, dx in enumerate(conditioning.classes):
+        strip = np.full((size, label_w, 3), 255, np.uint8)
+        cv2.putText(strip, dx, (2, size // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        rows.append(np.concatenate([strip, *images[c * per_class : (c + 1) * per_class]], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(rgb: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def generator_train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop (see the module docstring). ``config`` holds plain values only."""
+    import ray.train
+    import ray.train.torch
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    gc = GeneratorConfig(**config["generator"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    torch.manual_seed(gc.seed + rank)
+    np.random.seed(gc.seed + rank)
+
+    unet, conditioning = create_generator(gc, config["image_size"])
+    ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
+    model = ray.train.torch.prepare_model(unet)
+    device = ray.train.torch.get_device()
+    ema.to(device)
+    amp_dtype = None
+    if gc.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr, weight_decay=0.0)
+    lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=gc.warmup_steps)
+    noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
+
+    state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        _unwrap(model).load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        ema.to(device)
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_schedule.load_state_dict(saved["lr_schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        if rank == 0:
+            print(f"generate train: resuming from the checkpoint of step {state['step']}")
+
+    collate = GeneratorCollate(conditioning)
+    shard = ray.train.get_dataset_shard("train")
+    grid_dir = Path(config["grid_dir"])
+    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+    micro = 0
+    epoch = 0
+    while state["step"] < gc.train_steps:
+        batches = shard.iter_torch_batches(
+            batch_size=gc.batch_size,
+            collate_fn=collate,
+            local_shuffle_buffer_size=max(gc.batch_size * 8, 2048),
+            local_shuffle_seed=gc.seed + 1000 * rank + epoch,
+            drop_last=True,
+        )
+        epoch += 1
+        steps_before = state["step"]
+        for x0, labels in batches:
+            model.train()
+            x0, labels = x0.to(device), labels.to(device)
+            # label dropout: these images train the unconditional model of classifier-free guidance
+            drop = torch.rand(labels.shape, device=device) < gc.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, conditioning.null_index), labels)
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, gc.num_train_timesteps, (x0.shape[0],), device=device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.mse_loss(predict_noise(model, noisy, t, labels).float(), noise)
+            scaler.scale(loss / gc.grad_accum).backward()
+            window_loss += float(loss.detach()) * x0.shape[0]
+            window_images += x0.shape[0]
+            micro += 1
+            if micro % gc.grad_accum:
+                continue
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr_schedule.step()
+            ema.step(_unwrap(model).parameters())
+            state["step"] += 1
+            step = state["step"]
+            last = step >= gc.train_steps
+            if step % gc.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                row = {
+                    "step": step,
+                    "loss": window_loss / max(window_images, 1),
+                    "images_per_s": window_images * world / max(elapsed, 1e-9),
+                    "lr": lr_schedule.get_last_lr()[0],
+                }
+                state["history"].append(row)
+                state["seconds"] += elapsed
+                if rank == 0:
+                    print(
+                        f"generate train: step {step}/{gc.train_steps}  loss {row['loss']:.4f}  "
+                        f"{row['images_per_s']:.1f} img/s  lr {row['lr']:.1e}"
+                    )
+                window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+            paused = time.perf_counter()  # grids and checkpoints are not training time
+            if rank == 0 and gc.grid_every and step % gc.grid_every == 0 and not last:
+                _grid_with_ema(
+                    _unwrap(model), ema, conditioning, noise_scheduler.config, grid_dir / f"step-{step:07d}.png"
+                )
+            if step % gc.checkpoint_every == 0 or last:
+                _report(model, ema, optimizer, lr_schedule, scaler, state, rank)
+            window_start += time.perf_counter() - paused
+            if last:
+                break
+        if state["step"] == steps_before and micro == 0:
+            raise RuntimeError("a pass over the training shard gave no full batch; lower generator.batch_size")
+
+
+def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> None:
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    save_png(sample_grid(unet, conditioning, scheduler_config), path)
+    ema.restore(unet.parameters())
+
+
+def _report(model, ema, optimizer, lr_schedule, scaler, state, rank) -> None:
+    import ray.train
+
+    metrics = {"step": state["step"], **(state["history"][-1] if state["history"] else {})}
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            torch.save(
+                {
+                    "model": _unwrap(model).state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "state": state,
+                },
+                Path(directory) / CHECKPOINT_FILE,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
+    """Model-collapse guard: refuse if any training row is marked synthetic (or comes from a synthetic source)."""
+    from skinsynth.classify.data import read_rows
+
+    rows = read_rows(run_dir, image_ids, columns=["image_id", "synthetic", "source"])
+    bad = rows[rows["synthetic"] | (rows["source"] == "synthetic")]
+    if len(bad):
+        examples = ", ".join(bad["image_id"].head(3))
+        raise SkinsynthError(
+            f"generator training refuses synthetic images (model-collapse guard): {len(bad)} of {len(rows)} "
+            f"training rows are marked synthetic (e.g. {examples}); train the generator on real images only"
+        )
+
+
+def generator_run_name(gc: GeneratorConfig, data_hash: str | None) -> str:
+    """Ray Train run name: a hash of everything that defines the run except how long it is and how it reports,
+    so the same command (or one with more steps) resumes, and any other change starts afresh."""
+    skip = {"train_steps", "checkpoint_every", "grid_every", "log_every"}
+    identity = {k: v for k, v in config_to_dict(gc).items() if k not in skip}
+    payload = json.dumps({"generator": identity, "data": data_hash}, sort_keys=True)
+    return f"generator-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+
+@dataclass
+class GeneratorResult:
+    """Where the generator went and how training went."""
+
+    generator_dir: Path
+    generator_id: str
+    steps: int
+    seconds: float
+    history: list[dict[str, Any]]
+
+
+def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> GeneratorResult:
+    """Train ``cfg.generator`` on the real train split of ``RUN_DIR/data`` and write ``RUN_DIR/generator/``.
+
+    Raises:
+        SkinsynthError: no prepared data, synthetic rows among the inputs, an image size the preset cannot take,
+            or a GPU asked for that is not there.
+    """
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from skinsynth.classify.data import load_split_table, shard_dataset, split_ids
+    from skinsynth.data.prepare import read_manifest
+    from skinsynth.generate.model import check_image_size
+    from skinsynth.runtime import ensure_ray, resolve_use_gpu, threads_per_worker
+
+    run_dir = Path(cfg.run.out).resolve()
+    gc = cfg.generator
+    # labelled images only: with a label budget (data.split.label_fraction < 1) the hidden labels of the SSL pool
+    # must not reach a class-conditional generator either
+    train_ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
+    if not train_ids:
+        raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+    check_no_synthetic_rows(run_dir, train_ids)
+    if len(train_ids) < gc.batch_size * gc.num_workers:
+        raise SkinsynthError(
+            f"{len(train_ids)} labelled training images cannot fill one batch of {gc.batch_size} per worker "
+            f"x {gc.num_workers} worker(s); lower generator.batch_size"
+        )
+    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    image_size = int(card["image_size"])
+    check_image_size(image_size, gc.size)
+    ensure_ray(cfg.data.num_cpus)
+    use_gpu = resolve_use_gpu(gc.use_gpu, "generator.use_gpu")
+    data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
+    progress(
+        f"generate train: '{gc.size}' UNet at {image_size} px on {len(train_ids)} real training images, "
+        f"{gc.train_steps} steps of {gc.batch_size * gc.grad_accum * gc.num_workers} images, "
+        f"{gc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
+    )
+    name = generator_run_name(gc, data_hash)
+    storage = run_dir / "ray_train"
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        generator_train_loop,
+        train_loop_config={
+            "generator": config_to_dict(gc),
+            "image_size": image_size,
+            "grid_dir": str(storage / name / "grids"),
+            "torch_threads": gc.torch_threads or threads_per_worker(gc.num_workers, use_gpu),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=gc.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage), checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)
+        ),
+        datasets={"train": shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise SkinsynthError("generator training reported no checkpoint; see the log above")
+    with result.checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    generator_dir = export_generator(
+        run_dir, gc, saved, image_size=image_size, train_ids=train_ids, data_card=card, grids=storage / name / "grids"
+    )
+    info = json.loads((generator_dir / "generator_card.json").read_text())
+    progress(
+        f"generate train: {saved['state']['step']} steps; generator {info['generator_id']} written to "
+        f"{generator_dir} (per-class samples: {generator_dir / 'grid.png'})"
+    )
+    state = saved["state"]
+    return GeneratorResult(
+        generator_dir, info["generator_id"], state["step"], time.perf_counter() - t0, state["history"]
+    )
+
+
+def export_generator(
+    run_dir: Path,
+    gc: GeneratorConfig,
+    saved: dict[str, Any],
+    *,
+    image_size: int,
+    train_ids: list[str],
+    data_card: dict[str, Any],
+    grids: Path,
+) -> Path:
+    """Write the EMA weights, noise schedule, a final grid and the generator card to ``RUN_DIR/generator/``."""
+    from diffusers.training_utils import EMAModel
+
+    from skinsynth.data.prepare import replace_dir
+
+    unet, conditioning = create_generator(gc, image_size)
+    ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
+    ema.load_state_dict(saved["ema"])
+    ema.copy_to(unet.parameters())
+    unet.eval()
+
+    tmp = run_dir / f".generator.tmp-{uuid.uuid4().hex[:8]}"
+    save_generator(unet, conditioning, tmp)
+    noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
+    noise_scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+    save_png(sample_grid(unet, conditioning, noise_scheduler.config), tmp / "grid.png")
+    if grids.is_dir():
+        shutil.copytree(grids, tmp / "grids")
+    weights = next((tmp / "unet").glob("*.safetensors"))
+    generator_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    state = saved["state"]
+    (tmp / "training.json").write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
+    card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card)
+    (tmp / "generator_card.json").write_text(json.dumps(card, indent=2, default=str))
+    replace_dir(tmp, run_dir / "generator")
+    return run_dir / "generator"
+
+
+def generator_card(
+    gc: GeneratorConfig,
+    generator_id: str,
+    unet: torch.nn.Module,
+    conditioning: Conditioning,
+    state: dict[str, Any],
+    train_ids: list[str],
+    data_card: dict[str, Any],
+) -> dict[str, Any]:
+    """What the generator is, what it was trained on, and what it must not be used for."""
+    import diffusers
+
+    from skinsynth import __version__
+    from skinsynth.runtime import git_commit
+
+    ids_hash = hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()[:16]
+    return {
+        "generator_id": generator_id,
+        "model": f"diffusers.UNet2DModel, '{gc.size}' preset",
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "objective": "DDPM noise prediction (Ho et al. 2020), cosine schedule, classifier-free guidance by label "
+        f"dropout {gc.label_dropout}, EMA decay {gc.ema_decay}",
+        "image_size": conditioning.image_size,
+        "classes": list(conditioning.classes),
+        "tone_conditioning": list(conditioning.tones),
+        "training_data": {
+            "source": data_card.get("source"),
+            "split": "train, labelled real images only",
+            "images": len(train_ids),
+            "image_ids_sha256": ids_hash,
+            "class_counts": data_card.get("class_by_split", {}).get("train"),
+            "licence": data_card.get("licence"),
+        },
+        "training": {
+            "steps": state["step"],
+            "batch_size": gc.batch_size,
+            "grad_accum": gc.grad_accum,
+            "workers": gc.num_workers,
+            "lr": gc.lr,
+            "seconds": round(state.get("seconds", 0.0), 1),
+            "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+            "seed": gc.seed,
+        },
+        "default_sampling": {"samplers": ["ddim", "dpm"], "steps": 25, "guidance": 2.0},
+        "intended_use": "research on synthetic data augmentation for skin-lesion classifiers; never a diagnosis",
+        "limitations": [
+            "trained from scratch on one dataset: it reproduces that dataset's devices, populations and biases",
+            "rare classes have few training images; their samples are the least reliable",
+            "synthetic images can copy training images: run the privacy audit before sharing any",
+            "not validated by dermatologists; synthetic images are not clinical evidence",
+        ],
+        "versions": {"skinsynth": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,239 @@
+"""The generator: conditioning, sampling plans, Ray Train training with resume, the actor-pool sampler, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from skinsynth.config import GeneratorConfig, SampleConfig, load_config
+from skinsynth.data.preprocess import decode_png
+from skinsynth.data.schema import CLASSES, TONES
+from skinsynth.errors import SkinsynthError
+from skinsynth.generate.model import (
+    Conditioning,
+    GeneratorError,
+    check_image_size,
+    create_generator,
+    load_generator,
+    predict_noise,
+)
+from skinsynth.generate.sample import build_plan, class_counts_for_plan
+
+GENERATOR_SMALL = [
+    "generator.size=tiny",
+    "generator.train_steps=6",
+    "generator.batch_size=8",
+    "generator.checkpoint_every=3",
+    "generator.grid_every=3",
+    "generator.log_every=3",
+    "generator.warmup_steps=2",
+]
+
+
+def test_class_labels_on_a_model_without_class_embeddings_are_an_error():
+    unet = UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    x = torch.zeros(2, 3, 16, 16)
+    with pytest.raises(GeneratorError, match="without class embeddings"):
+        predict_noise(unet, x, torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert predict_noise(unet, x, torch.tensor([1, 2]), None).shape == x.shape
+
+
+def test_joint_conditioning_indices_are_distinct_and_in_range():
+    plain = Conditioning()
+    assert [plain.index(i) for i in range(7)] == list(range(7))
+    assert plain.null_index == 7 and plain.num_embeddings == 8
+    with pytest.raises(GeneratorError, match="without tone conditioning"):
+        plain.index(0, 1)
+    toned = Conditioning(tones=TONES)
+    indices = {toned.index(c, t) for c in range(len(CLASSES) + 1) for t in range(len(TONES) + 1)}
+    assert indices == set(range(toned.num_embeddings)) and toned.num_embeddings == 8 * 7
+    assert toned.null_index == toned.num_embeddings - 1
+    assert toned.tone_index("tan") == TONES.index("tan") and toned.tone_index(None) == len(TONES)
+
+
+def test_image_size_must_survive_downsampling():
+    check_image_size(32, "tiny")
+    with pytest.raises(GeneratorError, match="divisible by 4"):
+        check_image_size(34, "small")
+    with pytest.raises(GeneratorError, match="at least 8"):
+        check_image_size(4, "tiny")
+    unet, cond = create_generator(GeneratorConfig(size="tiny", tone_conditioning=True), 16)
+    assert unet.class_embedding.num_embeddings == cond.num_embeddings == 56
+
+
+def _real(counts: dict[str, int], tones: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    rows = []
+    for dx, n in counts.items():
+        names = (tones or {}).get(dx, [None] * n)
+        rows += [{"dx": dx, "tone": names[i % len(names)]} for i in range(n)]
+    return pd.DataFrame(rows, columns=["dx", "tone"])
+
+
+def test_plan_counts_fill_ratio_explicit_and_cap():
+    real = {"akiec": 3, "bcc": 5, "bkl": 10, "df": 1, "mel": 10, "nv": 60, "vasc": 2}
+    fill = class_counts_for_plan(SampleConfig(plan="fill", fill_to=10), real)
+    assert fill == {"akiec": 7, "bcc": 5, "bkl": 0, "df": 9, "mel": 0, "nv": 0, "vasc": 8}
+    ratio = class_counts_for_plan(SampleConfig(plan="ratio", ratio=0.5), real)
+    assert ratio == {"akiec": 2, "bcc": 3, "bkl": 5, "df": 1, "mel": 5, "nv": 30, "vasc": 1}  # halves round up
+    explicit = class_counts_for_plan(SampleConfig(plan="counts", counts={"mel": 4, "df": 2}), real)
+    assert explicit == {"akiec": 0, "bcc": 0, "bkl": 0, "df": 2, "mel": 4, "nv": 0, "vasc": 0}
+    capped = class_counts_for_plan(SampleConfig(plan="ratio", ratio=1.0, max_images=18), real)
+    assert sum(capped.values()) == 18 and capped["nv"] == 12 and capped["bkl"] == 2
+    with pytest.raises(SkinsynthError, match="unknown classes \\['melanoma'\\]"):
+        class_counts_for_plan(SampleConfig(plan="counts", counts={"melanoma": 3}), real)
+    with pytest.raises(SkinsynthError, match="fill_to"):
+        class_counts_for_plan(SampleConfig(plan="fill"), real)
+    with pytest.raises(SkinsynthError, match="asks for no images"):
+        class_counts_for_plan(SampleConfig(plan="ratio", ratio=0.0), real)
+
+
+def test_plan_rows_seeds_and_tone_mix():
+    real = _real({"mel": 4, "nv": 8}, {"mel": ["light", "light", "light", "dark"], "nv": ["tan", "brown"]})
+    plain = build_plan(SampleConfig(plan="counts", counts={"mel": 3, "nv": 2}, seed=100), real, Conditioning())
+    assert list(plain["dx"]) == ["mel", "mel", "mel", "nv", "nv"]
+    assert list(plain["seed"]) == [100, 101, 102, 103, 104] and plain["tone"].isna().all()
+    toned = Conditioning(tones=TONES)
+    match = build_plan(SampleConfig(plan="counts", counts={"mel": 8}), real, toned)
+    assert match["tone"].value_counts().to_dict() == {"light": 6, "dark": 2}  # the real 3:1 mix of mel
+    uniform = build_plan(SampleConfig(plan="counts", counts={"mel": 8}, tones="uniform"), real, toned)
+    assert uniform["tone"].value_counts().to_dict() == {"light": 2, "tan": 2, "brown": 2, "dark": 2}
+
+
+@pytest.fixture(scope="module")
+def generator_run(ray_local, tmp_path_factory):
+    """Phantom data at 32 px and a tiny generator trained for 6 steps (config and result)."""
+    from skinsynth.data.prepare import prepare_images
+    from skinsynth.generate.train import train_generator
+
+    out = tmp_path_factory.mktemp("generate") / "run"
+    cfg = load_config(
+        None, [f"run.out={out}", "data.phantom.n_images=70", "data.preprocess.size=32", *GENERATOR_SMALL]
+    )
+    prepare_images(cfg.data, out, progress=lambda _m: None)
+    return cfg, train_generator(cfg, progress=print)
+
+
+def test_generator_training_writes_weights_grid_and_card(generator_run):
+    cfg, result = generator_run
+    gen = result.generator_dir
+    assert result.steps == 6 and [h["step"] for h in result.history] == [3, 6]
+    unet, cond = load_generator(gen)
+    assert cond.image_size == 32 and cond.classes == CLASSES and cond.tones == ()
+    grid = decode_png((gen / "grid.png").read_bytes())
+    assert grid.shape[0] == 32 * len(CLASSES)  # one row of samples per class
+    assert sorted(p.name for p in (gen / "grids").iterdir()) == ["step-0000003.png"]
+    card = json.loads((gen / "generator_card.json").read_text())
+    splits = pd.read_parquet(Path(cfg.run.out) / "data" / "splits.parquet")
+    assert card["training_data"]["images"] == int((splits["split"] == "train").sum())
+    assert card["generator_id"] == result.generator_id and len(result.generator_id) == 16
+    assert card["training"]["steps"] == 6 and "never a diagnosis" in card["intended_use"]
+
+
+def test_generator_training_resumes_with_more_steps(generator_run, capsys):
+    from skinsynth.generate.train import train_generator
+
+    cfg, first = generator_run
+    cfg.generator.train_steps = 9
+    resumed = train_generator(cfg, progress=print)
+    assert "resuming from the checkpoint of step 6" in capsys.readouterr().out
+    assert resumed.steps == 9 and resumed.history[:2] == first.history
+    cfg.generator.train_steps = 6
+
+
+def test_synthetic_rows_are_refused_as_generator_training_data(generator_run, tmp_path):
+    from skinsynth.generate.train import train_generator
+
+    cfg, _ = generator_run
+    run = tmp_path / "run"
+    shutil.copytree(Path(cfg.run.out) / "data", run / "data")
+    shard = sorted((run / "data" / "images").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    flags = pa.array([True] * table.num_rows)  # the shard holds training rows among others
+    table = table.set_column(table.schema.get_field_index("synthetic"), "synthetic", flags)
+    pq.write_table(table, shard)
+    bad = load_config(None, [f"run.out={run}", "data.preprocess.size=32", *GENERATOR_SMALL])
+    with pytest.raises(SkinsynthError, match="model-collapse guard"):
+        train_generator(bad, progress=print)
+
+
+def _generator_id(cfg) -> str:
+    """The id of the generator now in the run (the resume test replaces the fixture's)."""
+    return json.loads((Path(cfg.run.out) / "generator" / "generator_card.json").read_text())["generator_id"]
+
+
+def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run, capsys):
+    from skinsynth.generate.sample import sample_synthetic
+
+    cfg, _ = generator_run
+    cfg.sample = SampleConfig(
+        plan="counts", counts={"mel": 3, "nv": 2, "df": 1}, steps=3, batch_size=2, num_actors=2, seed=7
+    )
+    first = sample_synthetic(cfg.sample, cfg.run.out, progress=print)
+    assert first.card["classes"] == {"akiec": 0, "bcc": 0, "bkl": 0, "df": 1, "mel": 3, "nv": 2, "vasc": 0}
+    rows = pq.read_table(first.synthetic_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
+    assert len(rows) == 6 and rows["synthetic"].all() and (rows["source"] == "synthetic").all()
+    assert (rows["generator_id"] == _generator_id(cfg)).all()
+    assert sorted(rows["seed"]) == [7, 8, 9, 10, 11, 12]
+    assert set(rows["sampler"]) == {"ddim"} and set(rows["steps"]) == {3} and set(rows["guidance"]) == {2.0}
+    assert (rows["group_id"] == rows["image_id"]).all()
+    assert decode_png(rows["image"][0]).shape == (32, 32, 3)
+    # the same plan again: skipped; forced: byte-identical images
+    assert sample_synthetic(cfg.sample, cfg.run.out, progress=print).skipped
+    again = sample_synthetic(cfg.sample, cfg.run.out, force=True, progress=print)
+    rows2 = pq.read_table(again.synthetic_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
+    assert list(rows2["image"]) == list(rows["image"])
+    # an interrupted run keeps its finished shards: plant one and watch the rest being sampled
+    expected = json.loads((again.synthetic_dir / "manifest.json").read_text())["input_hash"]
+    partial = Path(cfg.run.out) / f".synthetic.partial-{expected}" / "images"
+    partial.mkdir(parents=True)
+    shutil.copy(again.synthetic_dir / "images" / "part-0000000.parquet", partial)
+    capsys.readouterr()
+    resumed = sample_synthetic(cfg.sample, cfg.run.out, force=True, progress=print)
+    assert "1 of 3 batches already done" in capsys.readouterr().out
+    rows3 = pq.read_table(resumed.synthetic_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
+    assert list(rows3["image"]) == list(rows["image"])
+
+
+def test_export_writes_pngs_that_say_they_are_synthetic(generator_run, tmp_path):
+    from skinsynth.generate.export import export_synthetic
+    from skinsynth.generate.sample import sample_synthetic
+
+    cfg, _ = generator_run
+    cfg.sample = SampleConfig(plan="counts", counts={"bcc": 2}, steps=2, batch_size=2, num_actors=1)
+    sample_synthetic(cfg.sample, cfg.run.out, force=True, progress=print)
+    assert export_synthetic(cfg.run.out, tmp_path / "png") == 2
+    files = sorted((tmp_path / "png" / "bcc").glob("*.png"))
+    assert len(files) == 2
+    stored = pq.read_table(Path(cfg.run.out) / "synthetic" / "images").to_pandas().set_index("image_id")
+    with Image.open(files[0]) as img:
+        assert img.text["synthetic"] == "true" and img.text["generator_id"] == _generator_id(cfg)
+        assert "SYNTHETIC" in img.text["Description"] and img.text["class"] == "bcc"
+        image_id = files[0].stem
+        assert int(img.text["seed"]) == int(stored.at[image_id, "seed"])
+        assert np.array_equal(np.asarray(img.convert("RGB")), decode_png(stored.at[image_id, "image"]))
+    provenance = pd.read_csv(tmp_path / "png" / "provenance.csv")
+    assert sorted(provenance["file"]) == [f"bcc/{f.name}" for f in files]
+
+
+def test_export_without_samples_says_what_to_run(tmp_path):
+    from skinsynth.generate.export import export_synthetic
+
+    with pytest.raises(SkinsynthError, match="generate sample"):
+        export_synthetic(tmp_path, tmp_path / "png")
