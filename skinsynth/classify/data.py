@@ -44,6 +44,8 @@ def read_rows(run_dir: str | Path, image_ids: list[str], columns: list[str] | No
 
     The id filter is pushed into the Parquet read, so only the requested rows' images are decoded into memory.
     """
+    if columns is not None and "image_id" not in columns:
+        columns = ["image_id", *columns]  # the rows come back sorted by it
     table = pq.read_table(
         Path(run_dir) / "data" / "images",
         columns=columns,
