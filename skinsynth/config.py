@@ -125,7 +125,7 @@ class GeneratorConfig:
     size: Literal["tiny", "small", "base", "large"] = "tiny"  # UNet preset: tiny for tests/CPU, base+ for GPUs
     tone_conditioning: bool = False  # also condition on the estimated ITA skin-tone group
     label_dropout: float = 0.1  # share of training images shown unconditioned (classifier-free guidance)
-    train_steps: int = 300  # optimiser steps (demo-sized; real runs use thousands)
+    train_steps: int = 120  # optimiser steps (demo-sized: a smoke run; real runs use thousands)
     batch_size: int = 16  # per worker, per optimiser step (before accumulation)
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 2e-4
