@@ -140,14 +140,14 @@ def _plain_training_epoch(cfg, rows, weights) -> float:
     import torch
     import torch.nn.functional as F
 
-    from skinsynth.classify.data import Collate, train_augmentation
+    from skinsynth.classify.data import Collate, DermoscopyAugmentation
     from skinsynth.classify.train import build_training_model, make_optimizer
 
     tc = cfg.train
     torch.manual_seed(tc.seed)
     setup = build_training_model(tc)
     model = setup.model
-    collate = Collate(setup.mean, setup.std, train_augmentation(cfg.data.preprocess.size))
+    collate = Collate(setup.mean, setup.std, DermoscopyAugmentation(cfg.data.preprocess.size, seed=(tc.seed, 0, 0)))
     optimizer = make_optimizer(model, tc)
     order = np.random.default_rng(tc.seed).permutation(len(rows))
     model.train()

@@ -108,6 +108,8 @@ class TrainConfig:
     augment: bool = True
     freeze_blocks: int = 0  # leading stages (plus the stem) kept at their pretrained values; needs pretrained weights
     channels_last: bool = True  # NHWC tensors: faster convolutions with oneDNN on CPU and with cuDNN on GPU
+    ema_decay: float = 0.0  # > 0: validate and export an exponential moving average of the weights (e.g. 0.995)
+    cache_rows: bool = True  # hold the filtered train/val rows in Ray's object store (off: re-read shards each epoch)
     early_stopping_patience: int = 5  # epochs without a better validation balanced accuracy
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers

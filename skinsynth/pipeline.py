@@ -63,21 +63,38 @@ def _write_manifest(stage_dir: Path, stage: str, expected: str) -> None:
     (stage_dir / "manifest.json").write_text(json.dumps(payload, indent=2))
 
 
+def _unless_up_to_date(
+    stage: str,
+    stage_dir: Path,
+    expected: str,
+    force: bool,
+    progress: Progress,
+    work: Callable[[], tuple[Path, str]],
+) -> StageOutcome:
+    """Skip ``stage`` when ``stage_dir``'s manifest records the same inputs; else run ``work`` (which returns the
+    directory it wrote and a one-line detail) and record the inputs in that directory's manifest."""
+    t0 = time.perf_counter()
+    if not force and _up_to_date(stage_dir, expected):
+        progress(f"{stage}: {stage_dir} is up to date; skipping")
+        return StageOutcome(stage, time.perf_counter() - t0, True, str(stage_dir))
+    written, detail = work()
+    _write_manifest(written, stage, expected)
+    return StageOutcome(stage, time.perf_counter() - t0, False, detail)
+
+
 def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.generate.train import train_generator
 
-    t0 = time.perf_counter()
-    generator_dir = run_dir / "generator"
     if not cfg.generator.enabled:
         return StageOutcome("generate", 0.0, True, "disabled (generator.enabled: false)")
+
+    def work() -> tuple[Path, str]:
+        result = train_generator(cfg, progress=progress)
+        grid = result.generator_dir / "grid.png"
+        return result.generator_dir, f"generator {result.generator_id}, {result.steps} steps -> {grid}"
+
     expected = _manifest_hash(config_to_dict(cfg.generator), _file_hash(run_dir / "data" / "manifest.json"))
-    if not force and _up_to_date(generator_dir, expected):
-        progress(f"generate: {generator_dir} is up to date; skipping")
-        return StageOutcome("generate", time.perf_counter() - t0, True, str(generator_dir))
-    result = train_generator(cfg, progress=progress)
-    _write_manifest(result.generator_dir, "generate", expected)
-    detail = f"generator {result.generator_id}, {result.steps} steps -> {result.generator_dir / 'grid.png'}"
-    return StageOutcome("generate", time.perf_counter() - t0, False, detail)
+    return _unless_up_to_date("generate", run_dir / "generator", expected, force, progress, work)
 
 
 def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -94,35 +111,30 @@ def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: P
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.classify.train import train_classifier
 
-    t0 = time.perf_counter()
-    model_dir = run_dir / "models" / cfg.train.name
+    def work() -> tuple[Path, str]:
+        result = train_classifier(cfg, progress=progress)
+        best = result.best_val_balanced_accuracy
+        return result.model_dir, f"best val balanced accuracy {best:.3f} -> {result.model_dir}"
+
     expected = _manifest_hash(config_to_dict(cfg.train), _file_hash(run_dir / "data" / "manifest.json"))
-    if not force and _up_to_date(model_dir, expected):
-        progress(f"train: {model_dir} is up to date; skipping")
-        return StageOutcome("train", time.perf_counter() - t0, True, str(model_dir))
-    result = train_classifier(cfg, progress=progress)
-    _write_manifest(result.model_dir, "train", expected)
-    detail = f"best val balanced accuracy {result.best_val_balanced_accuracy:.3f} -> {result.model_dir}"
-    return StageOutcome("train", time.perf_counter() - t0, False, detail)
+    return _unless_up_to_date("train", run_dir / "models" / cfg.train.name, expected, force, progress, work)
 
 
 def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.classify.evaluate import evaluate_model
 
-    t0 = time.perf_counter()
     eval_dir = run_dir / "eval" / cfg.train.name
+
+    def work() -> tuple[Path, str]:
+        test = evaluate_model(cfg, progress=progress)["test"]
+        detail = f"test balanced accuracy {test['balanced_accuracy']:.3f}, macro AUROC {test['macro_auroc']:.3f}"
+        return eval_dir, f"{detail} -> {eval_dir}"
+
     expected = _manifest_hash(
         _file_hash(run_dir / "models" / cfg.train.name / "manifest.json"),
         _file_hash(run_dir / "synthetic" / "manifest.json"),  # the report scores the synthetic set too
     )
-    if not force and _up_to_date(eval_dir, expected):
-        progress(f"evaluate: {eval_dir} is up to date; skipping")
-        return StageOutcome("evaluate", time.perf_counter() - t0, True, str(eval_dir))
-    report = evaluate_model(cfg, progress=progress)
-    _write_manifest(eval_dir, "evaluate", expected)
-    test = report["test"]
-    detail = f"test balanced accuracy {test['balanced_accuracy']:.3f}, macro AUROC {test['macro_auroc']:.3f}"
-    return StageOutcome("evaluate", time.perf_counter() - t0, False, f"{detail} -> {eval_dir}")
+    return _unless_up_to_date("evaluate", eval_dir, expected, force, progress, work)
 
 
 STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], StageOutcome]]] = [

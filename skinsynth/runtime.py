@@ -75,3 +75,74 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+# --- helpers shared by the Ray Train loops (classifier and generator) ---
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def unwrap_model(model):
+    """The model inside a DDP wrapper (Ray Train wraps it when there is more than one worker)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def mixed_precision_dtype(enabled: bool, device):
+    """The autocast dtype for a worker: bf16 where the GPU supports it, else fp16; None on CPU or when off."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_train_checkpoint() -> dict | None:
+    """The state :func:`report_with_checkpoint` saved in this Ray Train run's latest checkpoint (None: a fresh run)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    return read_run_checkpoint(checkpoint) if checkpoint else None
+
+
+def report_with_checkpoint(metrics: dict, state: dict, rank: int) -> None:
+    """``ray.train.report`` from every worker, with rank 0 attaching a checkpoint of ``state`` (torch-saved).
+
+    Only rank 0 writes: DDP keeps the replicas identical, and Ray Train needs every worker to report each time.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            torch.save(state, Path(directory) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def read_run_checkpoint(checkpoint) -> dict:
+    """The state inside a finished run's ``Result.checkpoint`` (read on the driver)."""
+    from pathlib import Path
+
+    import torch
+
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def resumable_run_name(prefix: str, section: str, settings: dict, ignore: set[str], data_hash: str | None) -> str:
+    """A Ray Train run name: ``prefix`` plus a hash of the settings that define the run and of its data.
+
+    Ray Train resumes from the latest checkpoint under the same storage path and name, so the same command (or
+    one that only changes ``ignore``d keys: length, logging) continues a run, while any other change (model,
+    learning rate, data, ...) starts a fresh run instead of silently resuming a different one.
+    """
+    import hashlib
+    import json
+
+    identity = {k: v for k, v in settings.items() if k not in ignore}
+    payload = json.dumps({section: identity, "data": data_hash}, sort_keys=True)
+    return f"{prefix}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"

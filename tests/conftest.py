@@ -121,3 +121,34 @@ def messy_ham_dir(tmp_path) -> Path:
     lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"] + [",".join(map(str, r)) for r in rows]
     (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def kill_after_first_checkpoint_then_rerun(
+    command: list[str], checkpoint_glob: str, out: Path, finished: Path, log: Path, timeout_s: float = 240
+):
+    """Start a CLI ``command`` in its own process group, SIGKILL the group once ``out`` holds a file matching
+    ``checkpoint_glob`` (as hard as a lost machine: nothing gets to clean up), check that it died before writing
+    ``finished``, then run the same command again to the end and return that second run
+    (``subprocess.CompletedProcess``, text output).
+
+    For Ray Train runs the glob should be the run's ``checkpoint_manager_snapshot.json``: Ray Train resumes from the
+    checkpoints that snapshot lists, and a checkpoint folder can exist a moment before it is registered there.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with log.open("w") as sink:
+        first = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout_s
+        while not list(out.glob(checkpoint_glob)):
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"no checkpoint within {timeout_s} s"
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    assert not finished.exists(), "the first run finished before it could be killed"
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return second

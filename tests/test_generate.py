@@ -237,3 +237,36 @@ def test_export_without_samples_says_what_to_run(tmp_path):
 
     with pytest.raises(SkinsynthError, match="generate sample"):
         export_synthetic(tmp_path, tmp_path / "png")
+
+
+def test_killed_generator_training_resumes_with_the_same_command(tmp_path):
+    """SIGKILL ``skinsynth generate train`` (the whole process group) after a checkpoint; the same command resumes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import kill_after_first_checkpoint_then_rerun
+
+    out = tmp_path / "run"
+    small = [s for s in GENERATOR_SMALL if not s.startswith(("generator.train_steps", "generator.grid_every"))]
+    settings = [
+        "data.phantom.n_images=70", "data.preprocess.size=32", *small, "generator.train_steps=40",
+    ]  # fmt: skip
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    cli = [sys.executable, "-m", "skinsynth.cli"]
+    subprocess.run([*cli, "data", "prepare", "--out", str(out), *args], check=True, capture_output=True, timeout=300)
+    second = kill_after_first_checkpoint_then_rerun(
+        [*cli, "generate", "train", "--out", str(out), *args],
+        "ray_train/*/checkpoint_manager_snapshot.json",
+        out,
+        finished=out / "generator",
+        log=tmp_path / "first.log",
+    )
+    output = second.stdout + second.stderr
+    resumed = [line for line in output.splitlines() if "resuming from the checkpoint of step" in line]
+    assert resumed, output[-3000:]
+    step = int(resumed[0].rsplit("step", 1)[1].split()[0])
+    assert 3 <= step < 40
+    info = json.loads((out / "generator" / "training.json").read_text())
+    assert info["steps"] == 40
+    # logged every 3 steps and at the last: none lost or repeated across the kill
+    assert [h["step"] for h in info["history"]] == [*range(3, 40, 3), 40]

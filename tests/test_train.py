@@ -58,6 +58,7 @@ def trained_phantom(ray_local, tmp_path_factory):
             "train.epochs=1",
             "train.batch_size=32",
             "train.lr=0.003",
+            "train.ema_decay=0.9",  # the resume test then also restores the weight average
         ],
     )
     prepare_images(cfg.data, out, progress=lambda _m: None)
@@ -73,6 +74,60 @@ def test_training_writes_the_best_model(trained_phantom):
     assert info["best_val_balanced_accuracy"] == max(h["val_balanced_accuracy"] for h in result.history)
     state = torch.load(result.model_dir / "model.pt", weights_only=True)
     assert any(k.endswith("classifier.weight") and v.shape[0] == 7 for k, v in state.items())
+    # with ema_decay the exported model is the weight average, not the last step's weights
+    (checkpoint,) = Path(cfg.run.out, "ray_train").glob("*/checkpoint_*/state.pt")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert saved["ema"] is not None
+    assert all(torch.equal(state[k], saved["ema"][k]) for k in state)  # best epoch = the only epoch
+    assert any(not torch.equal(saved["model"][k], saved["ema"][k]) for k in state if state[k].is_floating_point())
+
+
+def _rgb_images(n: int, size: int = 40) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, 256, (size, size + 6, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_augmentation_without_crop_rotation_or_jitter_only_flips():
+    from skinsynth.classify.data import DermoscopyAugmentation
+
+    images = [img[:, :40] for img in _rgb_images(12)]
+    augment = DermoscopyAugmentation(40, seed=3, scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_p=0.0, jitter=0.0, hue=0.0)
+    out = augment(images)
+    assert out.shape == (12, 3, 40, 40) and out.dtype == torch.float32
+    flips_seen = set()
+    for image, augmented in zip(images, out):
+        ref = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        views = (ref, ref.flip(-1), ref.flip(-2), ref.flip(-1, -2))
+        errors = [float((augmented - view).abs().max()) for view in views]
+        assert min(errors) < 1e-6  # exactly one of the four flips of the input, pixel for pixel
+        flips_seen.add(int(np.argmin(errors)))
+    assert len(flips_seen) >= 3  # and the flips are drawn
+
+
+def test_augmentation_is_seeded_and_stays_in_range():
+    from skinsynth.classify.data import DermoscopyAugmentation
+
+    images = _rgb_images(6)
+    a = DermoscopyAugmentation(32, seed=(0, 1, 0))(images)
+    b = DermoscopyAugmentation(32, seed=(0, 1, 0))(images)
+    c = DermoscopyAugmentation(32, seed=(0, 2, 0))(images)
+    assert a.shape == (6, 3, 32, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_colour_jitter_matrix_hue_rotation_keeps_luma_and_no_jitter_is_identity():
+    from skinsynth.classify.data import DermoscopyAugmentation
+
+    still = DermoscopyAugmentation(32, jitter=0.0, hue=0.0)
+    matrix, contrast = still.colour()
+    assert np.allclose(matrix, np.eye(3), atol=1e-9) and contrast == 1.0
+    hue_only = DermoscopyAugmentation(32, seed=5, jitter=0.0, hue=0.5)
+    luma = np.array([0.299, 0.587, 0.114])
+    for _ in range(5):
+        matrix, _ = hue_only.colour()
+        assert not np.allclose(matrix, np.eye(3), atol=1e-3)
+        assert np.allclose(luma @ matrix, luma, atol=1e-9)  # a hue rotation leaves brightness (Y) alone
 
 
 def test_evaluation_reports_phantom_tone_groups_with_their_sizes(trained_phantom):
@@ -150,11 +205,10 @@ def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
 
 def test_killed_training_resumes_with_the_same_command(tmp_path):
     """Kill ``skinsynth train`` (the whole process group) after its first checkpoint, run it again, see it resume."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from tests.conftest import kill_after_first_checkpoint_then_rerun
 
     out = tmp_path / "run"
     settings = [
@@ -166,21 +220,13 @@ def test_killed_training_resumes_with_the_same_command(tmp_path):
     subprocess.run(
         [*cli, "data", "prepare", "--out", str(out), *settings], check=True, capture_output=True, timeout=300
     )
-    log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(
-        [*cli, "train", "--out", str(out), *settings], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    second = kill_after_first_checkpoint_then_rerun(
+        [*cli, "train", "--out", str(out), *settings],
+        "ray_train/*/checkpoint_manager_snapshot.json",
+        out,
+        finished=out / "models" / "classifier",
+        log=tmp_path / "first.log",
     )
-    deadline = time.time() + 240
-    while not list((out / "ray_train").glob("*/checkpoint_*/state.pt")):
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # as hard as a lost machine: nothing gets to clean up
-    first.wait(timeout=30)
-    assert not (out / "models" / "classifier").exists()  # it really died before finishing
-
-    second = subprocess.run([*cli, "train", "--out", str(out), *settings], capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming from the checkpoint" in line]
     assert resumed, second.stdout[-3000:]
     info = json.loads((out / "models" / "classifier" / "training.json").read_text())

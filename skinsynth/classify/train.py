@@ -10,11 +10,9 @@ optimiser, schedule, epoch and early-stopping state from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +28,6 @@ from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
 Progress = Callable[[str], None]
-CHECKPOINT_FILE = "state.pt"
 SHUFFLE_BUFFER_ROWS = 2048
 
 
@@ -126,7 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from skinsynth.classify.data import Collate, train_augmentation
+    from skinsynth.classify.data import Collate, DermoscopyAugmentation
+    from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, report_with_checkpoint, unwrap_model
 
     tc = TrainConfig(**config["train"])
     context = ray.train.get_context()
@@ -142,9 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mean, std, memory_format = setup.mean, setup.std, setup.memory_format
     model = ray.train.torch.prepare_model(setup.model)
     device = ray.train.torch.get_device()
-    amp_dtype = None
-    if tc.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = mixed_precision_dtype(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     optimizer = make_optimizer(model, tc)
@@ -156,30 +152,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     weight = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
     use_weight = tc.imbalance in ("weighted_loss", "focal")
+    # weight averaging (Polyak & Juditsky 1992; timm's ModelEmaV3 averages BatchNorm statistics too): validation,
+    # model selection and the exported model all use the average, which is steadier than the last step's weights
+    ema = None
+    if tc.ema_decay > 0:
+        import timm.utils
+
+        ema = timm.utils.ModelEmaV3(unwrap_model(model), decay=tc.ema_decay, use_warmup=True, warmup_power=3 / 4)
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "stale_epochs": 0, "history": [], "best_model": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        _unwrap(model).load_state_dict(saved["model"])
+    saved = load_train_checkpoint()
+    if saved:
+        unwrap_model(model).load_state_dict(saved["model"])
+        if ema is not None:
+            ema.module.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         if rank == 0:
             print(f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})")
 
-    augment = train_augmentation(config["image_size"]) if tc.augment else None
     train_shard = ray.train.get_dataset_shard("train")
+    prefetch = 1 if device.type == "cuda" else 0
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(state["epoch"], tc.epochs):
         if state["stale_epochs"] >= tc.early_stopping_patience:
             break
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        # seeded per epoch and worker: a resumed run draws the augmentations the uninterrupted one would have
+        augment = DermoscopyAugmentation(config["image_size"], seed=(tc.seed, epoch, rank)) if tc.augment else None
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size,
-            collate_fn=Collate(mean, std, augment),  # runs in Ray Data's prefetch thread, overlapping the step
+            collate_fn=Collate(mean, std, augment),
+            # on a GPU, decoding the next batch in a background thread overlaps the step; on CPU that thread takes
+            # a core from the model's threads mid-step and costs more than it hides, so batches come in-line
+            prefetch_batches=prefetch,
             # a few thousand PNG rows (tens of MB) mix many shards, so no batch is dominated by one shard's lesions
             local_shuffle_buffer_size=max(tc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=tc.seed + epoch,
@@ -200,17 +208,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(unwrap_model(model), step=scheduler.last_epoch)
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
         train_s = time.perf_counter() - t0
 
-        val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std))
-        probs, labels = _predict(model, val_batches, device, amp_dtype, memory_format)
+        val_batches = val_shard.iter_torch_batches(
+            batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std), prefetch_batches=prefetch
+        )
+        evaluated = ema.module if ema is not None else model
+        probs, labels = _predict(evaluated, val_batches, device, amp_dtype, memory_format)
         val_bacc = _balanced_accuracy(labels, probs.argmax(1)) if len(labels) else float("nan")
         improved = val_bacc > state["best_score"]
         if improved:
             state.update(best_score=val_bacc, best_epoch=epoch, stale_epochs=0)
-            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            best = unwrap_model(evaluated).state_dict()
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in best.items()}
         else:
             state["stale_epochs"] += 1
         metrics = {
@@ -229,24 +243,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1})  "
                 f"{metrics['train_images_per_s']:.0f} img/s"
             )
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "model": _unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "state": state,
-                    },
-                    Path(directory) / CHECKPOINT_FILE,
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        saved = {
+            "model": unwrap_model(model).state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+        }
+        report_with_checkpoint(metrics, saved, rank)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def training_datasets(run_dir: Path, train_ids: list[str], val_ids: list[str], tc: TrainConfig) -> dict[str, Any]:
+    """The Ray Datasets of a training run: labelled train rows and validation rows from the prepared shards.
+
+    With ``train.cache_rows`` both are read, filtered and held in Ray's object store once (compressed PNGs: about
+    35 kB an image at 128 px) instead of re-reading every shard each epoch; on a small machine that re-read competes
+    with the model for the same cores. Rows were shuffled across shards at prepare time, and the training loop's
+    seeded, per-epoch shuffle buffer varies the batches from epoch to epoch.
+    """
+    from skinsynth.classify.data import shard_dataset
+
+    train = shard_dataset(run_dir, train_ids, shuffle_seed=tc.seed)
+    val = shard_dataset(run_dir, val_ids)
+    if tc.cache_rows:
+        train, val = train.materialize(), val.materialize()
+    return {"train": train, "val": val}
 
 
 def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
@@ -256,11 +277,11 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     the same command with more epochs or patience) continues it, while any other change (model, learning rate,
     data, ...) starts a fresh run instead of silently resuming a different one.
     """
-    identity = {k: v for k, v in config_to_dict(tc).items() if k not in {"epochs", "early_stopping_patience"}}
+    from skinsynth.runtime import resumable_run_name
+
     data_manifest = run_dir / "data" / "manifest.json"
     data_hash = json.loads(data_manifest.read_text()).get("input_hash") if data_manifest.is_file() else None
-    payload = json.dumps({"train": identity, "data": data_hash}, sort_keys=True)
-    return f"{tc.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+    return resumable_run_name(tc.name, "train", config_to_dict(tc), {"epochs", "early_stopping_patience"}, data_hash)
 
 
 @dataclass
@@ -291,8 +312,8 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skinsynth.classify.data import load_split_table, read_rows, shard_dataset, split_ids
-    from skinsynth.runtime import ensure_ray, resolve_use_gpu, threads_per_worker
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
 
     run_dir = Path(cfg.run.out).resolve()
     tc = cfg.train
@@ -303,6 +324,8 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
         raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
     if tc.freeze_blocks and tc.pretrained == "none":
         raise SkinsynthError("train.freeze_blocks keeps layers at their pretrained values: it needs train.pretrained")
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise SkinsynthError(f"train.ema_decay must be in [0, 1) (0 = no weight averaging), got {tc.ema_decay}")
     if not val_ids:
         raise SkinsynthError(
             "training needs a validation split (model selection and early stopping use it); "
@@ -335,18 +358,13 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
-        datasets={
-            "train": shard_dataset(run_dir, train_ids, shuffle_seed=tc.seed),
-            "val": shard_dataset(run_dir, val_ids),
-        },
+        datasets=training_datasets(run_dir, train_ids, val_ids, tc),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise SkinsynthError(f"training of '{tc.name}' reported no checkpoint; see the log above")
-    with result.checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    state = saved["state"]
+    state = read_run_checkpoint(result.checkpoint)["state"]
     model_dir = export_model(run_dir, tc, state, card)
     progress(
         f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "

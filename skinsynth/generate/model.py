@@ -23,6 +23,7 @@ from diffusers import UNet2DModel
 from skinsynth.config import GeneratorConfig
 from skinsynth.data.schema import CLASSES, TONES
 from skinsynth.errors import SkinsynthError
+from skinsynth.runtime import unwrap_model
 
 # UNet sizes. tiny: tests and CPU smoke runs (a few seconds per hundred steps); small: CPU runs worth looking at;
 # base/large: GPU-sized, attention at the two lowest resolutions as in the DDPM paper's 32-64 px models.
@@ -140,8 +141,8 @@ def predict_noise(
 
     (``UNet2DModel`` itself would silently drop them, and an "unconditional" model would pass for a conditional one.)
     """
-    module = unet.module if hasattr(unet, "module") else unet  # DDP-wrapped in training: call the wrapper
-    if labels is not None and getattr(module, "class_embedding", None) is None:
+    # DDP-wrapped in training: inspect the inner model, but call the wrapper (it synchronises gradients)
+    if labels is not None and getattr(unwrap_model(unet), "class_embedding", None) is None:
         raise GeneratorError(
             "class labels were passed to a UNet without class embeddings (num_class_embeds is not set); "
             "build it with skinsynth.generate.model.create_generator"

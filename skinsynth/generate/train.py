@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -48,7 +47,6 @@ from skinsynth.generate.sample import (
 )
 
 Progress = Callable[[str], None]
-CHECKPOINT_FILE = "state.pt"
 GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
 GRID_PER_CLASS = 6
 
@@ -126,6 +124,8 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
+    from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, unwrap_model
+
     gc = GeneratorConfig(**config["generator"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -138,20 +138,16 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(unet)
     device = ray.train.torch.get_device()
     ema.to(device)
-    amp_dtype = None
-    if gc.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = mixed_precision_dtype(gc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr, weight_decay=0.0)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=gc.warmup_steps)
     noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
 
     state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        _unwrap(model).load_state_dict(saved["model"])
+    saved = load_train_checkpoint()
+    if saved:
+        unwrap_model(model).load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         ema.to(device)
         optimizer.load_state_dict(saved["optimizer"])
@@ -200,7 +196,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr_schedule.step()
-            ema.step(_unwrap(model).parameters())
+            ema.step(unwrap_model(model).parameters())
             state["step"] += 1
             step = state["step"]
             last = step >= gc.train_steps
@@ -223,7 +219,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             paused = time.perf_counter()  # grids and checkpoints are not training time
             if rank == 0 and gc.grid_every and step % gc.grid_every == 0 and not last:
                 _grid_with_ema(
-                    _unwrap(model), ema, conditioning, noise_scheduler.config, grid_dir / f"step-{step:07d}.png"
+                    unwrap_model(model), ema, conditioning, noise_scheduler.config, grid_dir / f"step-{step:07d}.png"
                 )
             if step % gc.checkpoint_every == 0 or last:
                 _report(model, ema, optimizer, lr_schedule, scaler, state, rank)
@@ -243,29 +239,18 @@ def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> Non
 
 
 def _report(model, ema, optimizer, lr_schedule, scaler, state, rank) -> None:
-    import ray.train
+    from skinsynth.runtime import report_with_checkpoint, unwrap_model
 
     metrics = {"step": state["step"], **(state["history"][-1] if state["history"] else {})}
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            torch.save(
-                {
-                    "model": _unwrap(model).state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_schedule": lr_schedule.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "state": state,
-                },
-                Path(directory) / CHECKPOINT_FILE,
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    saved = {
+        "model": unwrap_model(model).state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": state,
+    }
+    report_with_checkpoint(metrics, saved, rank)
 
 
 def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
@@ -285,10 +270,10 @@ def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
 def generator_run_name(gc: GeneratorConfig, data_hash: str | None) -> str:
     """Ray Train run name: a hash of everything that defines the run except how long it is and how it reports,
     so the same command (or one with more steps) resumes, and any other change starts afresh."""
+    from skinsynth.runtime import resumable_run_name
+
     skip = {"train_steps", "checkpoint_every", "grid_every", "log_every"}
-    identity = {k: v for k, v in config_to_dict(gc).items() if k not in skip}
-    payload = json.dumps({"generator": identity, "data": data_hash}, sort_keys=True)
-    return f"generator-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+    return resumable_run_name("generator", "generator", config_to_dict(gc), skip, data_hash)
 
 
 @dataclass
@@ -316,7 +301,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     from skinsynth.classify.data import load_split_table, shard_dataset, split_ids
     from skinsynth.data.prepare import read_manifest
     from skinsynth.generate.model import check_image_size
-    from skinsynth.runtime import ensure_ray, resolve_use_gpu, threads_per_worker
+    from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
 
     run_dir = Path(cfg.run.out).resolve()
     gc = cfg.generator
@@ -363,8 +348,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     result = trainer.fit()
     if result.checkpoint is None:
         raise SkinsynthError("generator training reported no checkpoint; see the log above")
-    with result.checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    saved = read_run_checkpoint(result.checkpoint)
     generator_dir = export_generator(
         run_dir, gc, saved, image_size=image_size, train_ids=train_ids, data_card=card, grids=storage / name / "grids"
     )
