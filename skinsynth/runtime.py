@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
+import tempfile
+from pathlib import Path
 
 import ray
 
@@ -66,7 +70,6 @@ def resolve_use_gpu(setting: bool | str, key: str) -> bool:
 def git_commit() -> str | None:
     """The commit of the skinsynth checkout in use (None outside a git checkout), for cards and reports."""
     import subprocess
-    from pathlib import Path
 
     try:
         out = subprocess.run(
@@ -109,9 +112,6 @@ def report_with_checkpoint(metrics: dict, state: dict, rank: int) -> None:
 
     Only rank 0 writes: DDP keeps the replicas identical, and Ray Train needs every worker to report each time.
     """
-    import tempfile
-    from pathlib import Path
-
     import ray.train
     import torch
 
@@ -124,9 +124,7 @@ def report_with_checkpoint(metrics: dict, state: dict, rank: int) -> None:
 
 
 def read_run_checkpoint(checkpoint) -> dict:
-    """The state inside a finished run's ``Result.checkpoint`` (read on the driver)."""
-    from pathlib import Path
-
+    """The state :func:`report_with_checkpoint` saved in a Ray Train ``Checkpoint`` (in a worker or the driver)."""
     import torch
 
     with checkpoint.as_directory() as directory:
@@ -140,9 +138,6 @@ def resumable_run_name(prefix: str, section: str, settings: dict, ignore: set[st
     one that only changes ``ignore``d keys: length, logging) continues a run, while any other change (model,
     learning rate, data, ...) starts a fresh run instead of silently resuming a different one.
     """
-    import hashlib
-    import json
-
     identity = {k: v for k, v in settings.items() if k not in ignore}
     payload = json.dumps({section: identity, "data": data_hash}, sort_keys=True)
     return f"{prefix}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
