@@ -18,7 +18,7 @@ from typing import Any
 from skinsynth import DISCLAIMER
 from skinsynth.config import ExperimentConfig, config_to_dict, dump_config
 from skinsynth.data.card import format_data_card
-from skinsynth.data.prepare import prepare_images
+from skinsynth.data.prepare import prepare_images, read_manifest
 from skinsynth.errors import SkinsynthError
 
 Progress = Callable[[str], None]
@@ -52,10 +52,7 @@ def _file_hash(path: Path) -> str | None:
 
 
 def _up_to_date(stage_dir: Path, expected: str) -> bool:
-    try:
-        return json.loads((stage_dir / "manifest.json").read_text()).get("input_hash") == expected
-    except (OSError, ValueError):
-        return False
+    return (read_manifest(stage_dir) or {}).get("input_hash") == expected
 
 
 def _write_manifest(stage_dir: Path, stage: str, expected: str) -> None:

@@ -21,6 +21,8 @@ import torch
 from skinsynth.errors import SkinsynthError
 
 TRAIN_COLUMNS = ["image_id", "image", "label", "group_id"]
+# floor of the training loops' local shuffle buffer: a few thousand PNG rows (tens of MB) mix many shards
+SHUFFLE_BUFFER_ROWS = 2048
 
 
 def load_split_table(run_dir: str | Path) -> pd.DataFrame:

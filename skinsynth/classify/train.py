@@ -28,7 +28,6 @@ from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
 Progress = Callable[[str], None]
-SHUFFLE_BUFFER_ROWS = 2048
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, weight: torch.Tensor | None) -> torch.Tensor:
@@ -123,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from skinsynth.classify.data import Collate, DermoscopyAugmentation
+    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, Collate, DermoscopyAugmentation
     from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, report_with_checkpoint, unwrap_model
 
     tc = TrainConfig(**config["train"])
@@ -188,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # on a GPU, decoding the next batch in a background thread overlaps the step; on CPU that thread takes
             # a core from the model's threads mid-step and costs more than it hides, so batches come in-line
             prefetch_batches=prefetch,
-            # a few thousand PNG rows (tens of MB) mix many shards, so no batch is dominated by one shard's lesions
+            # mixes many shards, so no batch is dominated by one shard's lesions
             local_shuffle_buffer_size=max(tc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=tc.seed + epoch,
             drop_last=False,
@@ -277,10 +276,10 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     the same command with more epochs or patience) continues it, while any other change (model, learning rate,
     data, ...) starts a fresh run instead of silently resuming a different one.
     """
+    from skinsynth.data.prepare import read_manifest
     from skinsynth.runtime import resumable_run_name
 
-    data_manifest = run_dir / "data" / "manifest.json"
-    data_hash = json.loads(data_manifest.read_text()).get("input_hash") if data_manifest.is_file() else None
+    data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
     return resumable_run_name(tc.name, "train", config_to_dict(tc), {"epochs", "early_stopping_patience"}, data_hash)
 
 

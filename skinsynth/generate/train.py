@@ -124,6 +124,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
+    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS
     from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, unwrap_model
 
     gc = GeneratorConfig(**config["generator"])
@@ -167,7 +168,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
         batches = shard.iter_torch_batches(
             batch_size=gc.batch_size,
             collate_fn=collate,
-            local_shuffle_buffer_size=max(gc.batch_size * 8, 2048),
+            local_shuffle_buffer_size=max(gc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=gc.seed + 1000 * rank + epoch,
             drop_last=True,
         )
