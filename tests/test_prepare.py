@@ -161,3 +161,31 @@ def test_shards_mix_classes_even_when_the_listing_is_sorted_by_class(tmp_path):
     for a, b in zip(shards, sorted((again.data_dir / "images").iterdir())):
         assert a.name == b.name
         assert pq.read_table(a)["image_id"].to_pylist() == pq.read_table(b)["image_id"].to_pylist()
+
+
+def test_bench_prepare_times_every_engine_on_the_same_images(ray_local):
+    from skinsynth.bench import bench_prepare
+
+    messages: list[str] = []
+    cfg = DataConfig(source="phantom", phantom=PhantomConfig(n_images=200, seed=5), batch_size=8)
+    record = bench_prepare(cfg, limit=40, progress=messages.append)
+    assert record["images"] == 40
+    for engine in ("local", "processes", "ray"):
+        assert record[engine]["seconds"] > 0
+        assert record[engine]["images_per_s"] == pytest.approx(40 / record[engine]["seconds"], rel=0.01)
+    local, ray, ceiling = (record[e]["images_per_s"] for e in ("local", "ray", "processes"))
+    assert record["speedup"] == pytest.approx(ray / local, rel=0.01)
+    assert record["ceiling_speedup"] == pytest.approx(ceiling / local, rel=0.01)
+    assert record["ray_share_of_ceiling"] == pytest.approx(ray / ceiling, rel=0.01)
+    assert record["machine"]["cpu_cores"] >= 1
+    assert any("x on" in m for m in messages) and any("ceiling" in m for m in messages)
+
+
+def test_process_pool_engine_writes_the_same_images_as_the_loop(messy_ham_dir, tmp_path):
+    cfg = _messy_cfg(messy_ham_dir)
+    pool = prepare_images(cfg, tmp_path / "pool", engine="processes", progress=lambda _m: None)
+    loop = prepare_images(cfg, tmp_path / "loop", engine="local", progress=lambda _m: None)
+    a = pq.read_table(pool.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
+    b = pq.read_table(loop.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert pool.card["quarantined"] == loop.card["quarantined"] > 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -195,7 +196,32 @@ def _run_local(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.Da
     return (pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()).to_pandas()
 
 
-ENGINES: dict[str, Callable[[pd.DataFrame, DataConfig, Path], pd.DataFrame]] = {"ray": _run_ray, "local": _run_local}
+def _process_batches(batches: list[pd.DataFrame], cfg: PreprocessConfig, shard_dir: str) -> pa.Table:
+    tables = [process_batch(batch, cfg, shard_dir) for batch in batches]
+    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+
+
+def _run_processes(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.DataFrame:
+    """The same work split evenly over one plain (spawned) process per core, no Ray: the parallel ceiling that
+    ``skinsynth bench prepare`` measures the Ray engine against, on whatever share of the cores the machine gives."""
+    import concurrent.futures
+    import multiprocessing
+
+    batches = _batches(records, cfg.batch_size)
+    workers = max(1, min(len(batches), cfg.num_cpus or os.cpu_count() or 1))
+    chunks = [batches[i::workers] for i in range(workers)]
+    context = multiprocessing.get_context("spawn")  # fork is unsafe in a process that may hold Ray's threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        tables = list(pool.map(_process_batches, chunks, [cfg.preprocess] * workers, [str(shard_dir)] * workers))
+    frame = pa.concat_tables(tables).to_pandas()
+    return frame.set_index("image_id").loc[records["image_id"]].reset_index()  # record order, as the others
+
+
+ENGINES: dict[str, Callable[[pd.DataFrame, DataConfig, Path], pd.DataFrame]] = {
+    "ray": _run_ray,
+    "local": _run_local,
+    "processes": _run_processes,
+}
 
 
 def hash_files(records: pd.DataFrame) -> pd.Series:
@@ -245,7 +271,8 @@ def prepare_images(
     Args:
         cfg: the data section of the experiment config.
         run_dir: run directory; ``data/`` is created (or replaced) inside it.
-        engine: ``ray`` (Ray Data actor pool) or ``local`` (single-process loop, same steps; used as the baseline).
+        engine: ``ray`` (Ray Data actor pool), ``local`` (single-process loop, same steps; the baseline) or
+            ``processes`` (a plain process pool; the benchmark's parallel ceiling).
         force: redo the stage even when its manifest says inputs and config are unchanged.
         listing: records to process instead of listing ``cfg.source`` (e.g. a subset for a benchmark).
         progress: receives one-line progress messages.

@@ -42,9 +42,9 @@ def merge_duplicate_groups(frame: pd.DataFrame) -> tuple[pd.Series, list[list[st
         return g
 
     duplicates: list[list[str]] = []
-    for _, same in frame.groupby("sha256", sort=True):
-        if len(same) < 2:
-            continue
+    # Only hashes seen more than once matter; grouping the (mostly unique) rest costs seconds on HAM10000.
+    repeated = frame[frame["sha256"].duplicated(keep=False)]
+    for _, same in repeated.groupby("sha256", sort=True):
         duplicates.append(sorted(same["image_id"]))
         roots = sorted({find(g) for g in same["group_id"]})
         for other in roots[1:]:
