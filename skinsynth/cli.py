@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from skinsynth import DISCLAIMER, __version__
 from skinsynth.errors import SkinsynthError
@@ -22,6 +23,7 @@ EXAMPLES = """examples:
   skinsynth evaluate --out runs/ham --external runs/isic2017
   skinsynth generate train --out runs/demo --set generator.train_steps=2000 --set generator.size=small
   skinsynth generate sample --out runs/demo --set sample.plan=fill --set sample.fill_to=200
+  skinsynth audit runs/demo                        # FID/KID, memorisation, membership attack; the export gate
   skinsynth generate export runs/demo --to synthetic_pngs
   skinsynth data download ham10000 --out data/ham10000
   skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
@@ -158,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate_export.add_argument("run_dir", metavar="RUN_DIR")
     generate_export.add_argument("--to", required=True, metavar="DIR", help="destination folder")
     generate_export.add_argument("--limit", type=int, help="only the first N images")
+    generate_export.add_argument(
+        "--force", action="store_true", help="export even if the audit gate failed (the verdict is recorded)"
+    )
+
+    audit = commands.add_parser(
+        "audit",
+        help="fidelity (FID/KID, precision/recall) and privacy (memorisation, membership attack) of a synthetic set",
+        description="Audit RUN_DIR/synthetic against the real training and held-out images and the generator; "
+        "writes RUN_DIR/audit/report.json, gallery.png and similarity.png. Its gate (section audit:) decides "
+        "whether 'generate export' may share the set.",
+    )
+    audit.add_argument("run_dir", metavar="RUN_DIR")
+    audit.add_argument("--config", metavar="EXPERIMENT.yaml", help="experiment file (default: RUN_DIR/config.yaml)")
+    _add_config_args(audit, with_file=False)
 
     bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -257,8 +273,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.generate_command == "export":
         from skinsynth.generate.export import export_synthetic
 
-        written = export_synthetic(args.run_dir, args.to, limit=args.limit)
-        print(f"exported {written} synthetic PNGs (provenance in their text chunks) to {args.to}")
+        written = export_synthetic(args.run_dir, args.to, limit=args.limit, force=args.force)
+        print(f"exported {written} synthetic PNGs to {args.to} (provenance in their text chunks, audit in AUDIT.json)")
         print(DISCLAIMER)
         return 0
     from skinsynth.config import load_config
@@ -274,6 +290,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         result = sample_synthetic(cfg.sample, cfg.run.out, force=args.force)
         card = result.card
         print(f"synthetic set: {card['images']} images in {result.synthetic_dir}; classes {card['classes']}")
+    print(DISCLAIMER)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from skinsynth.audit.report import run_audit
+    from skinsynth.config import load_config
+
+    run_dir = Path(args.run_dir)
+    config = args.config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
+    cfg = load_config(config, list(args.overrides))
+    run_audit(cfg, run_dir)
     print(DISCLAIMER)
     return 0
 
@@ -300,6 +328,7 @@ COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "generate": _cmd_generate,
+    "audit": _cmd_audit,
     "bench": _cmd_bench,
 }
 

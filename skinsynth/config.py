@@ -163,6 +163,26 @@ class SampleConfig:
 
 
 @dataclass
+class AuditConfig:
+    """``skinsynth audit``: fidelity and privacy of RUN_DIR/synthetic against the real data, and the sharing gate."""
+
+    extractor: Literal["auto", "inception", "classifier"] = "auto"  # auto: Inception when installed, and classifier
+    max_images: int = 2000  # per set (synthetic, real train, real held-out): a seeded subset beyond this
+    nearest_k: int = 5  # k of the k-NN radii behind precision/recall/density/coverage (Naeem et al. 2020: 5)
+    kid_subset_size: int = 1000  # KID subset size (capped at the smaller set)
+    pixel_size: int = 32  # side the images are resized to for the pixel-correlation nearest-neighbour search
+    copy_quantile: float = 0.05  # copy threshold: this quantile of augmented training copies' similarity
+    calibration_images: int = 200  # training images augmented to calibrate the copy threshold
+    mia_images: int = 200  # training (member) and held-out (non-member) images scored by the attack, each
+    mia_timesteps: int = 8  # noise levels, evenly spaced over the first half of the schedule, per image
+    gallery_pairs: int = 8  # closest synthetic/training pairs drawn in gallery.png
+    max_memorised_share: float = 0.01  # gate: share of synthetic images above the copy threshold must stay below
+    max_attack_auc: float = 0.60  # gate: membership-inference AUC must stay below
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one section per stage."""
 
@@ -171,6 +191,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

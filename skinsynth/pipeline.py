@@ -1,8 +1,9 @@
 """Runs the stages of an experiment in order, skipping those whose manifest matches (``demo`` and ``run``).
 
-Stages so far: prepare -> generate (train the generator) -> sample -> train (the classifier) -> evaluate. Each
-later stage writes a ``manifest.json`` with the hash of its own config section and of its input stage's manifest,
-so a change upstream re-runs everything downstream of it. Later stages (audit, tune) slot in between.
+Stages so far: prepare -> generate (train the generator) -> sample -> train (the classifier) -> audit (the synthetic
+set, with the classifier as one feature extractor) -> evaluate. Each later stage writes a ``manifest.json`` with the
+hash of its own config section and of its input stages' manifests, so a change upstream re-runs everything downstream
+of it. Later stages (tune) slot in between.
 """
 
 from __future__ import annotations
@@ -117,6 +118,27 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
     return _unless_up_to_date("train", run_dir / "models" / cfg.train.name, expected, force, progress, work)
 
 
+def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    from skinsynth.audit.report import run_audit
+
+    if not cfg.generator.enabled:
+        return StageOutcome("audit", 0.0, True, "disabled (generator.enabled: false)")
+    audit_dir = run_dir / "audit"
+
+    def work() -> tuple[Path, str]:
+        gate = run_audit(cfg, run_dir, progress=progress)["gate"]
+        verdict = "share_ok" if gate["share_ok"] else "NOT share_ok"
+        detail = f"memorised {gate['memorised_share']:.1%}, attack AUC {gate['attack_auc']:.2f}: {verdict}"
+        return audit_dir, f"{detail} -> {audit_dir}"
+
+    expected = _manifest_hash(
+        config_to_dict(cfg.audit),
+        _file_hash(run_dir / "synthetic" / "manifest.json"),
+        _file_hash(run_dir / "models" / cfg.train.name / "manifest.json"),  # its features are one extractor
+    )
+    return _unless_up_to_date("audit", audit_dir, expected, force, progress, work)
+
+
 def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.classify.evaluate import evaluate_model
 
@@ -139,6 +161,7 @@ STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], Stage
     ("generate", _stage_generate),
     ("sample", _stage_sample),
     ("train", _stage_train),
+    ("audit", _stage_audit),
     ("evaluate", _stage_evaluate),
 ]
 
@@ -175,6 +198,8 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
         lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
     lines.append(f"next: skinsynth data summary {cfg.run.out}")
     lines.append(f"      open {Path(cfg.run.out) / 'eval' / cfg.train.name / 'report.json'} and its figures")
+    if cfg.generator.enabled:
+        lines.append(f"      open {Path(cfg.run.out) / 'audit' / 'report.json'} (fidelity, privacy, export gate)")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
 

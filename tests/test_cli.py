@@ -93,10 +93,13 @@ def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     assert card["images"] > 0 and card["synthetic"] is True
     report = json.loads((out / "eval" / "classifier" / "report.json").read_text())
     assert report["synthetic_conditioning"]["n"] == card["images"]
+    audit = json.loads((out / "audit" / "report.json").read_text())
+    assert audit["images"]["synthetic"] == card["images"] and isinstance(audit["gate"]["share_ok"], bool)
+    assert re.search(r"^  audit\s+[0-9.]+ s  memorised [0-9.]+%, attack AUC", printed, re.MULTILINE)
     # second run: every stage is up to date and skipped
     assert main(["demo", "--out", str(out), *DEMO_SMALL]) == 0
     summary = capsys.readouterr().out
-    for stage in ("prepare", "generate", "sample", "train", "evaluate"):
+    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate"):
         assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
     # a changed training setting re-runs training and evaluation, not prepare
     assert main(["demo", "--out", str(out), *DEMO_SMALL, "--set", "train.lr=0.002"]) == 0
@@ -104,4 +107,5 @@ def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     assert re.search(r"^  prepare\s+skipped", summary, re.MULTILINE)
     assert re.search(r"^  generate\s+skipped", summary, re.MULTILINE)
     assert not re.search(r"^  train\s+skipped", summary, re.MULTILINE)
+    assert not re.search(r"^  audit\s+skipped", summary, re.MULTILINE)  # the classifier is one of its extractors
     assert not re.search(r"^  evaluate\s+skipped", summary, re.MULTILINE)

@@ -218,7 +218,13 @@ def test_export_writes_pngs_that_say_they_are_synthetic(generator_run, tmp_path)
     cfg, _ = generator_run
     cfg.sample = SampleConfig(plan="counts", counts={"bcc": 2}, steps=2, batch_size=2, num_actors=1)
     sample_synthetic(cfg.sample, cfg.run.out, force=True, progress=print)
-    assert export_synthetic(cfg.run.out, tmp_path / "png") == 2
+    # never audited: refused, unless forced, and the forced export records why it was not cleared
+    with pytest.raises(SkinsynthError, match="no audit"):
+        export_synthetic(cfg.run.out, tmp_path / "png")
+    assert not (tmp_path / "png").exists()
+    assert export_synthetic(cfg.run.out, tmp_path / "png", force=True) == 2
+    verdict = json.loads((tmp_path / "png" / "AUDIT.json").read_text())
+    assert verdict["share_ok"] is False and verdict["forced"] is True and "no audit" in verdict["reasons"][0]
     files = sorted((tmp_path / "png" / "bcc").glob("*.png"))
     assert len(files) == 2
     stored = pq.read_table(Path(cfg.run.out) / "synthetic" / "images").to_pandas().set_index("image_id")

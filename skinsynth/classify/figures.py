@@ -19,7 +19,7 @@ from skinsynth.data.schema import CLASSES  # noqa: E402
 FOOTER = "skinsynth research output - not a diagnosis"
 
 
-def _save(fig: plt.Figure, path: Path) -> str:
+def save_figure(fig: plt.Figure, path: Path) -> str:
     fig.text(0.99, 0.005, FOOTER, ha="right", va="bottom", fontsize=7, color="grey")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -42,7 +42,7 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, path: Path) -> str:
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (test)")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_figure(matrix: list[list[int]], path: Path) -> str:
@@ -65,7 +65,7 @@ def confusion_figure(matrix: list[list[int]], path: Path) -> str:
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45)
     ax.set_yticks(range(len(CLASSES)), CLASSES)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test, row-normalised)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability_figure(labels: np.ndarray, probs: np.ndarray, ece: float, path: Path, n_bins: int = 15) -> str:
@@ -86,7 +86,7 @@ def reliability_figure(labels: np.ndarray, probs: np.ndarray, ece: float, path: 
     ax.set(
         xlabel="confidence", ylabel="accuracy", title=f"Reliability (test), ECE {ece:.3f}", xlim=(0, 1), ylim=(0, 1)
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def group_bars_figure(fairness: pd.DataFrame, path: Path) -> str:
@@ -103,7 +103,7 @@ def group_bars_figure(fairness: pd.DataFrame, path: Path) -> str:
                 bar.set_alpha(0.4)
         ax.set_xticks(range(len(rows)), [f"{g}\n(n={n})" for g, n in zip(rows["group"], rows["n"])], fontsize=7)
         ax.set(ylim=(0, 1), ylabel="bal. acc.", title=f"{attribute} (hatched: too small to judge)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_figures(

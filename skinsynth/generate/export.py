@@ -8,6 +8,7 @@ Every PNG carries text chunks (``Software``, ``Description``, ``synthetic``, ``g
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -40,23 +41,57 @@ def synthetic_png(image: bytes, row: dict) -> bytes:
     return out.getvalue()
 
 
-def export_synthetic(run_dir: str | Path, out_dir: str | Path, *, limit: int | None = None) -> int:
-    """Write ``RUN_DIR/synthetic`` as PNG files (``<class>/<image_id>.png``) plus ``provenance.csv``.
+class ExportRefused(SkinsynthError):
+    """The synthetic set has not passed the audit gate (and the export was not forced)."""
+
+
+def audit_gate(run_dir: str | Path) -> dict:
+    """The audit verdict on the current synthetic set of ``run_dir``: what an export checks and records.
+
+    Returns:
+        ``{"share_ok": bool, "reasons": [...], ...}``; a set never audited, or changed since its audit, is not ok.
+    """
+    from skinsynth.audit.report import read_audit
+    from skinsynth.data.prepare import read_manifest
+
+    report = read_audit(run_dir)
+    if report is None:
+        return {"share_ok": False, "reasons": [f"{run_dir} has no audit: run 'skinsynth audit {run_dir}'"]}
+    current = (read_manifest(Path(run_dir) / "synthetic") or {}).get("input_hash")
+    if report.get("synthetic_input_hash") != current:
+        return {"share_ok": False, "reasons": ["the synthetic set changed after its audit: audit it again"]}
+    return report["gate"]
+
+
+def export_synthetic(
+    run_dir: str | Path, out_dir: str | Path, *, limit: int | None = None, force: bool = False
+) -> int:
+    """Write ``RUN_DIR/synthetic`` as PNG files (``<class>/<image_id>.png``) plus ``provenance.csv`` and
+    ``AUDIT.json`` (the audit verdict the export was made under).
 
     Args:
         run_dir: run directory with a sampled ``synthetic/``.
         out_dir: destination folder (created; existing files of the same name are replaced).
         limit: export only the first ``limit`` images (None = all).
+        force: export even when the audit gate is not passed (the verdict is still recorded).
 
     Returns:
         The number of files written.
 
     Raises:
         SkinsynthError: nothing sampled yet.
+        ExportRefused: the set was not audited, changed since, or failed the gate, and ``force`` is off.
     """
     shards = Path(run_dir) / "synthetic" / "images"
     if not shards.is_dir():
         raise SkinsynthError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
+    gate = audit_gate(run_dir)
+    if not gate["share_ok"] and not force:
+        raise ExportRefused(
+            "export refused, the synthetic set has not passed the audit gate: "
+            + "; ".join(gate["reasons"])
+            + " (--force exports anyway and records this verdict)"
+        )
     table = pq.read_table(shards, columns=["image", *PROVENANCE_COLUMNS]).to_pandas()
     table = table.sort_values("image_id").reset_index(drop=True)
     if limit is not None:
@@ -69,4 +104,5 @@ def export_synthetic(run_dir: str | Path, out_dir: str | Path, *, limit: int | N
     provenance = table[PROVENANCE_COLUMNS].assign(file=[f"{r.dx}/{r.image_id}.png" for r in table.itertuples()])
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(provenance).to_csv(out_dir / "provenance.csv", index=False)
+    (out_dir / "AUDIT.json").write_text(json.dumps({"forced": bool(force and not gate["share_ok"]), **gate}, indent=2))
     return len(table)

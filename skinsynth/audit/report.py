@@ -1,0 +1,264 @@
+"""``skinsynth audit RUN_DIR``: fidelity and privacy of ``RUN_DIR/synthetic`` against the real data, and the gate.
+
+Reads the real training split (what the generator learnt from), the held-out real images (validation and test,
+never seen by the generator), the synthetic shards and the generator; writes ``RUN_DIR/audit/report.json``,
+``gallery.png`` and ``similarity.png``. The report's ``gate.share_ok`` is what ``skinsynth generate export``
+checks before synthetic images leave the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from skinsynth import DISCLAIMER
+from skinsynth.audit import fidelity, privacy
+from skinsynth.audit.features import AuditError, choose_extractors
+from skinsynth.config import AuditConfig, ExperimentConfig, config_to_dict
+from skinsynth.data.prepare import read_manifest, replace_dir
+
+Progress = Callable[[str], None]
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class AuditImages:
+    """Decoded images (uint8, N x H x W x 3) with their class labels and ids."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+
+    def subset(self, n: int, seed: int) -> AuditImages:
+        if len(self.ids) <= n:
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self.ids), size=n, replace=False))
+        return AuditImages(self.images[keep], self.labels[keep], [self.ids[i] for i in keep])
+
+
+def _decode(frame: pd.DataFrame) -> AuditImages:
+    from skinsynth.classify.data import decode_png_arrays
+
+    images = np.stack(decode_png_arrays(frame["image"])) if len(frame) else np.zeros((0, 1, 1, 3), np.uint8)
+    return AuditImages(images, frame["label"].to_numpy(np.int64), list(frame["image_id"]))
+
+
+def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages]:
+    """(real training images the generator saw, held-out real images, synthetic images).
+
+    Raises:
+        AuditError: no synthetic set, or no held-out real images to compare with.
+    """
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+
+    shards = run_dir / "synthetic" / "images"
+    if not shards.is_dir():
+        raise AuditError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
+    splits = load_split_table(run_dir)
+    columns = ["image_id", "image", "label"]
+    train = _decode(read_rows(run_dir, split_ids(splits, "train", labelled_only=True), columns))
+    held_out = _decode(read_rows(run_dir, split_ids(splits, "val") + split_ids(splits, "test"), columns))
+    synthetic = _decode(pq.read_table(shards, columns=columns).to_pandas().sort_values("image_id"))
+    if len(held_out.ids) < 2 or len(synthetic.ids) < 2 or len(train.ids) < 2:
+        raise AuditError(
+            f"too few images to audit: {len(train.ids)} training, {len(held_out.ids)} held-out, "
+            f"{len(synthetic.ids)} synthetic (need at least 2 each)"
+        )
+    return train, held_out, synthetic
+
+
+def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: AuditConfig, progress) -> dict:
+    from diffusers import DDPMScheduler
+
+    from skinsynth.generate.model import load_generator
+    from skinsynth.generate.sample import training_scheduler_config
+
+    generator_dir = run_dir / "generator"
+    unet, conditioning = load_generator(generator_dir)
+    scheduler = DDPMScheduler.from_config(training_scheduler_config(generator_dir))
+    members = train.subset(ac.mia_images, ac.seed)
+    non_members = held_out.subset(ac.mia_images, ac.seed + 1)
+    progress(
+        f"audit: membership attack on the generator, {len(members.ids)} training vs {len(non_members.ids)} held-out "
+        f"images, {ac.mia_timesteps} noise levels each"
+    )
+    kwargs = {"timesteps": ac.mia_timesteps, "seed": ac.seed, "batch_size": ac.batch_size}
+    member_err = privacy.denoising_errors(unet, conditioning, scheduler, members.images, members.labels, **kwargs)
+    other_err = privacy.denoising_errors(
+        unet, conditioning, scheduler, non_members.images, non_members.labels, **kwargs
+    )
+    return privacy.membership_attack(member_err, other_err)
+
+
+def similarity_figure(calibration: np.ndarray, synthetic: np.ndarray, held_out: np.ndarray, threshold: float, path):
+    """Histogram of nearest-training pixel correlation: augmented copies, synthetic images, held-out real images."""
+    from skinsynth.classify.figures import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(min(calibration.min(), synthetic.min(), held_out.min()), 1.0, 50)
+    for values, label in ((held_out, "held-out real"), (synthetic, "synthetic"), (calibration, "augmented copies")):
+        ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} (n={len(values)})")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"copy threshold {threshold:.3f}")
+    ax.set_xlabel("pixel correlation with the nearest training image")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress = print) -> dict[str, Any]:
+    """Audit ``RUN_DIR/synthetic`` and write ``RUN_DIR/audit/``.
+
+    Args:
+        cfg: the experiment (``audit`` section; ``train.name`` names the classifier used as a feature extractor).
+        run_dir: a run directory with prepared data, a trained generator and a sampled synthetic set.
+        progress: receives one-line messages.
+
+    Returns:
+        The report (also written to ``RUN_DIR/audit/report.json``).
+
+    Raises:
+        AuditError: nothing to audit, or an extractor that was asked for is missing.
+    """
+    ac = cfg.audit
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    torch.manual_seed(ac.seed)
+    train, held_out, synthetic = load_audit_images(run_dir)
+    progress(
+        f"audit: {len(synthetic.ids)} synthetic images against {len(train.ids)} training and {len(held_out.ids)} "
+        f"held-out real images"
+    )
+    extractors, notes = choose_extractors(ac.extractor, run_dir / "models" / cfg.train.name, ac.batch_size)
+
+    # fidelity, on a seeded subset of each set per extractor
+    real_sub = train.subset(ac.max_images, ac.seed)
+    held_sub = held_out.subset(ac.max_images, ac.seed + 1)
+    syn_sub = synthetic.subset(ac.max_images, ac.seed + 2)
+    fidelity_by_extractor: dict[str, Any] = {}
+    feature_closeness: dict[str, Any] = {}
+    for extractor in extractors:
+        t0 = time.perf_counter()
+        real_f, held_f, syn_f = (extractor(s.images) for s in (real_sub, held_sub, syn_sub))
+        progress(
+            f"audit: {extractor.name} features of {len(real_f) + len(held_f) + len(syn_f)} images in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
+        entry = fidelity.fidelity_report(
+            real_f,
+            syn_f,
+            real_sub.labels,
+            syn_sub.labels,
+            k=ac.nearest_k,
+            kid_subset_size=ac.kid_subset_size,
+            seed=ac.seed,
+        )
+        # two real sets of the same kind give the floor a finite sample can reach
+        entry["fid_real_train_vs_held_out"] = fidelity.frechet_distance(real_f, held_f)
+        entry["extractor"] = extractor.description
+        fidelity_by_extractor[extractor.name] = entry
+        reference = privacy.unit_rows(real_f)
+        syn_sims, _ = privacy.nearest_neighbours(privacy.unit_rows(syn_f), reference)
+        held_sims, _ = privacy.nearest_neighbours(privacy.unit_rows(held_f), reference)
+        feature_closeness[extractor.name] = {
+            "measure": f"cosine similarity of {extractor.name} features to the nearest of {len(real_f)} training "
+            "images",
+            **privacy.closeness_report(syn_sims, held_sims),
+        }
+        progress(
+            f"audit: {extractor.name}: FID {entry['fid']:.2f} (n={entry['n_real']} real / {entry['n_synthetic']} "
+            f"synthetic; real-vs-real {entry['fid_real_train_vs_held_out']:.2f}), precision {entry['precision']:.2f}, "
+            f"recall {entry['recall']:.2f}"
+        )
+
+    # memorisation: every synthetic image against the whole training set, by pixel correlation
+    size = min(ac.pixel_size, train.images.shape[1])
+    train_vectors = privacy.pixel_vectors(train.images, size)
+    threshold, calibration = privacy.copy_threshold(
+        train.images, train_vectors, size, ac.copy_quantile, ac.calibration_images, ac.seed
+    )
+    syn_sims, syn_nearest = privacy.nearest_neighbours(
+        privacy.dihedral_pixel_vectors(synthetic.images, size), train_vectors
+    )
+    held_sims, _ = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(held_sub.images, size), train_vectors)
+    memorisation = privacy.memorisation_report(syn_sims, held_sims, synthetic.labels, train.labels, threshold)
+    memorisation["measure"] = (
+        f"Pearson correlation at {size} px with the nearest of {len(train.ids)} training images, best of the 8 "
+        f"flips/quarter turns; copy threshold = {ac.copy_quantile:.0%} quantile of {len(calibration)} lightly "
+        "augmented training images"
+    )
+    progress(
+        f"audit: memorised {memorisation['memorised_share']:.1%} of synthetic images (threshold {threshold:.3f}; "
+        f"held-out real above it: {memorisation['held_out_above_threshold']:.1%})"
+    )
+    attack = _membership(run_dir, train, held_out, ac, progress)
+    progress(f"audit: membership attack AUC {attack['auc']:.3f}, TPR at 1% FPR {attack['tpr_at_1pct_fpr']:.3f}")
+
+    reasons = []
+    if memorisation["memorised_share"] >= ac.max_memorised_share:
+        reasons.append(
+            f"memorised share {memorisation['memorised_share']:.2%} is not below {ac.max_memorised_share:.2%}"
+        )
+    if attack["auc"] >= ac.max_attack_auc:
+        reasons.append(f"membership attack AUC {attack['auc']:.3f} is not below {ac.max_attack_auc:.2f}")
+    gate = {
+        "share_ok": not reasons,
+        "reasons": reasons,
+        "memorised_share": memorisation["memorised_share"],
+        "max_memorised_share": ac.max_memorised_share,
+        "attack_auc": attack["auc"],
+        "max_attack_auc": ac.max_attack_auc,
+    }
+
+    tmp = run_dir / f".audit.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        figures = [
+            privacy.gallery_figure(
+                synthetic.images, train.images, syn_sims, syn_nearest, ac.gallery_pairs, threshold, tmp / "gallery.png"
+            ),
+            similarity_figure(calibration, syn_sims, held_sims, threshold, tmp / "similarity.png"),
+        ]
+        report = {
+            "disclaimer": DISCLAIMER,
+            "synthetic_input_hash": (read_manifest(run_dir / "synthetic") or {}).get("input_hash"),
+            "generator_id": json.loads((run_dir / "synthetic" / "synthetic_card.json").read_text())["generator_id"],
+            "images": {"synthetic": len(synthetic.ids), "train": len(train.ids), "held_out": len(held_out.ids)},
+            "extractors": [{"name": e.name, "description": e.description} for e in extractors],
+            "notes": notes,
+            "fidelity": fidelity_by_extractor,
+            "privacy": {
+                "memorisation": memorisation,
+                "feature_closeness": feature_closeness,
+                "membership_inference": attack,
+            },
+            "gate": gate,
+            "figures": figures,
+            "config": config_to_dict(ac),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        replace_dir(tmp, run_dir / "audit")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    verdict = "share_ok" if gate["share_ok"] else "NOT share_ok: " + "; ".join(reasons)
+    progress(f"audit: {verdict} -> {run_dir / 'audit' / REPORT_FILE}")
+    return report
+
+
+def read_audit(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN_DIR/audit/report.json``, or None when the set was never audited."""
+    try:
+        return json.loads((Path(run_dir) / "audit" / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None

