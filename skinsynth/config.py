@@ -171,7 +171,8 @@ class AuditConfig:
     nearest_k: int = 5  # k of the k-NN radii behind precision/recall/density/coverage (Naeem et al. 2020: 5)
     kid_subset_size: int = 1000  # KID subset size (capped at the smaller set)
     pixel_size: int = 32  # side the images are resized to for the pixel-correlation nearest-neighbour search
-    copy_quantile: float = 0.05  # copy threshold: this quantile of augmented training copies' similarity
+    copy_quantile: float = 0.05  # copy threshold: this quantile of augmented training copies' similarity ...
+    held_out_quantile: float = 0.99  # ... raised to this quantile of held-out real images' similarity where higher
     calibration_images: int = 200  # training images augmented to calibrate the copy threshold
     mia_images: int = 200  # training (member) and held-out (non-member) images scored by the attack, each
     mia_timesteps: int = 8  # noise levels, evenly spaced over the first half of the schedule, per image

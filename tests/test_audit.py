@@ -73,8 +73,9 @@ def test_copies_of_training_images_are_flagged_and_unseen_images_are_not():
     train = _phantom_images(120, seed=1)
     held_out = _phantom_images(60, seed=2)
     vectors = privacy.pixel_vectors(train, 32)
-    threshold, calibration = privacy.copy_threshold(train, vectors, 32, quantile=0.05, n=100, seed=0)
+    threshold, calibration, levels = privacy.copy_threshold(train, vectors, 32, quantile=0.05, n=100, seed=0)
     assert len(calibration) == 100 and 0.5 < threshold < 1.0
+    assert threshold == levels["from_augmented_copies"] == pytest.approx(np.quantile(calibration, 0.05))
     # exact copies and copies with different light edits (another seed than the calibration's)
     copies = np.concatenate([train[:30], privacy.augment_lightly(train[30:90], seed=99)])
     copy_sims, nearest = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(copies, 32), vectors)
@@ -90,6 +91,12 @@ def test_copies_of_training_images_are_flagged_and_unseen_images_are_not():
     assert fresh["memorised_share"] <= 0.1
     closeness = privacy.closeness_report(copy_sims, held_sims)
     assert closeness["synthetic_above_held_out_p95"] >= 0.9
+    # unseen images as close as copies: the threshold rises to their 99th percentile
+    raised, _, levels = privacy.copy_threshold(
+        train, vectors, 32, quantile=0.05, n=100, seed=0, held_out_sims=np.full(50, 0.999)
+    )
+    assert raised == levels["from_held_out"] == pytest.approx(0.999)
+    assert raised > levels["from_augmented_copies"]
 
 
 def test_nearest_neighbour_search_sees_through_flips_and_turns():

@@ -14,6 +14,7 @@ is swappable. Two exist:
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,7 +75,9 @@ class InceptionFeatures:
     name: str = "inception"
 
     def __post_init__(self) -> None:
-        self.model = torch.jit.load(str(self.path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # torch 2.x flags TorchScript as deprecated; this file ships only in it
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = torch.jit.load(str(self.path), map_location="cpu").eval()
         self.description = f"FID Inception-v3 pool3 features (2048-d), TorchScript weights {self.path}"
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:

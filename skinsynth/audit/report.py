@@ -184,18 +184,30 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
     # memorisation: every synthetic image against the whole training set, by pixel correlation
     size = min(ac.pixel_size, train.images.shape[1])
     train_vectors = privacy.pixel_vectors(train.images, size)
-    threshold, calibration = privacy.copy_threshold(
-        train.images, train_vectors, size, ac.copy_quantile, ac.calibration_images, ac.seed
+    # held-out images: one half sets the threshold's floor, the other half measures its false-positive rate
+    held_all, _ = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(held_sub.images, size), train_vectors)
+    halves = np.random.default_rng(ac.seed).permutation(len(held_all))
+    held_floor, held_sims = held_all[halves[::2]], held_all[halves[1::2]]
+    threshold, calibration, levels = privacy.copy_threshold(
+        train.images,
+        train_vectors,
+        size,
+        ac.copy_quantile,
+        ac.calibration_images,
+        ac.seed,
+        held_out_sims=held_floor,
+        held_out_quantile=ac.held_out_quantile,
     )
     syn_sims, syn_nearest = privacy.nearest_neighbours(
         privacy.dihedral_pixel_vectors(synthetic.images, size), train_vectors
     )
-    held_sims, _ = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(held_sub.images, size), train_vectors)
     memorisation = privacy.memorisation_report(syn_sims, held_sims, synthetic.labels, train.labels, threshold)
+    memorisation["threshold_levels"] = levels
     memorisation["measure"] = (
         f"Pearson correlation at {size} px with the nearest of {len(train.ids)} training images, best of the 8 "
-        f"flips/quarter turns; copy threshold = {ac.copy_quantile:.0%} quantile of {len(calibration)} lightly "
-        "augmented training images"
+        f"flips/quarter turns; copy threshold = the higher of the {ac.copy_quantile:.0%} quantile of "
+        f"{len(calibration)} lightly augmented training images and the {ac.held_out_quantile:.0%} quantile of "
+        f"{len(held_floor)} held-out images (the other {len(held_sims)} give held_out_above_threshold)"
     )
     progress(
         f"audit: memorised {memorisation['memorised_share']:.1%} of synthetic images (threshold {threshold:.3f}; "
