@@ -11,6 +11,7 @@ FID is biased upwards at small n, so every figure is reported with the sample co
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,9 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int, se
     """KID (mean, std over 100 random subsets) between two sets of features; unbiased, so it can dip below 0."""
     _check_pair(real, fake)
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=100)
+    with warnings.catch_warnings():  # it warns that it keeps every feature in memory: that is what it is given
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=100)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng():
