@@ -82,6 +82,7 @@ def bench_prepare(cfg: DataConfig, *, limit: int | None = None, progress: Progre
     ray_startup_s = time.perf_counter() - t0
 
     results: dict[str, dict[str, float]] = {}
+    baseline_rows: dict[str, str] | None = None  # the loop's images, which every other engine must reproduce
     with tempfile.TemporaryDirectory(prefix="skinsynth-bench-") as tmp:
         for engine in ("local", "processes", "ray"):
             progress(f"bench prepare: {engine} ...")
@@ -91,7 +92,9 @@ def bench_prepare(cfg: DataConfig, *, limit: int | None = None, progress: Progre
             )
             seconds = time.perf_counter() - t0
             results[engine] = {"seconds": round(seconds, 3), "images_per_s": round(n_images / seconds, 2)}
-            if _shard_rows(result.data_dir) != _shard_rows(Path(tmp) / "local" / "data"):
+            rows = _shard_rows(result.data_dir)
+            baseline_rows = rows if baseline_rows is None else baseline_rows
+            if rows != baseline_rows:
                 raise RuntimeError(f"the {engine} and single-process runs wrote different images; benchmark void")
             progress(f"bench prepare: {engine}: {n_images / seconds:.1f} images/s ({seconds:.1f} s)")
     local = results["local"]["images_per_s"]

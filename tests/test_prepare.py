@@ -65,20 +65,22 @@ def test_bad_input_is_quarantined_and_good_images_are_kept(ray_local, messy_ham_
     assert card["licence"] == "CC BY-NC 4.0"
 
 
-def test_ray_and_local_engines_write_the_same_images(ray_local, messy_ham_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["ray", "processes"])
+def test_parallel_engines_write_the_same_images_as_the_loop(ray_local, messy_ham_dir, tmp_path, engine):
     cfg = _messy_cfg(messy_ham_dir)
-    ray_run = prepare_images(cfg, tmp_path / "ray", engine="ray", progress=lambda _m: None)
+    parallel = prepare_images(cfg, tmp_path / engine, engine=engine, progress=lambda _m: None)
     local_run = prepare_images(cfg, tmp_path / "local", engine="local", progress=lambda _m: None)
-    a = pq.read_table(ray_run.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
+    a = pq.read_table(parallel.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     b = pq.read_table(local_run.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(
-        pd.read_parquet(ray_run.data_dir / "splits.parquet"), pd.read_parquet(local_run.data_dir / "splits.parquet")
+        pd.read_parquet(parallel.data_dir / "splits.parquet"), pd.read_parquet(local_run.data_dir / "splits.parquet")
     )
     # same shard files: named by their first record, not by a random id
-    assert sorted(p.name for p in (ray_run.data_dir / "images").iterdir()) == sorted(
+    assert sorted(p.name for p in (parallel.data_dir / "images").iterdir()) == sorted(
         p.name for p in (local_run.data_dir / "images").iterdir()
     )
+    assert parallel.card["quarantined"] == local_run.card["quarantined"] > 0
 
 
 def test_rerun_is_skipped_until_config_or_inputs_change(ray_local, messy_ham_dir, tmp_path):
@@ -179,13 +181,3 @@ def test_bench_prepare_times_every_engine_on_the_same_images(ray_local):
     assert record["ray_share_of_ceiling"] == pytest.approx(ray / ceiling, rel=0.01)
     assert record["machine"]["cpu_cores"] >= 1
     assert any("x on" in m for m in messages) and any("ceiling" in m for m in messages)
-
-
-def test_process_pool_engine_writes_the_same_images_as_the_loop(messy_ham_dir, tmp_path):
-    cfg = _messy_cfg(messy_ham_dir)
-    pool = prepare_images(cfg, tmp_path / "pool", engine="processes", progress=lambda _m: None)
-    loop = prepare_images(cfg, tmp_path / "loop", engine="local", progress=lambda _m: None)
-    a = pq.read_table(pool.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
-    b = pq.read_table(loop.data_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
-    pd.testing.assert_frame_equal(a, b)
-    assert pool.card["quarantined"] == loop.card["quarantined"] > 0

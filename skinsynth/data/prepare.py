@@ -190,15 +190,15 @@ def _run_ray(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.Data
     )
 
 
-def _run_local(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.DataFrame:
-    """The same per-image work in a plain single-process loop (the baseline of ``skinsynth bench prepare``)."""
-    tables = [process_batch(batch, cfg.preprocess, str(shard_dir)) for batch in _batches(records, cfg.batch_size)]
-    return (pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()).to_pandas()
-
-
 def _process_batches(batches: list[pd.DataFrame], cfg: PreprocessConfig, shard_dir: str) -> pa.Table:
+    """:func:`process_batch` over ``batches`` in turn (module-level, so a spawned process can run it)."""
     tables = [process_batch(batch, cfg, shard_dir) for batch in batches]
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+
+
+def _run_local(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.DataFrame:
+    """The same per-image work in a plain single-process loop (the baseline of ``skinsynth bench prepare``)."""
+    return _process_batches(_batches(records, cfg.batch_size), cfg.preprocess, str(shard_dir)).to_pandas()
 
 
 def _run_processes(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.DataFrame:
