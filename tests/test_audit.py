@@ -112,12 +112,12 @@ def test_nearest_neighbour_search_sees_through_flips_and_turns():
 def _overfit_generator(images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0):
     """A small UNet trained on ``images`` alone for many passes: a generator that memorises."""
     from skinsynth.generate.model import create_generator, predict_noise
-    from skinsynth.generate.sample import training_noise_scheduler
+    from skinsynth.generate.sample import from_uint8_images, training_noise_scheduler
 
     torch.manual_seed(seed)
     unet, conditioning = create_generator(GeneratorConfig(size="small"), image_size=images.shape[1])
     scheduler = training_noise_scheduler(1000)
-    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x0 = from_uint8_images(torch.from_numpy(images).permute(0, 3, 1, 2))
     y = torch.as_tensor(labels)
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     unet.train()

@@ -191,14 +191,15 @@ def denoising_errors(
     schedule, conditioned on its true class; the noise is seeded per image, so members and non-members get the same
     draws."""
     from skinsynth.generate.model import predict_noise
+    from skinsynth.generate.sample import from_uint8_images
 
     total = scheduler.config.num_train_timesteps
     levels = np.unique(np.linspace(total * 0.02, total * 0.5, timesteps).astype(np.int64))
     errors = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x0 = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-            x0 = x0.float().div(127.5).sub(1.0)
+            batch = np.ascontiguousarray(images[start : start + batch_size])
+            x0 = from_uint8_images(torch.from_numpy(batch).permute(0, 3, 1, 2))
             joint = torch.as_tensor([conditioning.index(int(lab)) for lab in labels[start : start + batch_size]])
             err = torch.zeros(len(x0))
             for level in levels:

@@ -117,6 +117,11 @@ def denoise(
     return x.clamp(-1.0, 1.0)
 
 
+def from_uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float [-1, 1], the pixel range the generator is trained and scored in."""
+    return images.float().div(127.5).sub(1.0)
+
+
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3)."""
     return ((x.float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

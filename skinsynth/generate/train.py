@@ -40,6 +40,7 @@ from skinsynth.generate.model import Conditioning, create_generator, predict_noi
 from skinsynth.generate.sample import (
     SCHEDULER_DIR,
     denoise,
+    from_uint8_images,
     initial_noise,
     sampling_scheduler,
     to_uint8_images,
@@ -65,7 +66,7 @@ class GeneratorCollate:
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         from skinsynth.classify.data import decode_pngs
 
-        images = decode_pngs(batch["image"]).float().div_(127.5).sub_(1.0)
+        images = from_uint8_images(decode_pngs(batch["image"]))
         if self.augment:
             images = torch.stack([_dihedral(img) for img in images])
         tones = batch["tone"] if self.conditioning.tones else [None] * len(images)
