@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   skinsynth generate sample --out runs/demo --set sample.plan=fill --set sample.fill_to=200
   skinsynth audit runs/demo                        # FID/KID, memorisation, membership attack; the export gate
   skinsynth generate export runs/demo --to synthetic_pngs
+  skinsynth tune --config experiments/ratio_sweep.yaml   # Ray Tune + Optuna; re-run to resume
   skinsynth data download ham10000 --out data/ham10000
   skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
   skinsynth bench train --out runs/demo --set train.model=tf_efficientnet_lite0
@@ -175,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--config", metavar="EXPERIMENT.yaml", help="experiment file (default: RUN_DIR/config.yaml)")
     _add_config_args(audit, with_file=False)
 
+    tune = commands.add_parser(
+        "tune",
+        help="Ray Tune + Optuna sweep of classifier trials (Ray Train): synthetic ratio, SSL, label budget, ...",
+        description="Run the sweep of the experiment's tune: section (trials are classifier training runs on "
+        "RUN_DIR/data, plus RUN_DIR/synthetic when mixing). Re-running the same command resumes an interrupted sweep "
+        "without repeating finished trials. Writes RUN_DIR/tune/<tune.name>/ (trials.parquet, trials.csv, "
+        "summary.csv for grids, best.json), the best trial on validation to RUN_DIR/models/best/ and its single "
+        "evaluation to RUN_DIR/eval/best/.",
+    )
+    tune.add_argument("--out", metavar="RUN_DIR", help="run directory with prepared data (run.out)")
+    tune.add_argument("--fresh", action="store_true", help="discard an earlier sweep of the same name, start again")
+    _add_config_args(tune)
+
     bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_prepare = bench_commands.add_parser(
@@ -201,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from skinsynth.config import load_config
+    from skinsynth.config import DEMO_SWEEP, load_config
     from skinsynth.pipeline import data_summary_text, format_run_summary, run_experiment
 
-    cfg = load_config(None, _data_overrides(args))
+    cfg = load_config(None, _data_overrides(args), base=DEMO_SWEEP)
     outcomes = run_experiment(cfg, force=args.force)
     print()
     print(data_summary_text(cfg.run.out))
@@ -306,6 +320,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from skinsynth.config import load_config
+    from skinsynth.tune.sweep import run_sweep
+
+    cfg = load_config(args.config, _data_overrides(args))
+    result = run_sweep(cfg, fresh=args.fresh)
+    print(f"sweep: {result.sweep_dir} (trials.csv{', summary.csv' if result.summary is not None else ''}, best.json)")
+    print(DISCLAIMER)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from skinsynth import bench
     from skinsynth.config import load_config
@@ -329,6 +354,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "generate": _cmd_generate,
     "audit": _cmd_audit,
+    "tune": _cmd_tune,
     "bench": _cmd_bench,
 }
 

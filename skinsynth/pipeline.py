@@ -1,9 +1,10 @@
 """Runs the stages of an experiment in order, skipping those whose manifest matches (``demo`` and ``run``).
 
-Stages so far: prepare -> generate (train the generator) -> sample -> train (the classifier) -> audit (the synthetic
-set, with the classifier as one feature extractor) -> evaluate. Each later stage writes a ``manifest.json`` with the
-hash of its own config section and of its input stages' manifests, so a change upstream re-runs everything downstream
-of it. Later stages (tune) slot in between.
+Stages: prepare -> generate (train the generator) -> sample -> train (the classifier) -> audit (the synthetic set,
+with the classifier as one feature extractor) -> evaluate -> tune (a sweep over classifier settings when the
+experiment has a ``tune.space``; its best trial on validation goes to ``models/best`` and is evaluated once). Each
+later stage writes a ``manifest.json`` with the hash of its own config section and of its input stages' manifests, so
+a change upstream re-runs everything downstream of it.
 """
 
 from __future__ import annotations
@@ -139,6 +140,32 @@ def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
     return _unless_up_to_date("audit", audit_dir, expected, force, progress, work)
 
 
+def _stage_tune(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    from skinsynth.tune.sweep import run_sweep
+
+    if not cfg.tune.space:
+        return StageOutcome("tune", 0.0, True, "no sweep (tune.space is empty)")
+    sweep_dir = run_dir / "tune" / cfg.tune.name
+
+    def work() -> tuple[Path, str]:
+        # an interrupted sweep resumes; one made with other settings or data starts again
+        best = run_sweep(cfg, fresh=force, restart_if_changed=True, progress=progress).best or {}
+        val, test = best.get("best_val_balanced_accuracy", 0.0), best.get("test_balanced_accuracy", 0.0)
+        detail = (
+            f"best trial {best.get('trial_id')}: val balanced accuracy {val:.3f}, test {test:.3f} "
+            f"-> {run_dir / 'models' / 'best'}"
+        )
+        return sweep_dir, detail
+
+    expected = _manifest_hash(
+        config_to_dict(cfg.tune),
+        config_to_dict(cfg.train),
+        _file_hash(run_dir / "data" / "manifest.json"),
+        _file_hash(run_dir / "synthetic" / "manifest.json"),
+    )
+    return _unless_up_to_date("tune", sweep_dir, expected, force, progress, work)
+
+
 def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.classify.evaluate import evaluate_model
 
@@ -163,6 +190,7 @@ STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], Stage
     ("train", _stage_train),
     ("audit", _stage_audit),
     ("evaluate", _stage_evaluate),
+    ("tune", _stage_tune),
 ]
 
 
@@ -200,6 +228,9 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     lines.append(f"      open {Path(cfg.run.out) / 'eval' / cfg.train.name / 'report.json'} and its figures")
     if cfg.generator.enabled:
         lines.append(f"      open {Path(cfg.run.out) / 'audit' / 'report.json'} (fidelity, privacy, export gate)")
+    if cfg.tune.space:
+        trials = Path(cfg.run.out) / "tune" / cfg.tune.name / "trials.csv"
+        lines.append(f"      open {trials} and {Path(cfg.run.out) / 'eval' / 'best' / 'report.json'}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
 

@@ -107,11 +107,14 @@ def test_every_experiment_file_loads():
 
 
 def test_demo_file_is_the_embedded_default():
-    """`skinsynth demo` runs the built-in defaults; experiments/demo.yaml must say exactly the same."""
+    """`skinsynth demo` runs the built-in defaults plus its small sweep; experiments/demo.yaml says exactly that."""
     from pathlib import Path
 
+    from skinsynth.config import DEMO_SWEEP
+
     demo = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
-    assert load_config(demo) == load_config(None)
+    assert load_config(demo) == load_config(None, base=DEMO_SWEEP)
+    assert load_config(None).tune.space == {}  # other experiments sweep only when their file says so
 
 
 def test_mapping_values_and_their_overrides_are_type_checked():

@@ -61,9 +61,14 @@ def _keep_ids(batch: pd.DataFrame, ids: frozenset[str]) -> pd.DataFrame:
 
 
 def shard_dataset(
-    run_dir: str | Path, image_ids: list[str], columns: list[str] = TRAIN_COLUMNS, shuffle_seed: int | None = None
+    run_dir: str | Path,
+    image_ids: list[str],
+    columns: list[str] = TRAIN_COLUMNS,
+    shuffle_seed: int | None = None,
+    stage: str = "data",
 ):
-    """A Ray Dataset over the prepared shards, restricted to ``image_ids``.
+    """A Ray Dataset over a stage's shards (``RUN_DIR/<stage>/images``: ``data`` or ``synthetic``), restricted to
+    ``image_ids``.
 
     With ``shuffle_seed`` the shard files are read in a seeded order that changes with every pass (epoch); the
     training loop's local shuffle buffer then mixes rows across shards.
@@ -74,7 +79,7 @@ def shard_dataset(
     import ray.data
 
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(str(Path(run_dir) / "data" / "images"), columns=columns, shuffle=shuffle)
+    ds = ray.data.read_parquet(str(Path(run_dir) / stage / "images"), columns=columns, shuffle=shuffle)
     return ds.map_batches(_keep_ids, batch_format="pandas", fn_kwargs={"ids": frozenset(image_ids)})
 
 

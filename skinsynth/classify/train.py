@@ -10,6 +10,7 @@ optimiser, schedule, epoch and early-stopping state from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skinsynth.config import ExperimentConfig, TrainConfig, config_to_dict
+from skinsynth.config import ExperimentConfig, TrainConfig, config_to_dict, section_from_dict
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
@@ -125,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, Collate, DermoscopyAugmentation
     from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, report_with_checkpoint, unwrap_model
 
-    tc = TrainConfig(**config["train"])
+    tc = section_from_dict(TrainConfig, config["train"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # Ray gives each worker one logical CPU and sets OMP_NUM_THREADS=1; on a CPU-only node the worker should still
@@ -159,12 +160,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         ema = timm.utils.ModelEmaV3(unwrap_model(model), decay=tc.ema_decay, use_warmup=True, warmup_power=3 / 4)
 
+    ssl = tc.ssl
+    alignment = None
+    if ssl.method != "none" and ssl.distribution_alignment:
+        from skinsynth.classify.ssl import DistributionAlignment
+
+        alignment = DistributionAlignment(torch.tensor(config["class_prior"]))
+
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "stale_epochs": 0, "history": [], "best_model": None}
     saved = load_train_checkpoint()
     if saved:
         unwrap_model(model).load_state_dict(saved["model"])
         if ema is not None:
             ema.module.load_state_dict(saved["ema"])
+        if alignment is not None and saved.get("alignment"):
+            alignment.load_state_dict(saved["alignment"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
@@ -174,6 +184,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     prefetch = 1 if device.type == "cuda" else 0
     val_shard = ray.train.get_dataset_shard("val")
+    unlabelled_shard = ray.train.get_dataset_shard("unlabelled") if ssl.method != "none" else None
+    finished = state["epoch"] >= tc.epochs or state["stale_epochs"] >= tc.early_stopping_patience
+    if saved and state["history"] and finished:
+        # the run had finished before an interruption (a sweep killed between a trial's last epoch and recording
+        # it): report the last result again, from the same weights, so the caller gets it without training again
+        report_with_checkpoint(state["history"][-1], saved, rank)
     for epoch in range(state["epoch"], tc.epochs):
         if state["stale_epochs"] >= tc.early_stopping_patience:
             break
@@ -192,16 +208,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=tc.seed + epoch,
             drop_last=False,
         )
+        unlabelled = (
+            _unlabelled_batches(unlabelled_shard, tc, mean, std, config["image_size"], epoch, rank, prefetch)
+            if unlabelled_shard is not None
+            else None
+        )
+        mask_sum, mask_n = 0.0, 0
         for x, y in batches:
             x, y = x.to(device, memory_format=memory_format), y.to(device)
+            views = [v.to(device, memory_format=memory_format) for v in next(unlabelled)] if unlabelled else []
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
+                # one forward pass over labelled and unlabelled views, so BatchNorm sees them as one batch
+                all_logits = model(torch.cat([x, *views])) if views else model(x)
+                logits = all_logits[: len(y)]
                 if tc.imbalance == "focal":
                     loss = focal_loss(logits.float(), y, tc.focal_gamma, weight if use_weight else None)
                 else:
                     loss = F.cross_entropy(
                         logits.float(), y, weight=weight if use_weight else None, label_smoothing=tc.label_smoothing
                     )
+                if views:
+                    unlabelled_loss, mask = _unlabelled_loss(all_logits[len(y) :], ssl, alignment)
+                    loss = loss + ssl.unlabelled_weight * unlabelled_loss
+                    mask_sum, mask_n = mask_sum + float(mask.sum()), mask_n + len(mask)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -234,39 +263,136 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_images_per_s": seen * context.get_world_size() / max(train_s, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }
+        if mask_n:  # share of unlabelled images confident enough to be trained on (FixMatch's "mask rate")
+            metrics["pseudo_label_rate"] = mask_sum / mask_n
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
         if rank == 0:
+            pseudo = f"  pseudo-labelled {metrics['pseudo_label_rate']:.0%}" if mask_n else ""
             print(
                 f"train: epoch {epoch + 1}/{tc.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1})  "
-                f"{metrics['train_images_per_s']:.0f} img/s"
+                f"{metrics['train_images_per_s']:.0f} img/s{pseudo}"
             )
         saved = {
             "model": unwrap_model(model).state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "alignment": alignment.state_dict() if alignment is not None else None,
             "state": state,
         }
         report_with_checkpoint(metrics, saved, rank)
 
 
-def training_datasets(run_dir: Path, train_ids: list[str], val_ids: list[str], tc: TrainConfig) -> dict[str, Any]:
-    """The Ray Datasets of a training run: labelled train rows and validation rows from the prepared shards.
+def _unlabelled_batches(shard, tc: TrainConfig, mean, std, image_size: int, epoch: int, rank: int, prefetch: int):
+    """Endless batches of ``unlabelled_ratio x batch_size`` unlabelled images (as weak, or weak and strong, views).
 
-    With ``train.cache_rows`` both are read, filtered and held in Ray's object store once (compressed PNGs: about
-    35 kB an image at 128 px) instead of re-reading every shard each epoch; on a small machine that re-read competes
-    with the model for the same cores. Rows were shuffled across shards at prepare time, and the training loop's
-    seeded, per-epoch shuffle buffer varies the batches from epoch to epoch.
+    The labelled set sets the epoch's length; the pool (usually larger) is read on in passes, each reshuffled.
+    """
+    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS
+    from skinsynth.classify.ssl import StrongAugmentation, UnlabelledCollate
+
+    ssl = tc.ssl
+    batch_size = tc.batch_size * ssl.unlabelled_ratio
+    for round_ in range(1_000_000):
+        seed = (tc.seed, epoch, rank, round_)
+        strong = StrongAugmentation(ssl.randaugment_magnitude, ssl.cutout, seed) if ssl.method == "fixmatch" else None
+        empty = True
+        for views in shard.iter_torch_batches(
+            batch_size=batch_size,
+            collate_fn=UnlabelledCollate(mean, std, image_size, seed, strong),
+            prefetch_batches=prefetch,
+            local_shuffle_buffer_size=max(batch_size * 4, SHUFFLE_BUFFER_ROWS),
+            local_shuffle_seed=hash(seed) % (2**31),
+            drop_last=True,
+        ):
+            empty = False
+            yield views
+        if empty:
+            raise SkinsynthError(f"the unlabelled pool has fewer than {batch_size} images (one unlabelled batch)")
+
+
+def _unlabelled_loss(logits: torch.Tensor, ssl, alignment) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unlabelled part of the loss from the logits of the unlabelled views (weak, or weak then strong)."""
+    from skinsynth.classify.ssl import fixmatch_loss, pseudo_label_loss
+
+    if ssl.method == "fixmatch":
+        weak, strong = logits.chunk(2)
+        return fixmatch_loss(weak, strong, ssl.threshold, alignment)
+    return pseudo_label_loss(logits, ssl.threshold)
+
+
+@dataclass
+class TrainingInputs:
+    """The images one training run learns from, by id, and the labels the driver needs for class weights."""
+
+    labelled: list[str]  # real train images whose labels training uses
+    synthetic: list[str]  # synthetic images mixed into the labelled set (train.mix)
+    unlabelled: list[str]  # the rest of the train split: the SSL pool (used only when train.ssl.method is set)
+    val: list[str]
+    labels: np.ndarray  # of labelled then synthetic images (class weights, class prior)
+    synthetic_per_class: dict[str, int]
+
+
+def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
+    """Partition the train split (``train.label_fraction``) and draw the synthetic mix (``train.mix``).
+
+    Raises:
+        SkinsynthError: no prepared data, no labelled image, no synthetic set when a mix is asked for, or too few
+            synthetic images of a class.
+    """
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.classify.mixing import labelled_partition, select_synthetic, synthetic_counts
+
+    splits = load_split_table(run_dir)
+    train_splits = splits[splits["split"] == "train"]
+    train_rows = read_rows(run_dir, list(train_splits["image_id"]), columns=["image_id", "dx", "label"])
+    train_rows = train_rows.merge(train_splits[["image_id", "group_id", "labelled"]], on="image_id")
+    partition = labelled_partition(train_rows, tc.label_fraction, tc.seed)
+    if not partition.labelled:
+        raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+    labelled_rows = train_rows.set_index("image_id").loc[partition.labelled]
+    synthetic, labels = [], labelled_rows["label"].to_numpy(np.int64)
+    counts = synthetic_counts(labelled_rows["dx"].value_counts().to_dict(), tc.mix)
+    if sum(counts.values()):
+        synthetic_dir = run_dir / "synthetic" / "images"
+        if not synthetic_dir.is_dir():
+            raise SkinsynthError(
+                f"train.mix.ratio is {tc.mix.ratio} but {synthetic_dir} does not exist: run 'skinsynth generate "
+                "train' and 'skinsynth generate sample' first (or set train.mix.ratio=0)"
+            )
+        import pyarrow.parquet as pq
+
+        pool = pq.read_table(synthetic_dir, columns=["image_id", "dx", "label"]).to_pandas()
+        synthetic = select_synthetic(pool, counts, tc.mix.seed)
+        labels = np.concatenate([labels, pool.set_index("image_id").loc[synthetic, "label"].to_numpy(np.int64)])
+    return TrainingInputs(
+        partition.labelled, synthetic, partition.unlabelled, split_ids(splits, "val"), labels, counts
+    )
+
+
+def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) -> dict[str, Any]:
+    """The Ray Datasets of a training run: labelled (real + synthetic) train rows, validation rows and, for SSL, the
+    unlabelled pool, from the prepared and synthetic shards.
+
+    The unlabelled pool is read without its ``label`` column, so no worker can see the labels SSL must not use.
+    With ``train.cache_rows`` every set is read, filtered and held in Ray's object store once (compressed PNGs:
+    about 35 kB an image at 128 px) instead of re-reading every shard each epoch; on a small machine that re-read
+    competes with the model for the same cores. Rows were shuffled across shards at prepare time, and the training
+    loop's seeded, per-epoch shuffle buffer varies the batches from epoch to epoch.
     """
     from skinsynth.classify.data import shard_dataset
 
-    train = shard_dataset(run_dir, train_ids, shuffle_seed=tc.seed)
-    val = shard_dataset(run_dir, val_ids)
+    train = shard_dataset(run_dir, inputs.labelled, shuffle_seed=tc.seed)
+    if inputs.synthetic:
+        train = train.union(shard_dataset(run_dir, inputs.synthetic, shuffle_seed=tc.seed, stage="synthetic"))
+    datasets = {"train": train, "val": shard_dataset(run_dir, inputs.val)}
+    if tc.ssl.method != "none":
+        datasets["unlabelled"] = shard_dataset(run_dir, inputs.unlabelled, ["image_id", "image"], tc.seed + 1)
     if tc.cache_rows:
-        train, val = train.materialize(), val.materialize()
-    return {"train": train, "val": val}
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    return datasets
 
 
 def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
@@ -280,6 +406,8 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     from skinsynth.runtime import resumable_run_name
 
     data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
+    if tc.mix.ratio > 0:  # a re-sampled synthetic set is different data
+        data_hash = f"{data_hash}+{(read_manifest(run_dir / 'synthetic') or {}).get('input_hash')}"
     return resumable_run_name(tc.name, "train", config_to_dict(tc), {"epochs", "early_stopping_patience"}, data_hash)
 
 
@@ -287,22 +415,32 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
 class TrainResult:
     """Where the trained model went and how training went."""
 
-    model_dir: Path
+    model_dir: Path | None
     best_val_balanced_accuracy: float
     best_epoch: int
     epochs_run: int
     history: list[dict[str, Any]]
 
 
-def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> TrainResult:
+def train_classifier(
+    cfg: ExperimentConfig,
+    *,
+    progress: Progress = print,
+    storage: Path | None = None,
+    callbacks: list[Any] | None = None,
+    export: bool = True,
+) -> TrainResult:
     """Train ``cfg.train`` on ``RUN_DIR/data`` and write the best model to ``RUN_DIR/models/<name>/``.
 
     Args:
-        cfg: the experiment (``run.out`` must hold a prepared ``data/``).
+        cfg: the experiment (``run.out`` must hold a prepared ``data/``; and ``synthetic/`` when mixing).
         progress: receives one-line messages.
+        storage: where Ray Train keeps the run (default ``RUN_DIR/ray_train``); a sweep gives each trial its own.
+        callbacks: Ray Train callbacks (a sweep passes Tune's report callback).
+        export: write the best model to ``RUN_DIR/models/<name>/`` (a sweep exports only its best trial).
 
     Returns:
-        A :class:`TrainResult`.
+        A :class:`TrainResult` (``model_dir`` is None when not exported).
 
     Raises:
         SkinsynthError: no prepared data, no labelled training image, or a GPU asked for that is not there.
@@ -311,71 +449,108 @@ def train_classifier(cfg: ExperimentConfig, *, progress: Progress = print) -> Tr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
 
     run_dir = Path(cfg.run.out).resolve()
     tc = cfg.train
-    splits = load_split_table(run_dir)
-    train_ids = split_ids(splits, "train", labelled_only=True)
-    val_ids = split_ids(splits, "val")
-    if not train_ids:
-        raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
-    if tc.freeze_blocks and tc.pretrained == "none":
-        raise SkinsynthError("train.freeze_blocks keeps layers at their pretrained values: it needs train.pretrained")
-    if not 0.0 <= tc.ema_decay < 1.0:
-        raise SkinsynthError(f"train.ema_decay must be in [0, 1) (0 = no weight averaging), got {tc.ema_decay}")
-    if not val_ids:
+    _check_train_config(tc)
+    inputs = training_inputs(run_dir, tc)
+    if not inputs.val:
         raise SkinsynthError(
             "training needs a validation split (model selection and early stopping use it); "
             "set data.split.val_fraction above 0 and prepare again"
         )
+    if tc.ssl.method != "none" and not inputs.unlabelled:
+        # every training image is labelled (label_fraction 1 in a label-budget grid): nothing for SSL to use
+        progress(f"train: no unlabelled images: train.ssl.method={tc.ssl.method} has nothing to add; supervised only")
+        tc = dataclasses.replace(tc, ssl=dataclasses.replace(tc.ssl, method="none"))
+    if tc.ssl.method != "none" and len(inputs.unlabelled) < tc.batch_size * tc.ssl.unlabelled_ratio:
+        raise SkinsynthError(
+            f"train.ssl.method={tc.ssl.method} needs at least {tc.batch_size * tc.ssl.unlabelled_ratio} unlabelled "
+            f"images (batch_size x unlabelled_ratio), the pool has {len(inputs.unlabelled)}: lower "
+            "train.label_fraction, train.batch_size or train.ssl.unlabelled_ratio"
+        )
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
-    train_labels = read_rows(run_dir, train_ids, columns=["image_id", "label"])["label"].to_numpy()
-    weights = class_weights(train_labels)
+    weights = class_weights(inputs.labels)
+    prior = np.bincount(inputs.labels[: len(inputs.labelled)], minlength=len(CLASSES)).astype(float)
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(tc.use_gpu, "train.use_gpu")
+    mix = f" + {len(inputs.synthetic)} synthetic" if inputs.synthetic else ""
+    ssl = f", {tc.ssl.method} on {len(inputs.unlabelled)} unlabelled" if tc.ssl.method != "none" else ""
     progress(
-        f"train: {tc.model} ({tc.pretrained} weights) on {len(train_ids)} labelled images, {len(val_ids)} validation, "
-        f"{tc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
+        f"train: {tc.model} ({tc.pretrained} weights) on {len(inputs.labelled)} labelled{mix} images{ssl}, "
+        f"{len(inputs.val)} validation, {tc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
-    storage = run_dir / "ray_train"
     # the per-epoch lines of the loop are the progress report; Ray Data's bars would repeat every epoch in logs
     ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = training_datasets(run_dir, inputs, tc)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": config_to_dict(tc),
             "class_weights": weights.tolist(),
-            "train_images": len(train_ids),
+            "class_prior": (prior / prior.sum()).tolist(),
+            "train_images": len(inputs.labels),
             "image_size": card["image_size"],
             "torch_threads": tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=training_run_name(tc, run_dir),
-            storage_path=str(storage),
+            storage_path=str(storage or run_dir / "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
         ),
-        datasets=training_datasets(run_dir, train_ids, val_ids, tc),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[n for n in ("train", "unlabelled") if n in datasets]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise SkinsynthError(f"training of '{tc.name}' reported no checkpoint; see the log above")
     state = read_run_checkpoint(result.checkpoint)["state"]
-    model_dir = export_model(run_dir, tc, state, card)
-    progress(
-        f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
-        f"model written to {model_dir}"
-    )
+    model_dir = None
+    if export:
+        extra = {
+            "labelled_images": len(inputs.labelled),
+            "unlabelled_images": len(inputs.unlabelled),
+            "synthetic_per_class": inputs.synthetic_per_class,
+        }
+        model_dir = export_model(run_dir, tc, state, card, extra)
+        progress(
+            f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
+            f"model written to {model_dir}"
+        )
     return TrainResult(model_dir, state["best_score"], state["best_epoch"], state["epoch"], state["history"])
 
 
-def export_model(run_dir: Path, tc: TrainConfig, state: dict[str, Any], data_card: dict[str, Any]) -> Path:
-    """Write the best weights, the training config and the history to ``RUN_DIR/models/<name>/`` atomically."""
-    model_dir = run_dir / "models" / tc.name
-    tmp = model_dir.with_name(f".{tc.name}.tmp-{os.getpid()}")
+def _check_train_config(tc: TrainConfig) -> None:
+    """Settings that cannot work together, refused before any data is read."""
+    if tc.freeze_blocks and tc.pretrained == "none":
+        raise SkinsynthError("train.freeze_blocks keeps layers at their pretrained values: it needs train.pretrained")
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise SkinsynthError(f"train.ema_decay must be in [0, 1) (0 = no weight averaging), got {tc.ema_decay}")
+    if tc.ssl.method != "none":
+        if not 0.0 < tc.ssl.threshold <= 1.0:
+            raise SkinsynthError(f"train.ssl.threshold must be in (0, 1], got {tc.ssl.threshold}")
+        if tc.ssl.unlabelled_ratio < 1:
+            raise SkinsynthError(f"train.ssl.unlabelled_ratio must be >= 1, got {tc.ssl.unlabelled_ratio}")
+        if tc.ssl.unlabelled_weight < 0:
+            raise SkinsynthError(f"train.ssl.unlabelled_weight must be >= 0, got {tc.ssl.unlabelled_weight}")
+
+
+def export_model(
+    run_dir: Path,
+    tc: TrainConfig,
+    state: dict[str, Any],
+    data_card: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write the best weights, the training config and the history to ``RUN_DIR/models/<name>/`` atomically
+    (``name`` defaults to ``train.name``; ``extra`` joins ``training.json``)."""
+    name = name or tc.name
+    model_dir = run_dir / "models" / name
+    tmp = model_dir.with_name(f".{name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(state["best_model"], tmp / "model.pt")
     info = {
@@ -387,6 +562,7 @@ def export_model(run_dir: Path, tc: TrainConfig, state: dict[str, Any], data_car
         "best_val_balanced_accuracy": state["best_score"],
         "history": state["history"],
         "data_source": data_card["source"],
+        **(extra or {}),
     }
     (tmp / "training.json").write_text(json.dumps(info, indent=2, default=float))
     if model_dir.exists():

@@ -1,0 +1,142 @@
+"""Who a training run learns from: the labelled/unlabelled partition of the train split and the synthetic mix.
+
+A label budget is simulated on a fully labelled source: a class-stratified, lesion-grouped share of the train split
+keeps its labels and the rest becomes the unlabelled pool of semi-supervised learning. The pool's labels are read
+on the driver only to stratify the draw (as the prepare stage does); they never reach a training worker, whose
+unlabelled dataset carries no label column at all.
+
+Budgets are nested: with one seed, the groups labelled at 5% are among those labelled at 10%, 20%, ... because
+each class's lesions are taken in one seeded order until the budget is spent. A label-budget curve then compares
+runs that differ only in how many labels they were given, not in which images.
+
+Synthetic images are added to the labelled set only: ``ratio`` synthetic images per labelled real image, spread
+evenly over all classes (``uniform``) or over the minority classes only (``minority``: classes with fewer labelled
+images than the mean per class). Each synthetic image keeps the class it was generated for. Validation and test
+never see a synthetic row: they are read from the split table, which holds real images only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from skinsynth.config import MixConfig
+from skinsynth.data.schema import CLASSES
+from skinsynth.errors import SkinsynthError
+
+
+@dataclass
+class LabelPartition:
+    """The train split divided into the images whose labels training may use and the unlabelled pool."""
+
+    labelled: list[str]
+    unlabelled: list[str]
+
+
+def labelled_partition(train_rows: pd.DataFrame, label_fraction: float | None, seed: int) -> LabelPartition:
+    """Split the train rows into a labelled subset and the unlabelled pool.
+
+    Args:
+        train_rows: the train split's rows, columns ``image_id``, ``group_id``, ``dx`` and ``labelled`` (the flag
+            the prepare stage set from ``data.split.label_fraction``).
+        label_fraction: share of train images to label, drawn class-stratified by lesion and nested across
+            fractions for one seed; None keeps the prepared ``labelled`` flag.
+        seed: orders each class's lesions.
+
+    Returns:
+        A :class:`LabelPartition` (ids sorted); every lesion lies wholly on one side.
+
+    Raises:
+        SkinsynthError: a fraction outside (0, 1].
+    """
+    if label_fraction is None:
+        labelled = train_rows["labelled"].to_numpy(bool)
+    else:
+        if not 0.0 < label_fraction <= 1.0:
+            raise SkinsynthError(f"train.label_fraction must be in (0, 1], got {label_fraction}")
+        rng = np.random.default_rng(seed)
+        chosen: set[str] = set()
+        groups = train_rows.groupby("group_id", sort=True)["dx"].agg(["first", "size"])
+        for _, members in groups.groupby("first", sort=True):
+            budget = label_fraction * members["size"].sum()
+            order = rng.permutation(len(members))
+            taken = 0
+            for i in order:
+                # at least one lesion per class; after that, stop before the budget is overshot by more than half a
+                # lesion (so that small budgets round to the nearest lesion rather than always up)
+                size = int(members["size"].iloc[i])
+                if taken and taken + size / 2 > budget:
+                    break
+                chosen.add(members.index[i])
+                taken += size
+        labelled = train_rows["group_id"].isin(chosen).to_numpy()
+    ids = train_rows["image_id"].to_numpy()
+    return LabelPartition(sorted(ids[labelled].tolist()), sorted(ids[~labelled].tolist()))
+
+
+def synthetic_counts(labelled_counts: dict[str, int], mix: MixConfig) -> dict[str, int]:
+    """Synthetic images to add per class: ``round(ratio x labelled images)`` spread evenly over the target classes.
+
+    Args:
+        labelled_counts: labelled real images per class code.
+        mix: ratio and class choice.
+
+    Returns:
+        Class code -> count, for every class in :data:`CLASSES` (0 for classes not targeted).
+    """
+    if mix.ratio < 0 or not math.isfinite(mix.ratio):
+        raise SkinsynthError(f"train.mix.ratio must be a number >= 0, got {mix.ratio}")
+    counts = dict.fromkeys(CLASSES, 0)
+    total = int(math.floor(mix.ratio * sum(labelled_counts.values()) + 0.5))
+    present = [dx for dx in CLASSES if labelled_counts.get(dx, 0) > 0]
+    if mix.classes == "minority":
+        mean = sum(labelled_counts.get(dx, 0) for dx in present) / max(len(present), 1)
+        targets = [dx for dx in present if labelled_counts[dx] < mean]
+    else:
+        targets = present
+    if not targets or total == 0:
+        return counts
+    share, extra = divmod(total, len(targets))  # the remainder goes to the smallest classes first
+    for dx in targets:
+        counts[dx] = share
+    for dx in sorted(targets, key=lambda d: (labelled_counts[d], CLASSES.index(d)))[:extra]:
+        counts[dx] += 1
+    return counts
+
+
+def select_synthetic(synthetic_rows: pd.DataFrame, counts: dict[str, int], seed: int) -> list[str]:
+    """Draw ``counts[dx]`` synthetic images of each class without replacement (seeded).
+
+    Args:
+        synthetic_rows: columns ``image_id`` and ``dx`` (the generator's conditioning class) of RUN_DIR/synthetic.
+        counts: images wanted per class.
+        seed: which images are drawn.
+
+    Returns:
+        The chosen image ids, sorted.
+
+    Raises:
+        SkinsynthError: a class with fewer synthetic images than asked for (naming how many are missing).
+    """
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    short = []
+    for dx in CLASSES:
+        wanted = counts.get(dx, 0)
+        if wanted == 0:
+            continue
+        pool = np.sort(synthetic_rows.loc[synthetic_rows["dx"] == dx, "image_id"].to_numpy())
+        if len(pool) < wanted:
+            short.append(f"{dx} {len(pool)}/{wanted}")
+            continue
+        chosen += rng.choice(pool, size=wanted, replace=False).tolist()
+    if short:
+        raise SkinsynthError(
+            f"train.mix asks for more synthetic images than RUN_DIR/synthetic holds (have/need: {', '.join(short)}); "
+            "sample more (e.g. --set sample.plan=fill --set sample.fill_to=N, then 'skinsynth generate sample') "
+            "or lower train.mix.ratio"
+        )
+    return sorted(chosen)

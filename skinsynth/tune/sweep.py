@@ -1,0 +1,382 @@
+"""``skinsynth tune``: a Ray Tune sweep whose trials are classifier training runs (Ray Train), and what it leaves.
+
+Search: Optuna's TPE sampler (Bergstra et al. 2011, "Algorithms for hyper-parameter optimization"; Akiba et al.
+2019, "Optuna"), seeded, through Ray Tune's ``OptunaSearch``; or a full grid of the space's choices repeated over
+``tune.seeds`` (designed experiments such as label-budget curves, where every cell is wanted, not the best one).
+Scheduling: ASHA (Li et al. 2020, "A system for massively parallel hyperparameter tuning") stops trials whose
+validation balanced accuracy trails at an epoch rung.
+
+Each trial is a Tune function that builds its experiment config (the file's, with the trial's values set) and runs
+the classifier's Ray Train loop with its own workers; Tune's report callback carries every epoch's metrics and
+checkpoint path to the sweep. The sweep lives in ``RUN_DIR/tune/<name>/``: Tune's experiment state (trials and the
+searcher's state, so a killed sweep resumes where it stopped: ``Tuner.restore``), ``trials.jsonl`` (when each trial
+started and ended, by trial id), ``trials.parquet`` (one row per trial: values, metrics, checkpoint) and, for a
+grid, ``summary.csv`` (mean and standard deviation over seeds per cell, on validation and test).
+
+The best trial is chosen on validation balanced accuracy only; its weights are copied to ``RUN_DIR/models/best/``
+and evaluated once, on test and the external sets, into ``RUN_DIR/eval/best/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinsynth.config import ExperimentConfig, config_to_dict
+from skinsynth.errors import SkinsynthError
+from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config, tune_param_space
+
+Progress = Callable[[str], None]
+METRIC = "best_val_balanced_accuracy"  # the best epoch so far: monotone, so ASHA compares trials fairly at a rung
+TRIAL_LOG = "trials.jsonl"
+BEST_MODEL = "best"
+
+
+def _log_event(sweep_dir: Path, event: dict[str, Any]) -> None:
+    """Append one line to the sweep's trial log (each trial writes its own start and end)."""
+    with open(sweep_dir / TRIAL_LOG, "a") as log:
+        log.write(json.dumps({**event, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def read_trial_log(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The events of ``trials.jsonl`` (``trial_id``, ``event`` start|end, ``params``, ``time``), oldest first."""
+    path = Path(sweep_dir) / TRIAL_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
+    """One trial (a Tune function): train the classifier with the trial's values; metrics reach Tune per epoch.
+
+    Args:
+        params: the trial's values, keyed by dotted config key.
+        base: the experiment config as a plain dict (``run.out`` absolute: Tune runs trials in their own folders).
+        sweep_dir: the sweep's folder, for the trial log.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from skinsynth.classify.train import train_classifier
+
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    cfg = trial_config(base, params)
+    _log_event(Path(sweep_dir), {"trial_id": trial_id, "event": "start", "params": params})
+    result = train_classifier(
+        cfg,
+        # the trial's own Ray Train storage, in the sweep's folder (Tune's trial folder lies in the Ray session's
+        # temporary files, which a restarted Ray does not see): a trial restarted after a kill resumes from it
+        storage=Path(sweep_dir) / "trials" / f"trial-{trial_id}",
+        callbacks=[TuneReportCallback()],
+        export=False,
+        progress=lambda message: print(f"[trial {trial_id}] {message}"),
+    )
+    _log_event(
+        Path(sweep_dir),
+        {"trial_id": trial_id, "event": "end", "params": params, METRIC: result.best_val_balanced_accuracy},
+    )
+
+
+def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """Hash of what defines a sweep: its config (bar where the best model is evaluated) and its input data."""
+    from skinsynth.data.prepare import read_manifest
+
+    settings = config_to_dict(cfg)
+    settings["tune"].pop("external", None)
+    settings["run"].pop("out", None)
+    inputs = [(read_manifest(run_dir / stage) or {}).get("input_hash") for stage in ("data", "synthetic")]
+    payload = json.dumps({"config": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _check_inputs(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Fail before the sweep, not in one of its trials: prepared data, and synthetic images for the largest mix."""
+    from skinsynth.classify.train import training_inputs
+
+    largest: dict[str, Any] = {}
+    for key in ("train.mix.ratio", "train.label_fraction"):
+        dim = cfg.tune.space.get(key)
+        if dim is not None:
+            values = dim.choice or dim.uniform or dim.loguniform or dim.integer or []
+            numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if numeric:
+                largest[key] = max(numeric)
+    trial = trial_config(config_to_dict(cfg), largest)
+    training_inputs(run_dir, trial.train)
+
+
+def _tuner(cfg: ExperimentConfig, run_dir: Path, sweep_dir: Path, trainable: Any):
+    """A new Tuner for this sweep, or the interrupted one restored with its trials and searcher state."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    tc = cfg.tune
+    if ray.tune.Tuner.can_restore(str(sweep_dir)):
+        return ray.tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True), True
+    search_alg = None
+    if tc.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))
+    scheduler = None
+    if tc.scheduler == "asha" and cfg.train.epochs > tc.grace_period:
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.train.epochs,
+            grace_period=tc.grace_period,
+            reduction_factor=tc.reduction_factor,
+        )
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=tune_param_space(tc),
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=tc.num_samples if tc.search == "optuna" else 1,
+            max_concurrent_trials=tc.max_concurrent_trials,
+            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+            # a reused trial process would start the next trial's data tasks in the previous trial's (released)
+            # placement group, where they wait forever
+            reuse_actors=False,
+        ),
+        run_config=ray.tune.RunConfig(name=tc.name, storage_path=str(sweep_dir.parent), verbose=1),
+    )
+    return tuner, False
+
+
+@dataclass
+class SweepResult:
+    """Where a sweep's outputs went and what it found."""
+
+    sweep_dir: Path
+    trials: pd.DataFrame
+    best: dict[str, Any] | None
+    summary: pd.DataFrame | None
+
+
+def run_sweep(
+    cfg: ExperimentConfig, *, fresh: bool = False, restart_if_changed: bool = False, progress: Progress = print
+) -> SweepResult:
+    """Run (or resume) the sweep of ``cfg.tune`` on ``RUN_DIR/data`` (and ``RUN_DIR/synthetic``).
+
+    Args:
+        cfg: the experiment; ``tune.space`` names what is searched, the rest of the file is every trial's base.
+        fresh: discard an earlier sweep of the same name instead of resuming it.
+        restart_if_changed: an earlier sweep of this name made with other settings or data is discarded (the
+            pipeline's choice) instead of refused (the ``tune`` command's: a sweep is hours of work).
+        progress: receives one-line messages.
+
+    Returns:
+        A :class:`SweepResult`; also written under ``RUN_DIR/tune/<name>/``.
+
+    Raises:
+        ConfigError: a malformed space.
+        SkinsynthError: missing inputs, a sweep of this name made with different settings, or no trial finished.
+    """
+    import ray.tune
+
+    from skinsynth.runtime import ensure_ray
+
+    check_space(cfg)
+    run_dir = Path(cfg.run.out).resolve()
+    sweep_dir = run_dir / "tune" / cfg.tune.name
+    identity = sweep_identity(cfg, run_dir)
+    info_path = sweep_dir / "sweep.json"
+    if fresh and sweep_dir.exists():
+        shutil.rmtree(sweep_dir)
+    changed = info_path.is_file() and json.loads(info_path.read_text())["identity"] != identity
+    if changed and restart_if_changed:
+        progress(f"tune: settings or data changed since the sweep in {sweep_dir} was made; starting it again")
+        shutil.rmtree(sweep_dir)
+    elif changed:
+        raise SkinsynthError(
+            f"{sweep_dir} holds a sweep made with other settings or data; re-run with --fresh to discard it, or "
+            "pick another --set tune.name=..."
+        )
+    _check_inputs(cfg, run_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps({"identity": identity, "config": config_to_dict(cfg)}, indent=2, default=str))
+
+    # Tune saves the sweep's state every few seconds by default, scaled up when saving is slow; trials here take
+    # minutes, so saving often costs nothing and narrows what a kill can lose to about a second
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    ensure_ray(cfg.data.num_cpus)
+    base = config_to_dict(cfg)
+    base["run"]["out"] = str(run_dir)
+    trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir))
+    # the trial function only waits on its Ray Train run, whose workers hold the CPUs and GPUs; Tune refuses an
+    # empty request, so it asks for a sliver of a CPU (tune.max_concurrent_trials bounds how many run at once)
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0.01})
+    tuner, restored = _tuner(cfg, run_dir, sweep_dir, trainable)
+    done_before = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] == "end"}
+    planned = cfg.tune.num_samples if cfg.tune.search == "optuna" else grid_size(cfg.tune)
+    progress(
+        f"tune: {'resuming' if restored else 'starting'} sweep '{cfg.tune.name}' ({cfg.tune.search}, {planned} "
+        f"trials, {len(done_before)} finished before) over {', '.join(cfg.tune.space)} -> {sweep_dir}"
+    )
+    grid = tuner.fit()
+    trials = trials_table(grid, cfg)
+    errored = trials[trials["error"].notna()]
+    for row in errored.itertuples():
+        progress(f"tune: trial {row.trial_id} failed: {row.error}")
+    if cfg.tune.search == "grid":
+        trials = add_test_metrics(trials, cfg, run_dir, progress)
+    trials.to_parquet(sweep_dir / "trials.parquet", index=False)
+    trials.drop(columns=["checkpoint_path"]).to_csv(sweep_dir / "trials.csv", index=False)
+    finished = len(trials) - len(errored)
+    progress(f"tune: {finished} of {len(trials)} trials finished; table -> {sweep_dir / 'trials.csv'}")
+    summary = None
+    if cfg.tune.search == "grid":
+        summary = summarise_over_seeds(trials, list(cfg.tune.space))
+        summary.to_csv(sweep_dir / "summary.csv", index=False)
+        progress("tune: mean ± std over seeds per cell\n" + format_summary(summary))
+    best = export_and_evaluate_best(trials, cfg, run_dir, progress)
+    (sweep_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
+    return SweepResult(sweep_dir, trials, best, summary)
+
+
+def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
+    """One row per trial of a Tune ``ResultGrid``: its values, last-reported metrics and checkpoint."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        row = {"trial_id": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")}
+        row.update({key: result.config.get(key) for key in cfg.tune.space})
+        if cfg.tune.seeds:
+            row[SEED_KEY] = result.config.get(SEED_KEY)
+        row.update(
+            {
+                "epochs_run": metrics.get("training_iteration", 0),
+                METRIC: metrics.get(METRIC, float("nan")),
+                "last_val_balanced_accuracy": metrics.get("val_balanced_accuracy", float("nan")),
+                "pseudo_label_rate": metrics.get("pseudo_label_rate", float("nan")),
+                "checkpoint_path": metrics.get("checkpoint_path"),
+                "error": str(result.error).splitlines()[0][:300] if result.error else None,
+            }
+        )
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
+
+
+def _best_state(checkpoint_path: str) -> dict[str, Any]:
+    """The training state in a trial's last checkpoint (its ``best_model`` is the best epoch's weights)."""
+    import ray.train
+
+    from skinsynth.runtime import read_run_checkpoint
+
+    return read_run_checkpoint(ray.train.Checkpoint(checkpoint_path))["state"]
+
+
+def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path, progress: Progress) -> pd.DataFrame:
+    """Score every finished trial of a grid on the test split (test balanced accuracy and macro AUROC).
+
+    A grid is a designed comparison, not a search: no trial is chosen by these numbers, so reading test for each
+    cell does not leak test into a selection. Each trial's best-on-validation weights are scored.
+    """
+    from skinsynth.classify import metrics as M
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.classify.evaluate import predict_probs
+    from skinsynth.classify.models import create_classifier
+    from skinsynth.data.schema import CLASSES
+
+    test = read_rows(run_dir, split_ids(load_split_table(run_dir), "test"), ["image", "label"])
+    labels = test["label"].to_numpy(np.int64)
+    bacc, auroc = [], []
+    for row in trials.to_dict("records"):
+        if not row["checkpoint_path"]:
+            bacc.append(float("nan"))
+            auroc.append(float("nan"))
+            continue
+        model_name = trial_config(config_to_dict(cfg), {k: _plain(row[k]) for k in cfg.tune.space}).train.model
+        model = create_classifier(model_name, num_classes=len(CLASSES), pretrained="none")
+        model.load_state_dict(_best_state(row["checkpoint_path"])["best_model"])
+        report = M.classification_metrics(predict_probs(model.eval(), test["image"]), labels)
+        bacc.append(report["balanced_accuracy"])
+        auroc.append(report["macro_auroc"])
+    progress(f"tune: scored {sum(not math.isnan(b) for b in bacc)} trials on {len(test)} test images")
+    return trials.assign(test_balanced_accuracy=bacc, test_macro_auroc=auroc)
+
+
+SUMMARY_METRICS = [METRIC, "test_balanced_accuracy", "test_macro_auroc"]
+
+
+def summarise_over_seeds(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean, sample standard deviation and count over seeds for every cell (combination of the space's values)."""
+    finished = trials[trials["error"].isna()]
+    summary = finished.groupby(keys, dropna=False)[SUMMARY_METRICS].agg(["mean", "std", "count"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    return summary.reset_index()
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The per-cell summary as aligned text: one line per cell, ``mean ± std (n)`` per metric."""
+    keys = [c for c in summary.columns if not any(c.startswith(m) for m in SUMMARY_METRICS)]
+    header = keys + ["val bal. acc", "test bal. acc", "test macro AUROC"]
+    lines = []
+    for row in summary.to_dict("records"):
+        cells = [str(row[k]) for k in keys]
+        for metric in SUMMARY_METRICS:
+            mean, std, count = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_count"]
+            cells.append(f"{mean:.3f} ± {0.0 if std != std else std:.3f} (n={count})")  # one seed: no spread
+        lines.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in lines)])
+
+
+def export_and_evaluate_best(
+    trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path, progress: Progress
+) -> dict[str, Any]:
+    """Copy the best trial on validation to ``RUN_DIR/models/best/`` and evaluate it once (test, external sets).
+
+    Raises:
+        SkinsynthError: no trial reported a checkpoint.
+    """
+    from skinsynth.classify.evaluate import evaluate_model
+    from skinsynth.classify.train import export_model
+
+    usable = trials[trials["checkpoint_path"].notna() & trials[METRIC].notna()]
+    if usable.empty:
+        raise SkinsynthError("no trial of the sweep finished an epoch; see the errors above")
+    best = usable.loc[usable[METRIC].idxmax()]
+    params = {key: _plain(best[key]) for key in cfg.tune.space}
+    if cfg.tune.seeds:
+        params[SEED_KEY] = int(best[SEED_KEY])
+    best_cfg = trial_config(config_to_dict(cfg), params)
+    best_cfg.train.name = BEST_MODEL
+    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    sweep = {"sweep": cfg.tune.name, "trial_id": best["trial_id"], "params": params, "chosen_on": "validation"}
+    export_model(run_dir, best_cfg.train, _best_state(best["checkpoint_path"]), card, {"sweep": sweep}, BEST_MODEL)
+    progress(
+        f"tune: best trial {best['trial_id']} (validation balanced accuracy {best[METRIC]:.3f}) with {params} "
+        f"-> {run_dir / 'models' / BEST_MODEL}"
+    )
+    report = evaluate_model(best_cfg, external=cfg.tune.external, progress=progress)
+    return {
+        **sweep,
+        METRIC: float(best[METRIC]),
+        "test_balanced_accuracy": report["test"]["balanced_accuracy"],
+        "test_macro_auroc": report["test"]["macro_auroc"],
+        "external": {k: v["balanced_accuracy"] for k, v in report["external"].items()},
+        "report": str(run_dir / "eval" / BEST_MODEL / "report.json"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from a DataFrame back to Python values (for config building and JSON)."""
+    return value.item() if hasattr(value, "item") else value

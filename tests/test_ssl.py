@@ -1,0 +1,221 @@
+"""Semi-supervised learning and real/synthetic mixing: the losses by hand, the partition, the mix counts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from skinsynth.classify.mixing import labelled_partition, select_synthetic, synthetic_counts
+from skinsynth.classify.ssl import (
+    DistributionAlignment,
+    StrongAugmentation,
+    UnlabelledCollate,
+    fixmatch_loss,
+    pseudo_label_loss,
+)
+from skinsynth.config import MixConfig, load_config
+from skinsynth.data.schema import CLASSES
+from skinsynth.errors import SkinsynthError
+
+# --- the losses against hand-computed values ---
+
+WEAK = torch.log(torch.tensor([[0.96, 0.02, 0.02], [1 / 3, 1 / 3, 1 / 3]]))  # confident, then uncertain
+STRONG = torch.log(torch.tensor([[1 / 5, 3 / 5, 1 / 5], [0.1, 0.1, 0.8]]))
+
+
+def test_fixmatch_loss_on_a_hand_made_batch():
+    loss, mask = fixmatch_loss(WEAK, STRONG, threshold=0.95)
+    # image 1: confidence 0.96 >= 0.95, pseudo-label 0, strong-view probability of class 0 is 1/5 -> -ln(1/5)
+    # image 2: confidence 1/3 < 0.95 -> masked; the mean is over both images
+    assert mask.tolist() == [1.0, 0.0]
+    assert float(loss) == pytest.approx(math.log(5) / 2, rel=1e-6)
+    # at threshold 0.3 both count; image 2's pseudo-label is class 0 (ties go to the first), p = 0.1
+    loss_all, mask_all = fixmatch_loss(WEAK, STRONG, threshold=0.3)
+    assert mask_all.tolist() == [1.0, 1.0]
+    assert float(loss_all) == pytest.approx((math.log(5) + math.log(10)) / 2, rel=1e-6)
+
+
+def test_fixmatch_gradient_flows_through_the_strong_view_only():
+    weak = WEAK.clone().requires_grad_(True)
+    strong = STRONG.clone().requires_grad_(True)
+    loss, _ = fixmatch_loss(weak, strong, threshold=0.95)
+    loss.backward()
+    assert weak.grad is None or float(weak.grad.abs().sum()) == 0.0
+    # d/dz of CE(softmax(z), 0) / N is (softmax(z) - onehot(0)) / N for the unmasked image, 0 for the masked one
+    expected = torch.tensor([[1 / 5 - 1, 3 / 5, 1 / 5], [0.0, 0.0, 0.0]]) / 2
+    assert torch.allclose(strong.grad, expected, atol=1e-6)
+
+
+def test_distribution_alignment_matches_the_hand_computed_rescaling_and_changes_the_mask():
+    alignment = DistributionAlignment(torch.tensor([2.0, 1.0, 1.0]), momentum=0.0)  # prior 0.5, 0.25, 0.25
+    probs = torch.softmax(WEAK, dim=1)
+    aligned = alignment(probs)
+    running = probs.mean(0)  # momentum 0: the running mean is this batch's mean
+    assert torch.allclose(running, torch.tensor([(0.96 + 1 / 3) / 2, (0.02 + 1 / 3) / 2, (0.02 + 1 / 3) / 2]))
+    by_hand = torch.tensor([0.96 * 0.5 / running[0], 0.02 * 0.25 / running[1], 0.02 * 0.25 / running[2]])
+    assert torch.allclose(aligned[0], by_hand / by_hand.sum(), atol=1e-6)
+    # 0.96 becomes about 0.929: below the threshold, so alignment takes the (majority-class) pseudo-label away
+    assert float(aligned[0, 0]) == pytest.approx(0.9291, abs=1e-4)
+    loss, mask = fixmatch_loss(WEAK, STRONG, 0.95, DistributionAlignment(torch.tensor([2.0, 1.0, 1.0]), momentum=0.0))
+    assert mask.tolist() == [0.0, 0.0] and float(loss) == 0.0
+
+
+def test_pseudo_label_loss_is_cross_entropy_on_confident_own_predictions():
+    loss, mask = pseudo_label_loss(WEAK, threshold=0.95)
+    assert mask.tolist() == [1.0, 0.0]
+    assert float(loss) == pytest.approx(-math.log(0.96) / 2, rel=1e-5)  # float32 logits
+
+
+def test_strong_augmentation_changes_images_and_is_seeded():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    a = StrongAugmentation(magnitude=9, cutout=0.5, seed=1)(images)
+    torch.manual_seed(0)
+    b = StrongAugmentation(magnitude=9, cutout=0.5, seed=1)(images)
+    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, images.float() / 255)
+    # Cutout fills its square with grey 0.5
+    assert (a == 0.5).all(dim=1).any()  # some pixel grey in all three channels
+
+
+def test_the_unlabelled_collate_refuses_a_batch_that_carries_labels():
+    collate = UnlabelledCollate((0.5,) * 3, (0.5,) * 3, 32, seed=0)
+    with pytest.raises(RuntimeError, match="labels must stay hidden"):
+        collate({"image": np.array([b""], dtype=object), "label": np.array([0])})
+
+
+# --- the labelled / unlabelled partition ---
+
+
+def _train_rows(seed: int = 0) -> pd.DataFrame:
+    """300 images of 200 lesions over the 7 classes (imbalanced), one or two images per lesion."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(200):
+        dx = CLASSES[min(6, int(rng.exponential(1.5)))]
+        for v in range(1 + int(rng.random() < 0.5)):
+            rows.append({"image_id": f"img{g:03d}_{v}", "group_id": f"les{g:03d}", "dx": dx, "labelled": g % 2 == 0})
+    return pd.DataFrame(rows)
+
+
+def test_partition_splits_train_into_disjoint_labelled_and_unlabelled_by_lesion():
+    rows = _train_rows()
+    part = labelled_partition(rows, 0.2, seed=3)
+    labelled, unlabelled = set(part.labelled), set(part.unlabelled)
+    assert not labelled & unlabelled
+    assert labelled | unlabelled == set(rows["image_id"])
+    lesion = rows.set_index("image_id")["group_id"]
+    assert not set(lesion[list(labelled)]) & set(lesion[list(unlabelled)])  # no lesion on both sides
+    # stratified: every class keeps about a fifth of its images labelled (within one lesion of two images)
+    for dx, group in rows.groupby("dx"):
+        n_lab = group["image_id"].isin(labelled).sum()
+        assert n_lab >= 1 and abs(n_lab - 0.2 * len(group)) <= 2, dx
+
+
+def test_label_budgets_are_nested_for_one_seed_and_none_keeps_the_prepared_flag():
+    rows = _train_rows()
+    parts = [set(labelled_partition(rows, f, seed=7).labelled) for f in (0.05, 0.1, 0.2, 0.5, 1.0)]
+    assert all(small <= large for small, large in zip(parts, parts[1:]))
+    assert parts[-1] == set(rows["image_id"])
+    assert labelled_partition(rows, None, seed=0).labelled == sorted(rows.loc[rows["labelled"], "image_id"])
+    with pytest.raises(SkinsynthError, match="label_fraction"):
+        labelled_partition(rows, 0.0, seed=0)
+
+
+# --- the synthetic mix ---
+
+
+def test_mixing_counts_uniform_and_minority():
+    labelled = {"akiec": 30, "bcc": 50, "bkl": 110, "df": 10, "mel": 110, "nv": 670, "vasc": 14}  # 994 images
+    uniform = synthetic_counts(labelled, MixConfig(ratio=1.0, classes="uniform"))
+    assert sum(uniform.values()) == 994
+    assert sorted(uniform.values()) == [142] * 7  # 994 = 7 x 142
+    minority = synthetic_counts(labelled, MixConfig(ratio=0.5, classes="minority"))
+    # mean per class is 142: every class but nv is a minority; 497 over 6 classes = 82 each, 5 left for the smallest
+    assert minority["nv"] == 0 and sum(minority.values()) == 497
+    assert minority == {"akiec": 83, "bcc": 83, "bkl": 83, "df": 83, "mel": 82, "nv": 0, "vasc": 83}
+    assert synthetic_counts(labelled, MixConfig(ratio=0.0)) == dict.fromkeys(CLASSES, 0)
+    with pytest.raises(SkinsynthError, match="ratio"):
+        synthetic_counts(labelled, MixConfig(ratio=-1.0))
+
+
+def test_select_synthetic_draws_the_requested_count_of_each_class_or_says_what_is_missing():
+    pool = pd.DataFrame({"image_id": [f"syn-{i:03d}" for i in range(70)], "dx": [CLASSES[i % 7] for i in range(70)]})
+    counts = {"akiec": 3, "bcc": 0, "bkl": 10, "df": 1, "mel": 5, "nv": 2, "vasc": 7}
+    chosen = select_synthetic(pool, counts, seed=0)
+    got = pool.set_index("image_id").loc[chosen, "dx"].value_counts().to_dict()
+    assert got == {dx: n for dx, n in counts.items() if n}
+    assert len(set(chosen)) == len(chosen)
+    assert select_synthetic(pool, counts, seed=0) == chosen and select_synthetic(pool, counts, seed=1) != chosen
+    with pytest.raises(SkinsynthError, match=r"bkl 10/11"):
+        select_synthetic(pool, {**counts, "bkl": 11}, seed=0)
+
+
+# --- the datasets a run trains on (real prepared shards, a hand-written synthetic shard, local Ray) ---
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """A prepared phantom run plus a synthetic shard: copies of train images relabelled as synthetic rows."""
+    from skinsynth.data.prepare import prepare_images
+
+    out = tmp_path_factory.mktemp("mix") / "run"
+    cfg = load_config(None, [f"run.out={out}", "data.phantom.n_images=140", "data.preprocess.size=32"])
+    prepare_images(cfg.data, out, engine="local", progress=lambda _m: None)
+    real = pq.read_table(out / "data" / "images").to_pandas()
+    synthetic = pd.concat([real] * 2, ignore_index=True)
+    synthetic["image_id"] = [f"syn-test-{i:05d}" for i in range(len(synthetic))]
+    synthetic["group_id"] = synthetic["image_id"]
+    synthetic["source"], synthetic["synthetic"] = "synthetic", True
+    (out / "synthetic" / "images").mkdir(parents=True)
+    shard = out / "synthetic" / "images" / "part-0.parquet"
+    pq.write_table(pa.Table.from_pandas(synthetic, preserve_index=False), shard)
+    return cfg, out
+
+
+def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_validation(ray_local, mixed_run):
+    from skinsynth.classify.data import load_split_table
+    from skinsynth.classify.train import training_datasets, training_inputs
+
+    cfg, out = mixed_run
+    settings = ["train.label_fraction=0.3", "train.ssl.method=fixmatch", "train.mix.ratio=1", "train.cache_rows=false"]
+    tc = load_config(None, settings).train
+    inputs = training_inputs(out, tc)
+    splits = load_split_table(out)
+    train_ids = set(splits.loc[splits["split"] == "train", "image_id"])
+    assert set(inputs.labelled) | set(inputs.unlabelled) == train_ids
+    assert not set(inputs.labelled) & set(inputs.unlabelled)
+    assert len(inputs.synthetic) == len(inputs.labelled)  # ratio 1
+    datasets = training_datasets(out, inputs, tc)
+    pool = datasets["unlabelled"]
+    assert pool.schema().names == ["image_id", "image"]  # no label column reaches a worker
+    assert set(pool.to_pandas()["image_id"]) == set(inputs.unlabelled)
+    train = datasets["train"].to_pandas()
+    assert set(train["image_id"]) == set(inputs.labelled) | set(inputs.synthetic)
+    assert len(train) == len(inputs.labels)
+    val_ids = set(datasets["val"].to_pandas()["image_id"])
+    assert val_ids == set(splits.loc[splits["split"] == "val", "image_id"])
+    assert not any(i.startswith("syn-") for i in val_ids)
+    # the mix follows the counts: uniform over the 7 classes, ratio 1 -> len(labelled) spread evenly
+    per_class = train[train["image_id"].str.startswith("syn-")]["label"].value_counts()
+    assert per_class.max() - per_class.min() <= 1 and per_class.sum() == len(inputs.labelled)
+
+
+def test_a_mix_without_a_synthetic_set_or_with_too_few_images_is_refused(mixed_run, tmp_path):
+    from skinsynth.classify.train import training_inputs
+
+    cfg, out = mixed_run
+    with pytest.raises(SkinsynthError, match="have/need"):
+        training_inputs(out, load_config(None, ["train.mix.ratio=50"]).train)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "data").symlink_to(out / "data")
+    with pytest.raises(SkinsynthError, match="generate sample"):
+        training_inputs(bare, load_config(None, ["train.mix.ratio=1"]).train)

@@ -1,0 +1,175 @@
+"""``skinsynth tune``: the search space from the experiment file, the per-cell summary, and a real sweep on phantom
+data (Ray Tune + Optuna + ASHA, trials as Ray Train runs) that is killed half-way and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from skinsynth.config import ConfigError, load_config
+from skinsynth.tune.space import check_space, grid_size, trial_config, tune_param_space
+from skinsynth.tune.sweep import format_summary, read_trial_log, summarise_over_seeds
+
+
+def _write(tmp_path: Path, tune: dict, **sections) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"tune": tune, **sections}))
+    return path
+
+
+def test_space_keys_and_values_are_checked_against_the_config_schema(tmp_path):
+    ok = load_config(_write(tmp_path, {"space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    check_space(ok)
+    cases = [
+        ({"train.lrr": {"uniform": [0.1, 0.2]}}, "did you mean 'train.lr'"),
+        ({"train.ssl.method": {"choice": ["fixmatch", "mixmatch"]}}, "train.ssl.method"),
+        ({"train.lr": {"loguniform": [0, 0.1]}}, "low > 0"),
+        ({"train.lr": {"uniform": [0.1, 0.01]}}, "low < high"),
+        ({"train.lr": {"uniform": [0.1, 0.2], "choice": [0.1]}}, "exactly one"),
+        ({"data.preprocess.size": {"choice": [32, 64]}}, "training settings"),
+        ({}, "tune.space is empty"),
+    ]
+    for space, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check_space(load_config(_write(tmp_path, {"space": space})))
+    with pytest.raises(ConfigError, match="must be a choice"):
+        check_space(load_config(_write(tmp_path, {"search": "grid", "space": {"train.lr": {"uniform": [0.1, 0.2]}}})))
+    with pytest.raises(ConfigError, match="unknown config key 'tune.spaces'"):
+        load_config(_write(tmp_path, {"spaces": {}}))
+
+
+def test_grid_space_repeats_every_cell_over_the_seeds_and_trial_configs_carry_the_values(tmp_path):
+    cfg = load_config(
+        _write(
+            tmp_path,
+            {
+                "search": "grid",
+                "seeds": [0, 1, 2],
+                "space": {
+                    "train.label_fraction": {"choice": [0.05, 0.1, 0.2, 1.0]},
+                    "train.mix.ratio": {"choice": [0, 1, 5]},
+                    "train.ssl.method": {"choice": ["none", "fixmatch"]},
+                },
+            },
+        )
+    )
+    check_space(cfg)
+    assert grid_size(cfg.tune) == 72
+    space = tune_param_space(cfg.tune)
+    assert space["train.seed"] == {"grid_search": [0, 1, 2]}
+    assert space["train.mix.ratio"] == {"grid_search": [0, 1, 5]}
+    from skinsynth.config import config_to_dict
+
+    trial = trial_config(config_to_dict(cfg), {"train.mix.ratio": 5, "train.ssl.method": "fixmatch", "train.seed": 2})
+    assert trial.train.mix.ratio == 5.0 and trial.train.ssl.method == "fixmatch" and trial.train.seed == 2
+    assert trial.tune.space == {}  # a trial does not sweep
+
+
+def test_summary_gives_mean_and_sample_std_per_cell_over_seeds():
+    trials = pd.DataFrame(
+        {
+            "trial_id": list("abcdef"),
+            "train.ssl.method": ["none"] * 3 + ["fixmatch"] * 3,
+            "train.seed": [0, 1, 2] * 2,
+            "best_val_balanced_accuracy": [0.5, 0.6, 0.7, 0.6, 0.6, 0.6],
+            "test_balanced_accuracy": [0.40, 0.50, 0.60, 0.55, 0.65, np.nan],
+            "test_macro_auroc": [0.8, 0.8, 0.8, 0.9, 0.7, 0.8],
+            "error": [None] * 5 + ["boom"],
+        }
+    )
+    summary = summarise_over_seeds(trials, ["train.ssl.method"]).set_index("train.ssl.method")
+    assert summary.loc["none", "test_balanced_accuracy_mean"] == pytest.approx(0.5)
+    assert summary.loc["none", "test_balanced_accuracy_std"] == pytest.approx(0.1)  # sample std of .4 .5 .6
+    # the errored trial is left out of its cell
+    assert summary.loc["fixmatch", "test_balanced_accuracy_count"] == 2
+    assert summary.loc["fixmatch", "test_macro_auroc_std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    text = format_summary(summary.reset_index())
+    assert "0.500 ± 0.100 (n=3)" in text and "fixmatch" in text
+
+
+SWEEP = {
+    "run": {"name": "phantom_sweep"},
+    "data": {"phantom": {"n_images": 140}, "preprocess": {"size": 32}},
+    "train": {
+        "model": "test_efficientnet",
+        "pretrained": "none",
+        "epochs": 2,
+        "batch_size": 16,
+        "cache_rows": False,
+        "ssl": {"unlabelled_ratio": 1},
+    },
+    "tune": {
+        "name": "resume",
+        "num_samples": 8,
+        "grace_period": 1,
+        "space": {
+            "train.lr": {"loguniform": [0.001, 0.02]},
+            "train.ssl.method": {"choice": ["none", "fixmatch"]},
+            "train.label_fraction": {"choice": [0.5, 1.0]},
+        },
+    },
+}
+
+
+def _sweep_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "skinsynth.cli", "tune", "--config", str(config)]
+
+
+@pytest.mark.slow
+def test_phantom_sweep_of_8_trials_killed_half_way_resumes_without_repeating_finished_trials(ray_local, tmp_path):
+    from skinsynth.data.prepare import prepare_images
+
+    out = tmp_path / "run"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SWEEP, "run": {**SWEEP["run"], "out": str(out)}}))
+    prepare_images(load_config(config).data, out, engine="local", progress=lambda _m: None)
+    # the sweep runs as its own driver on this session's Ray, as `ray job submit` would run it on a cluster
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    sweep_dir = out / "tune" / "resume"
+    first = subprocess.Popen(_sweep_command(config), env=env, start_new_session=True, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        if sum(e["event"] == "end" for e in read_trial_log(sweep_dir)) >= 3:
+            break
+        time.sleep(1)
+    assert first.poll() is None, "the sweep ended (or died) before it could be killed half-way"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = read_trial_log(sweep_dir)
+    finished_before = {e["trial_id"] for e in before if e["event"] == "end"}
+    assert 3 <= len(finished_before) < 8
+
+    resumed = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"{len(finished_before)} finished before" in resumed.stdout
+    events = read_trial_log(sweep_dir)
+    after = events[len(before) :]
+    restarted = {e["trial_id"] for e in after if e["event"] == "start"}
+    assert not restarted & finished_before  # no finished trial ran again
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    assert len(trials) == 8 and trials["trial_id"].is_unique
+    assert trials["error"].isna().all()
+    assert finished_before < set(trials["trial_id"])
+    # ASHA stopped some trials after their first epoch; every trial reported at least one
+    assert (trials["epochs_run"] >= 1).all() and trials["best_val_balanced_accuracy"].notna().all()
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["best_val_balanced_accuracy"] == pytest.approx(trials["best_val_balanced_accuracy"].max())
+    assert best["chosen_on"] == "validation"
+    assert (out / "models" / "best" / "model.pt").is_file()
+    report = json.loads((out / "eval" / "best" / "report.json").read_text())
+    assert 0.0 <= report["test"]["balanced_accuracy"] <= 1.0
+
+    # the same command once more: the sweep is complete, so nothing trains
+    again = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not [e for e in read_trial_log(sweep_dir)[len(events) :] if e["event"] == "start"]
