@@ -215,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from skinsynth.config import DEMO_SWEEP, load_config
+    from skinsynth.config import DEMO_SETTINGS, load_config
     from skinsynth.pipeline import data_summary_text, format_run_summary, run_experiment
 
-    cfg = load_config(None, _data_overrides(args), base=DEMO_SWEEP)
+    cfg = load_config(None, _data_overrides(args), base=DEMO_SETTINGS)
     outcomes = run_experiment(cfg, force=args.force)
     print()
     print(data_summary_text(cfg.run.out))

@@ -227,8 +227,7 @@ class TuneConfig:
     space: dict[str, SearchDimension] = field(default_factory=dict)  # dotted config key -> dimension
     num_samples: int = 8  # optuna: trials in the sweep
     seeds: list[int] = field(default_factory=list)  # grid: each cell is repeated with train.seed set to these
-    objective: Literal["balanced_accuracy", "balanced_accuracy+worst_tone_sensitivity"] = "balanced_accuracy"
-    scheduler: Literal["asha", "none"] = "asha"  # ASHA (Li et al. 2020) stops weak trials at epoch rungs
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA (Li et al. 2020) stops weak trials at epoch rungs (optuna only)
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: one in this many trials goes on at each rung
     max_concurrent_trials: int = 1  # trials that run at once (each holds train.num_workers workers)
@@ -396,17 +395,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-# What ``skinsynth demo`` adds to the defaults (experiments/demo.yaml says the same): a three-trial sweep on the
-# phantom run, over the label budget, FixMatch, a small synthetic mix and the learning rate.
-DEMO_SWEEP: dict[str, Any] = {
+# What ``skinsynth demo`` adds to the defaults (experiments/demo.yaml says the same): 30% of the phantom training
+# labels (the generator learns from those only and samples one image per labelled image), and a three-trial sweep
+# over FixMatch, a synthetic mix and the learning rate.
+DEMO_SETTINGS: dict[str, Any] = {
+    "data": {"split": {"label_fraction": 0.3}},
+    "sample": {"ratio": 1.0},
     "train": {"ssl": {"unlabelled_ratio": 2}},
     "tune": {
         "name": "demo_sweep",
         "num_samples": 3,
         "space": {
-            "train.label_fraction": {"choice": [0.3, 1.0]},
             "train.ssl.method": {"choice": ["none", "fixmatch"]},
-            "train.mix.ratio": {"choice": [0, 0.2]},
+            "train.mix.ratio": {"choice": [0, 0.5]},
             "train.lr": {"loguniform": [0.0003, 0.003]},
         },
     },
@@ -423,7 +424,7 @@ def load_config(
     Args:
         path: YAML experiment file; None uses the built-in defaults (the phantom demo).
         overrides: ``a.b=c`` strings, applied in order after the file.
-        base: without a file, a nested mapping applied over the defaults first (e.g. :data:`DEMO_SWEEP`).
+        base: without a file, a nested mapping applied over the defaults first (e.g. :data:`DEMO_SETTINGS`).
 
     Returns:
         The type-checked :class:`ExperimentConfig`.

@@ -23,7 +23,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner needs: without it the
+    # cleaner cannot tell that a finished run's controller has gone, and a sweep of many training runs in one
+    # driver piles up their placement groups until no CPU is left for the next trial (seen on Ray 2.60).
+    kwargs: dict = {"include_dashboard": True, "logging_level": logging.WARNING}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
+
 from skinsynth.cli import main
 
 
@@ -76,6 +78,10 @@ DEMO_SMALL = [
     "generator.checkpoint_every=2",
     "--set",
     "sample.steps=3",
+    "--set",
+    "sample.ratio=3",  # enough synthetic images of every class for the sweep's mix, even at 70 images
+    "--set",
+    "tune.num_samples=1",  # the sweep itself is tested in test_tune.py
 ]
 
 
@@ -96,10 +102,13 @@ def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     audit = json.loads((out / "audit" / "report.json").read_text())
     assert audit["images"]["synthetic"] == card["images"] and isinstance(audit["gate"]["share_ok"], bool)
     assert re.search(r"^  audit\s+[0-9.]+ s  memorised [0-9.]+%, attack AUC", printed, re.MULTILINE)
+    assert re.search(r"^  tune\s+[0-9.]+ s  best trial \w+: val balanced accuracy [0-9.]+", printed, re.MULTILINE)
+    assert len(pd.read_parquet(out / "tune" / "demo_sweep" / "trials.parquet")) == 1
+    assert (out / "models" / "best" / "model.pt").is_file() and (out / "eval" / "best" / "report.json").is_file()
     # second run: every stage is up to date and skipped
     assert main(["demo", "--out", str(out), *DEMO_SMALL]) == 0
     summary = capsys.readouterr().out
-    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate"):
+    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
         assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
     # a changed training setting re-runs training and evaluation, not prepare
     assert main(["demo", "--out", str(out), *DEMO_SMALL, "--set", "train.lr=0.002"]) == 0
@@ -109,3 +118,4 @@ def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     assert not re.search(r"^  train\s+skipped", summary, re.MULTILINE)
     assert not re.search(r"^  audit\s+skipped", summary, re.MULTILINE)  # the classifier is one of its extractors
     assert not re.search(r"^  evaluate\s+skipped", summary, re.MULTILINE)
+    assert not re.search(r"^  tune\s+skipped", summary, re.MULTILINE)  # its trials' base config changed

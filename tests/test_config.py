@@ -110,10 +110,10 @@ def test_demo_file_is_the_embedded_default():
     """`skinsynth demo` runs the built-in defaults plus its small sweep; experiments/demo.yaml says exactly that."""
     from pathlib import Path
 
-    from skinsynth.config import DEMO_SWEEP
+    from skinsynth.config import DEMO_SETTINGS
 
     demo = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
-    assert load_config(demo) == load_config(None, base=DEMO_SWEEP)
+    assert load_config(demo) == load_config(None, base=DEMO_SETTINGS)
     assert load_config(None).tune.space == {}  # other experiments sweep only when their file says so
 
 

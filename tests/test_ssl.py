@@ -119,12 +119,21 @@ def test_partition_splits_train_into_disjoint_labelled_and_unlabelled_by_lesion(
         assert n_lab >= 1 and abs(n_lab - 0.2 * len(group)) <= 2, dx
 
 
-def test_label_budgets_are_nested_for_one_seed_and_none_keeps_the_prepared_flag():
-    rows = _train_rows()
-    parts = [set(labelled_partition(rows, f, seed=7).labelled) for f in (0.05, 0.1, 0.2, 0.5, 1.0)]
+def test_label_budgets_are_nested_for_one_seed_and_grow_from_the_prepared_labelled_set():
+    rows = _train_rows()  # the prepared flag labels every other lesion: about half the images
+    parts = [set(labelled_partition(rows, f, seed=7).labelled) for f in (0.05, 0.1, 0.2, 0.5, 0.7, 1.0)]
     assert all(small <= large for small, large in zip(parts, parts[1:]))
     assert parts[-1] == set(rows["image_id"])
-    assert labelled_partition(rows, None, seed=0).labelled == sorted(rows.loc[rows["labelled"], "image_id"])
+    prepared = set(rows.loc[rows["labelled"], "image_id"])
+    # per class, a budget below the prepared share is drawn from within it, a larger one keeps all of it (the
+    # images a generator learnt from): one always contains the other
+    for _, group in rows.groupby("dx"):
+        ids, prepared_here = set(group["image_id"]), prepared & set(group["image_id"])
+        for part in parts:
+            assert part & ids <= prepared_here or prepared_here <= part & ids
+    bcc = set(rows.loc[rows["dx"] == "bcc", "image_id"])  # 42% of bcc images are prepared-labelled
+    assert prepared & bcc <= parts[3] and parts[2] & bcc <= prepared  # a 50% budget keeps them, 20% stays inside
+    assert labelled_partition(rows, None, seed=0).labelled == sorted(prepared)
     with pytest.raises(SkinsynthError, match="label_fraction"):
         labelled_partition(rows, 0.0, seed=0)
 
@@ -167,7 +176,13 @@ def mixed_run(tmp_path_factory):
     from skinsynth.data.prepare import prepare_images
 
     out = tmp_path_factory.mktemp("mix") / "run"
-    cfg = load_config(None, [f"run.out={out}", "data.phantom.n_images=140", "data.preprocess.size=32"])
+    settings = [
+        f"run.out={out}",
+        "data.phantom.n_images=140",
+        "data.preprocess.size=32",
+        "data.split.label_fraction=0.3",
+    ]
+    cfg = load_config(None, settings)
     prepare_images(cfg.data, out, engine="local", progress=lambda _m: None)
     real = pq.read_table(out / "data" / "images").to_pandas()
     synthetic = pd.concat([real] * 2, ignore_index=True)
@@ -185,7 +200,7 @@ def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_vali
     from skinsynth.classify.train import training_datasets, training_inputs
 
     cfg, out = mixed_run
-    settings = ["train.label_fraction=0.3", "train.ssl.method=fixmatch", "train.mix.ratio=1", "train.cache_rows=false"]
+    settings = ["train.ssl.method=fixmatch", "train.mix.ratio=1", "train.cache_rows=false"]  # prepared 30% labelled
     tc = load_config(None, settings).train
     inputs = training_inputs(out, tc)
     splits = load_split_table(out)
@@ -214,6 +229,12 @@ def test_a_mix_without_a_synthetic_set_or_with_too_few_images_is_refused(mixed_r
     cfg, out = mixed_run
     with pytest.raises(SkinsynthError, match="have/need"):
         training_inputs(out, load_config(None, ["train.mix.ratio=50"]).train)
+    # the generator learnt from the prepared 30%: a mix in a run that hides some of those labels is refused ...
+    with pytest.raises(SkinsynthError, match="labels would reach it through the generator"):
+        training_inputs(out, load_config(None, ["train.mix.ratio=1", "train.label_fraction=0.2"]).train)
+    # ... and allowed in one whose budget contains them
+    larger = training_inputs(out, load_config(None, ["train.mix.ratio=1", "train.label_fraction=0.6"]).train)
+    assert len(larger.synthetic) == len(larger.labelled)
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "data").symlink_to(out / "data")

@@ -42,8 +42,11 @@ def test_space_keys_and_values_are_checked_against_the_config_schema(tmp_path):
     for space, message in cases:
         with pytest.raises(ConfigError, match=message):
             check_space(load_config(_write(tmp_path, {"space": space})))
+    grid = {"search": "grid", "scheduler": "none"}
     with pytest.raises(ConfigError, match="must be a choice"):
-        check_space(load_config(_write(tmp_path, {"search": "grid", "space": {"train.lr": {"uniform": [0.1, 0.2]}}})))
+        check_space(load_config(_write(tmp_path, {**grid, "space": {"train.lr": {"uniform": [0.1, 0.2]}}})))
+    with pytest.raises(ConfigError, match="set tune.scheduler to none"):
+        check_space(load_config(_write(tmp_path, {"search": "grid", "space": {"train.lr": {"choice": [0.1, 0.2]}}})))
     with pytest.raises(ConfigError, match="unknown config key 'tune.spaces'"):
         load_config(_write(tmp_path, {"spaces": {}}))
 
@@ -54,6 +57,7 @@ def test_grid_space_repeats_every_cell_over_the_seeds_and_trial_configs_carry_th
             tmp_path,
             {
                 "search": "grid",
+                "scheduler": "none",
                 "seeds": [0, 1, 2],
                 "space": {
                     "train.label_fraction": {"choice": [0.05, 0.1, 0.2, 1.0]},
@@ -137,7 +141,7 @@ def test_phantom_sweep_of_8_trials_killed_half_way_resumes_without_repeating_fin
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     sweep_dir = out / "tune" / "resume"
     first = subprocess.Popen(_sweep_command(config), env=env, start_new_session=True, text=True)
-    deadline = time.time() + 600
+    deadline = time.time() + 900
     while time.time() < deadline and first.poll() is None:
         if sum(e["event"] == "end" for e in read_trial_log(sweep_dir)) >= 3:
             break
@@ -149,7 +153,7 @@ def test_phantom_sweep_of_8_trials_killed_half_way_resumes_without_repeating_fin
     finished_before = {e["trial_id"] for e in before if e["event"] == "end"}
     assert 3 <= len(finished_before) < 8
 
-    resumed = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"{len(finished_before)} finished before" in resumed.stdout
     events = read_trial_log(sweep_dir)

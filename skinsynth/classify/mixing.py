@@ -7,7 +7,13 @@ unlabelled dataset carries no label column at all.
 
 Budgets are nested: with one seed, the groups labelled at 5% are among those labelled at 10%, 20%, ... because
 each class's lesions are taken in one seeded order until the budget is spent. A label-budget curve then compares
-runs that differ only in how many labels they were given, not in which images.
+runs that differ only in how many labels they were given, not in which images. The order starts with the prepared
+labelled set (``data.split.label_fraction``), the images the generator learns from, so that every budget at least
+that large contains them.
+
+The generator is the other way labels can reach a run: a class-conditional model trained on an image's label passes
+that label on through its samples. A run that mixes in synthetic images must therefore label every image the
+generator learnt from; :func:`check_generator_labels` refuses it otherwise.
 
 Synthetic images are added to the labelled set only: ``ratio`` synthetic images per labelled real image, spread
 evenly over all classes (``uniform``) or over the minority classes only (``minority``: classes with fewer labelled
@@ -39,11 +45,13 @@ class LabelPartition:
 def labelled_partition(train_rows: pd.DataFrame, label_fraction: float | None, seed: int) -> LabelPartition:
     """Split the train rows into a labelled subset and the unlabelled pool.
 
+    The prepared ``labelled`` flag (``data.split.label_fraction``, the set the generator learns from) comes first:
+    a budget larger than it keeps all of it and adds lesions; a smaller budget is drawn from within it. Within each
+    class, lesions are taken in one seeded order until the budget is spent, so budgets are nested for one seed.
+
     Args:
-        train_rows: the train split's rows, columns ``image_id``, ``group_id``, ``dx`` and ``labelled`` (the flag
-            the prepare stage set from ``data.split.label_fraction``).
-        label_fraction: share of train images to label, drawn class-stratified by lesion and nested across
-            fractions for one seed; None keeps the prepared ``labelled`` flag.
+        train_rows: the train split's rows, columns ``image_id``, ``group_id``, ``dx`` and ``labelled``.
+        label_fraction: share of train images to label; None keeps the prepared ``labelled`` flag.
         seed: orders each class's lesions.
 
     Returns:
@@ -58,17 +66,23 @@ def labelled_partition(train_rows: pd.DataFrame, label_fraction: float | None, s
         if not 0.0 < label_fraction <= 1.0:
             raise SkinsynthError(f"train.label_fraction must be in (0, 1], got {label_fraction}")
         rng = np.random.default_rng(seed)
+        # a budget at least the prepared share keeps every prepared-labelled lesion, whatever the rounding per class
+        keep_prepared = label_fraction >= train_rows["labelled"].mean() - 1e-9
         chosen: set[str] = set()
-        groups = train_rows.groupby("group_id", sort=True)["dx"].agg(["first", "size"])
-        for _, members in groups.groupby("first", sort=True):
+        groups = train_rows.groupby("group_id", sort=True).agg(
+            dx=("dx", "first"), size=("dx", "size"), prepared=("labelled", "all")
+        )
+        for _, members in groups.groupby("dx", sort=True):
             budget = label_fraction * members["size"].sum()
             order = rng.permutation(len(members))
+            prepared = members["prepared"].to_numpy()[order]
+            order = np.concatenate([order[prepared], order[~prepared]])  # the prepared labelled lesions first
             taken = 0
             for i in order:
                 # at least one lesion per class; after that, stop before the budget is overshot by more than half a
                 # lesion (so that small budgets round to the nearest lesion rather than always up)
                 size = int(members["size"].iloc[i])
-                if taken and taken + size / 2 > budget:
+                if taken and taken + size / 2 > budget and not (keep_prepared and members["prepared"].iloc[i]):
                     break
                 chosen.add(members.index[i])
                 taken += size
@@ -140,3 +154,19 @@ def select_synthetic(synthetic_rows: pd.DataFrame, counts: dict[str, int], seed:
             "or lower train.mix.ratio"
         )
     return sorted(chosen)
+
+
+def check_generator_labels(generator_images: set[str], labelled: list[str]) -> None:
+    """Refuse a synthetic mix whose generator learnt from images this run treats as unlabelled.
+
+    Raises:
+        SkinsynthError: naming how many of the generator's training images are in the unlabelled pool.
+    """
+    hidden = generator_images - set(labelled)
+    if hidden:
+        raise SkinsynthError(
+            f"train.mix would add synthetic images from a generator trained on {len(generator_images)} labelled "
+            f"images, {len(hidden)} of which this run keeps unlabelled: their labels would reach it through the "
+            "generator. Prepare with data.split.label_fraction at (or below) this run's budget and train the "
+            "generator on that, or set train.mix.ratio=0"
+        )

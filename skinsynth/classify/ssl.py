@@ -53,17 +53,23 @@ def fixmatch_loss(
     return (per_image * mask).mean(), mask
 
 
-def pseudo_label_loss(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_label_loss(
+    logits: torch.Tensor, threshold: float, alignment: DistributionAlignment | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The pseudo-labelling loss (Lee 2013): cross-entropy against the model's own confident hard predictions.
 
     Args:
         logits: (N, C) logits on weak views of unlabelled images (with gradient).
         threshold: confidence a prediction needs to count.
+        alignment: optional distribution alignment of the predictions before thresholding.
 
     Returns:
         The loss (mean over all N images) and the mask of used images.
     """
-    confidence, pseudo_labels = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    if alignment is not None:
+        probs = alignment(probs)
+    confidence, pseudo_labels = probs.max(dim=1)
     mask = (confidence >= threshold).float()
     return (F.cross_entropy(logits.float(), pseudo_labels, reduction="none") * mask).mean(), mask
 

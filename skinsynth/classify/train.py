@@ -209,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             drop_last=False,
         )
         unlabelled = (
-            _unlabelled_batches(unlabelled_shard, tc, mean, std, config["image_size"], epoch, rank, prefetch)
+            _unlabelled_batches(unlabelled_shard, tc, config, mean, std, epoch, rank, prefetch)
             if unlabelled_shard is not None
             else None
         )
@@ -240,6 +240,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ema.update(unwrap_model(model), step=scheduler.last_epoch)
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
+        if unlabelled is not None:
+            unlabelled.close()  # ends the pool's pass now rather than when the generator is collected
         train_s = time.perf_counter() - t0
 
         val_batches = val_shard.iter_torch_batches(
@@ -257,6 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["stale_epochs"] += 1
         metrics = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,  # a sweep's time axis: a resumed trial goes on counting from its checkpoint
             "train_loss": loss_sum / max(seen, 1),
             "val_balanced_accuracy": val_bacc,
             "best_val_balanced_accuracy": state["best_score"],
@@ -285,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_with_checkpoint(metrics, saved, rank)
 
 
-def _unlabelled_batches(shard, tc: TrainConfig, mean, std, image_size: int, epoch: int, rank: int, prefetch: int):
+def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, std, epoch: int, rank: int, prefetch):
     """Endless batches of ``unlabelled_ratio x batch_size`` unlabelled images (as weak, or weak and strong, views).
 
     The labelled set sets the epoch's length; the pool (usually larger) is read on in passes, each reshuffled.
@@ -293,8 +296,8 @@ def _unlabelled_batches(shard, tc: TrainConfig, mean, std, image_size: int, epoc
     from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS
     from skinsynth.classify.ssl import StrongAugmentation, UnlabelledCollate
 
-    ssl = tc.ssl
-    batch_size = tc.batch_size * ssl.unlabelled_ratio
+    ssl, image_size = tc.ssl, config["image_size"]
+    batch_size = config["unlabelled_batch_size"]
     for round_ in range(1_000_000):
         seed = (tc.seed, epoch, rank, round_)
         strong = StrongAugmentation(ssl.randaugment_magnitude, ssl.cutout, seed) if ssl.method == "fixmatch" else None
@@ -320,7 +323,7 @@ def _unlabelled_loss(logits: torch.Tensor, ssl, alignment) -> tuple[torch.Tensor
     if ssl.method == "fixmatch":
         weak, strong = logits.chunk(2)
         return fixmatch_loss(weak, strong, ssl.threshold, alignment)
-    return pseudo_label_loss(logits, ssl.threshold)
+    return pseudo_label_loss(logits, ssl.threshold, alignment)
 
 
 @dataclass
@@ -343,7 +346,12 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
             synthetic images of a class.
     """
     from skinsynth.classify.data import load_split_table, read_rows, split_ids
-    from skinsynth.classify.mixing import labelled_partition, select_synthetic, synthetic_counts
+    from skinsynth.classify.mixing import (
+        check_generator_labels,
+        labelled_partition,
+        select_synthetic,
+        synthetic_counts,
+    )
 
     splits = load_split_table(run_dir)
     train_splits = splits[splits["split"] == "train"]
@@ -356,6 +364,8 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
     synthetic, labels = [], labelled_rows["label"].to_numpy(np.int64)
     counts = synthetic_counts(labelled_rows["dx"].value_counts().to_dict(), tc.mix)
     if sum(counts.values()):
+        # 'generate train' learns from the prepared labelled set (see generate/train.py)
+        check_generator_labels(set(train_rows.loc[train_rows["labelled"], "image_id"]), partition.labelled)
         synthetic_dir = run_dir / "synthetic" / "images"
         if not synthetic_dir.is_dir():
             raise SkinsynthError(
@@ -464,11 +474,14 @@ def train_classifier(
         # every training image is labelled (label_fraction 1 in a label-budget grid): nothing for SSL to use
         progress(f"train: no unlabelled images: train.ssl.method={tc.ssl.method} has nothing to add; supervised only")
         tc = dataclasses.replace(tc, ssl=dataclasses.replace(tc.ssl, method="none"))
-    if tc.ssl.method != "none" and len(inputs.unlabelled) < tc.batch_size * tc.ssl.unlabelled_ratio:
-        raise SkinsynthError(
-            f"train.ssl.method={tc.ssl.method} needs at least {tc.batch_size * tc.ssl.unlabelled_ratio} unlabelled "
-            f"images (batch_size x unlabelled_ratio), the pool has {len(inputs.unlabelled)}: lower "
-            "train.label_fraction, train.batch_size or train.ssl.unlabelled_ratio"
+    unlabelled_batch = tc.batch_size * tc.ssl.unlabelled_ratio
+    if tc.ssl.method != "none" and len(inputs.unlabelled) < unlabelled_batch:
+        # a small pool (a demo, a tiny label budget) still trains: each step sees all of it (every worker reads the
+        # whole pool, see below)
+        unlabelled_batch = len(inputs.unlabelled)
+        progress(
+            f"train: the unlabelled pool ({len(inputs.unlabelled)} images) is smaller than batch_size x "
+            f"unlabelled_ratio; unlabelled batches of {unlabelled_batch} instead"
         )
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
     weights = class_weights(inputs.labels)
@@ -491,6 +504,7 @@ def train_classifier(
             "class_weights": weights.tolist(),
             "class_prior": (prior / prior.sum()).tolist(),
             "train_images": len(inputs.labels),
+            "unlabelled_batch_size": unlabelled_batch,
             "image_size": card["image_size"],
             "torch_threads": tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu),
         },
@@ -502,7 +516,10 @@ def train_classifier(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[n for n in ("train", "unlabelled") if n in datasets]),
+        # the unlabelled pool is not split: its batches are drawn in lock-step with the labelled ones and abandoned
+        # mid-pass at each epoch's end, which a split (a barrier across workers) does not allow; every worker reads
+        # the whole pool in its own seeded order instead
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -71,6 +71,8 @@ def check_space(cfg: ExperimentConfig) -> None:
                 trial_config(base, {key: value})
             except ConfigError as err:
                 raise ConfigError(f"tune.space['{key}']: {err}") from None
+    if tc.search == "grid" and tc.scheduler != "none":
+        raise ConfigError("tune.search is grid: every cell runs to the end, so set tune.scheduler to none")
     if tc.seeds and tc.search != "grid":
         raise ConfigError("tune.seeds repeats grid cells; with tune.search=optuna set train.seed instead")
     if tc.seeds and SEED_KEY in tc.space:

@@ -40,6 +40,18 @@ from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config,
 Progress = Callable[[str], None]
 METRIC = "best_val_balanced_accuracy"  # the best epoch so far: monotone, so ASHA compares trials fairly at a rung
 TRIAL_LOG = "trials.jsonl"
+# what a trial reports each epoch (the training loop's metrics and the checkpoint path Tune's callback adds)
+REPORTED = (
+    "epoch",
+    "epochs_done",
+    "train_loss",
+    "val_balanced_accuracy",
+    METRIC,
+    "train_images_per_s",
+    "lr",
+    "pseudo_label_rate",
+    "checkpoint_path",
+)
 BEST_MODEL = "best"
 
 
@@ -50,7 +62,9 @@ def _log_event(sweep_dir: Path, event: dict[str, Any]) -> None:
 
 
 def read_trial_log(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """The events of ``trials.jsonl`` (``trial_id``, ``event`` start|end, ``params``, ``time``), oldest first."""
+    """The events of ``trials.jsonl``, oldest first, each with ``trial_id`` and ``time``: ``start`` (written by the
+    trial as it begins training, with its ``params``), ``end`` (written by the sweep's driver, with the final
+    ``result``), ``error``, and ``recalled`` (a trial restarted after a kill that had already ended)."""
     path = Path(sweep_dir) / TRIAL_LOG
     if not path.is_file():
         return []
@@ -72,9 +86,16 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
 
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
+    ended = [e for e in read_trial_log(sweep_dir) if e["trial_id"] == trial_id and e["event"] == "end"]
+    if ended:
+        # the sweep was killed after this trial ended but before Tune saved that: report the recorded final result
+        # instead of training again
+        _log_event(Path(sweep_dir), {"trial_id": trial_id, "event": "recalled"})
+        ray.tune.report(ended[-1]["result"])
+        return
     cfg = trial_config(base, params)
     _log_event(Path(sweep_dir), {"trial_id": trial_id, "event": "start", "params": params})
-    result = train_classifier(
+    train_classifier(
         cfg,
         # the trial's own Ray Train storage, in the sweep's folder (Tune's trial folder lies in the Ray session's
         # temporary files, which a restarted Ray does not see): a trial restarted after a kill resumes from it
@@ -83,10 +104,23 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
         export=False,
         progress=lambda message: print(f"[trial {trial_id}] {message}"),
     )
-    _log_event(
-        Path(sweep_dir),
-        {"trial_id": trial_id, "event": "end", "params": params, METRIC: result.best_val_balanced_accuracy},
-    )
+
+
+def trial_log_callback(sweep_dir: Path):
+    """A Tune callback that records, from the driver, when each trial ended: completed, stopped by ASHA (Tune stops
+    the trial's process, so the trial itself cannot say so) or failed."""
+    import ray.tune
+
+    class TrialLog(ray.tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            result = {key: last[key] for key in REPORTED if key in last}
+            _log_event(sweep_dir, {"trial_id": trial.trial_id, "event": "end", "result": result})
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _log_event(sweep_dir, {"trial_id": trial.trial_id, "event": "error"})
+
+    return TrialLog()
 
 
 def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -134,7 +168,7 @@ def _tuner(cfg: ExperimentConfig, run_dir: Path, sweep_dir: Path, trainable: Any
     scheduler = None
     if tc.scheduler == "asha" and cfg.train.epochs > tc.grace_period:
         scheduler = ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epochs_done",  # not Tune's own count, which restarts at 1 when a killed trial resumes
             max_t=cfg.train.epochs,
             grace_period=tc.grace_period,
             reduction_factor=tc.reduction_factor,
@@ -154,7 +188,9 @@ def _tuner(cfg: ExperimentConfig, run_dir: Path, sweep_dir: Path, trainable: Any
             # placement group, where they wait forever
             reuse_actors=False,
         ),
-        run_config=ray.tune.RunConfig(name=tc.name, storage_path=str(sweep_dir.parent), verbose=1),
+        run_config=ray.tune.RunConfig(
+            name=tc.name, storage_path=str(sweep_dir.parent), verbose=1, callbacks=[trial_log_callback(sweep_dir)]
+        ),
     )
     return tuner, False
 
@@ -219,9 +255,10 @@ def run_sweep(
     base = config_to_dict(cfg)
     base["run"]["out"] = str(run_dir)
     trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir))
-    # the trial function only waits on its Ray Train run, whose workers hold the CPUs and GPUs; Tune refuses an
-    # empty request, so it asks for a sliver of a CPU (tune.max_concurrent_trials bounds how many run at once)
-    trainable = ray.tune.with_resources(trainable, {"cpu": 0.01})
+    # the trial function only waits on its Ray Train run, whose workers hold the CPUs and GPUs. It must not hold a
+    # CPU, not even a fraction: 0.01 of one leaves 0.99 free beside a worker on a 2-core machine, and Ray Data's
+    # one-CPU read tasks then wait forever. Tune refuses an empty request, so it reserves one byte of memory.
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 1})
     tuner, restored = _tuner(cfg, run_dir, sweep_dir, trainable)
     done_before = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] == "end"}
     planned = cfg.tune.num_samples if cfg.tune.search == "optuna" else grid_size(cfg.tune)
@@ -245,6 +282,10 @@ def run_sweep(
         summary = summarise_over_seeds(trials, list(cfg.tune.space))
         summary.to_csv(sweep_dir / "summary.csv", index=False)
         progress("tune: mean ± std over seeds per cell\n" + format_summary(summary))
+        if not summary.empty:
+            chosen = summary.loc[summary[f"{METRIC}_mean"].idxmax()]
+            cell = {key: _plain(chosen[key]) for key in cfg.tune.space}
+            progress(f"tune: best cell on mean validation balanced accuracy: {cell} (chosen on validation only)")
     best = export_and_evaluate_best(trials, cfg, run_dir, progress)
     (sweep_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
     return SweepResult(sweep_dir, trials, best, summary)
@@ -255,13 +296,14 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
+        config = result.config or {}  # None for a trial whose process died before it reported
         row = {"trial_id": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")}
-        row.update({key: result.config.get(key) for key in cfg.tune.space})
+        row.update({key: config.get(key) for key in cfg.tune.space})
         if cfg.tune.seeds:
-            row[SEED_KEY] = result.config.get(SEED_KEY)
+            row[SEED_KEY] = config.get(SEED_KEY)
         row.update(
             {
-                "epochs_run": metrics.get("training_iteration", 0),
+                "epochs_run": metrics.get("epochs_done", 0),
                 METRIC: metrics.get(METRIC, float("nan")),
                 "last_val_balanced_accuracy": metrics.get("val_balanced_accuracy", float("nan")),
                 "pseudo_label_rate": metrics.get("pseudo_label_rate", float("nan")),
