@@ -142,6 +142,7 @@ def test_generator_training_writes_weights_grid_and_card(generator_run):
     card = json.loads((gen / "generator_card.json").read_text())
     splits = pd.read_parquet(Path(cfg.run.out) / "data" / "splits.parquet")
     assert card["training_data"]["images"] == int((splits["split"] == "train").sum())
+    assert sum(card["training_data"]["class_counts"].values()) == card["training_data"]["images"]
     assert card["generator_id"] == result.generator_id and len(result.generator_id) == 16
     assert card["training"]["steps"] == 6 and "never a diagnosis" in card["intended_use"]
 

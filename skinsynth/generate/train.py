@@ -397,7 +397,12 @@ def export_generator(
     generator_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     state = saved["state"]
     (tmp / "training.json").write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
-    card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card)
+    from skinsynth.classify.data import read_rows
+
+    # the images it learnt from (the labelled train images), not the whole train split of the data card
+    learnt = read_rows(run_dir, train_ids, columns=["image_id", "dx"])["dx"].value_counts()
+    class_counts = {dx: int(learnt.get(dx, 0)) for dx in conditioning.classes}
+    card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card, class_counts)
     (tmp / "generator_card.json").write_text(json.dumps(card, indent=2, default=str))
     replace_dir(tmp, run_dir / "generator")
     return run_dir / "generator"
@@ -411,8 +416,10 @@ def generator_card(
     state: dict[str, Any],
     train_ids: list[str],
     data_card: dict[str, Any],
+    class_counts: dict[str, int],
 ) -> dict[str, Any]:
-    """What the generator is, what it was trained on, and what it must not be used for."""
+    """What the generator is, what it was trained on (``class_counts`` of ``train_ids``), and what it must not be
+    used for."""
     import diffusers
 
     from skinsynth import __version__
@@ -433,7 +440,7 @@ def generator_card(
             "split": "train, labelled real images only",
             "images": len(train_ids),
             "image_ids_sha256": ids_hash,
-            "class_counts": data_card.get("class_by_split", {}).get("train"),
+            "class_counts": class_counts,
             "licence": data_card.get("licence"),
         },
         "training": {
