@@ -18,8 +18,9 @@ from skinsynth.errors import SkinsynthError
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Start (or join) Ray once per process.
 
-    Locally it starts an embedded Ray with ``num_cpus`` cores (all when None); with ``RAY_ADDRESS`` set or under
-    ``ray job submit`` it joins that cluster, where a CPU count cannot be imposed.
+    Locally it starts an embedded Ray with ``num_cpus`` cores (all when None), even if another Ray runs on the
+    machine; with ``RAY_ADDRESS`` set or under ``ray job submit`` it joins that cluster, where a CPU count cannot be
+    imposed.
     """
     if ray.is_initialized():
         return
@@ -28,7 +29,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # driver piles up their placement groups until no CPU is left for the next trial (seen on Ray 2.60).
     kwargs: dict = {"include_dashboard": True, "logging_level": logging.WARNING}
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = num_cpus
+        # "local": always an embedded Ray of our own, even when `ray start` left a cluster running on this machine
+        # (ray.init() would join it, and refuse num_cpus); RAY_ADDRESS is how to use that cluster instead
+        kwargs.update(address="local", num_cpus=num_cpus)
     ray.init(**kwargs)
 
 
