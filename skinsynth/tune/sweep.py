@@ -136,19 +136,28 @@ def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
 
 
 def _check_inputs(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Fail before the sweep, not in one of its trials: prepared data, and synthetic images for the largest mix."""
+    """Fail before the sweep, not in one of its trials: prepared data, enough synthetic images for the largest mix
+    under every class choice, and a generator whose training labels the smallest label budget keeps."""
     from skinsynth.classify.train import training_inputs
 
-    largest: dict[str, Any] = {}
-    for key in ("train.mix.ratio", "train.label_fraction"):
+    def numeric(key: str) -> list[float]:
         dim = cfg.tune.space.get(key)
-        if dim is not None:
-            values = dim.choice or dim.uniform or dim.loguniform or dim.integer or []
-            numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if numeric:
-                largest[key] = max(numeric)
-    trial = trial_config(config_to_dict(cfg), largest)
-    training_inputs(run_dir, trial.train)
+        values = (dim.choice or dim.uniform or dim.loguniform or dim.integer or []) if dim else []
+        return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    ratios, fractions = numeric("train.mix.ratio"), numeric("train.label_fraction")
+    classes = cfg.tune.space["train.mix.classes"].choice if "train.mix.classes" in cfg.tune.space else None
+    settings: dict[str, list[Any]] = {
+        "train.mix.ratio": [max(ratios)] if ratios else [],
+        "train.label_fraction": sorted({min(fractions), max(fractions)}) if fractions else [],
+        "train.mix.classes": list(classes or []),
+    }
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in settings.items():
+        combos = [{**combo, key: value} for combo in combos for value in values] if values else combos
+    base = config_to_dict(cfg)
+    for combo in combos:
+        training_inputs(run_dir, trial_config(base, combo).train)
 
 
 def _tuner(cfg: ExperimentConfig, run_dir: Path, sweep_dir: Path, trainable: Any):
