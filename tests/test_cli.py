@@ -77,6 +77,8 @@ DEMO_SMALL = [
     "--set",
     "generator.checkpoint_every=2",
     "--set",
+    "generator.batch_size=8",  # the demo labels 30%: 14 of these 70 images
+    "--set",
     "sample.steps=3",
     "--set",
     "sample.ratio=3",  # enough synthetic images of every class for the sweep's mix, even at 70 images
