@@ -396,7 +396,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 # What ``skinsynth demo`` adds to the defaults (experiments/demo.yaml says the same): 30% of the phantom training
-# labels (the generator learns from those only and samples one image per labelled image), and a three-trial sweep
+# labels (the generator learns from those only and samples one image per labelled image), and a two-trial sweep
 # over FixMatch, a synthetic mix and the learning rate.
 DEMO_SETTINGS: dict[str, Any] = {
     "data": {"split": {"label_fraction": 0.3}},
@@ -404,7 +404,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "train": {"ssl": {"unlabelled_ratio": 2}},
     "tune": {
         "name": "demo_sweep",
-        "num_samples": 3,
+        "num_samples": 2,  # a trial is a Ray Train run, about a minute on 2 cores: the demo stays within 10
         "space": {
             "train.ssl.method": {"choice": ["none", "fixmatch"]},
             "train.mix.ratio": {"choice": [0, 0.5]},
