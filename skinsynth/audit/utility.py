@@ -1,0 +1,139 @@
+"""Utility of a synthetic set: the Classification Accuracy Score, next to the real-only baseline.
+
+Ravuri & Vinyals 2019, "Classification Accuracy Score for Conditional Generative Models" (NeurIPS): train a
+classifier on synthetic images only, test it on real test images, and compare with the same classifier trained on
+real images. A generator whose samples carry the class (not just the look of skin) scores close to the baseline;
+one that ignores its conditioning scores at chance however good its FID.
+
+The classifier here is a linear probe (multinomial logistic regression, balanced class weights) on frozen ImageNet
+EfficientNet-Lite0 features, not a fine-tuned network, for two reasons:
+
+- cost: it takes seconds on a CPU, so every audit can afford it (a fine-tuned run is a Ray Train job; the same
+  question at full strength is a ``tune`` grid over ``train.mix``);
+- fairness between the arms: the ImageNet features saw none of this run's images. The run's own classifier learnt
+  from the real labels, so a probe on its features would favour the real arm.
+
+The real arm is trained on real training images drawn to match the synthetic set's per-class counts (where the
+class has that many), so the two scores differ by where the images came from, not by how many there were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from skinsynth.classify.metrics import balanced_accuracy, macro_auroc
+from skinsynth.data.schema import CLASSES
+
+PROBE_C = 1.0  # inverse L2 strength on standardised features: scikit-learn's default, not tuned on test
+PROBE_MAX_ITER = 2000
+
+
+def matched_indices(source_labels: np.ndarray, target_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Indices into ``source_labels`` with, per class, as many images as ``target_labels`` has (or all there are).
+
+    Seeded, sorted, without replacement.
+    """
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for label, wanted in zip(*np.unique(target_labels, return_counts=True), strict=True):
+        pool = np.flatnonzero(source_labels == label)
+        chosen.append(rng.choice(pool, size=min(int(wanted), len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def probe_scores(
+    train_features: torch.Tensor,
+    train_labels: np.ndarray,
+    test_features: torch.Tensor,
+    test_labels: np.ndarray,
+    num_classes: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fit the linear probe on one set and score it on the real test images.
+
+    Returns:
+        ``balanced_accuracy`` and ``macro_auroc`` on the test images (classes the probe never saw get probability
+        0, so their test images count as misses), or ``None`` for both with a ``reason`` when the training set has
+        fewer than two classes.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    seen = np.unique(train_labels)
+    if len(seen) < 2:
+        return {
+            "balanced_accuracy": None,
+            "macro_auroc": None,
+            "reason": f"{len(seen)} class(es) to train on: a probe needs at least 2",
+        }
+    probe = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER, class_weight="balanced", random_state=seed),
+    )
+    probe.fit(train_features.numpy(), train_labels)
+    probs = np.zeros((len(test_labels), num_classes))
+    probs[:, probe.classes_] = probe.predict_proba(test_features.numpy())
+    return {
+        "balanced_accuracy": balanced_accuracy(probs, test_labels),
+        "macro_auroc": macro_auroc(probs, test_labels),
+    }
+
+
+def _counts(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
+    return {class_names[int(c)]: int(n) for c, n in zip(*np.unique(labels, return_counts=True), strict=True)}
+
+
+def utility_report(
+    extractor,
+    real_images: np.ndarray,
+    real_labels: np.ndarray,
+    synthetic_images: np.ndarray,
+    synthetic_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    seed: int = 0,
+    class_names: Sequence[str] = CLASSES,
+) -> dict[str, Any]:
+    """Classification Accuracy Score of the synthetic set and of a count-matched real set, on the real test split.
+
+    Args:
+        extractor: a frozen feature extractor (``images -> [N, D]``) that saw none of this run's labels.
+        real_images, real_labels: the real labelled training images (uint8 ``N x H x W x 3``) and labels.
+        synthetic_images, synthetic_labels: the synthetic set and the classes it was sampled for.
+        test_images, test_labels: the real test split.
+        seed: draws the count-matched real subset and seeds the probe.
+        class_names: label index -> class name.
+
+    Returns:
+        Both arms' balanced accuracy and macro AUROC with their training counts, the test counts, and
+        ``balanced_accuracy_ratio`` (synthetic / real; ``None`` when either is undefined or real is 0).
+    """
+    matched = matched_indices(real_labels, synthetic_labels, seed)
+    real_images, real_labels = real_images[matched], real_labels[matched]
+    test_features = extractor(test_images)
+    arms: dict[str, Any] = {}
+    for arm, images, labels in (
+        ("synthetic_only", synthetic_images, synthetic_labels),
+        ("real_only", real_images, real_labels),
+    ):
+        scores = probe_scores(extractor(images), labels, test_features, test_labels, len(class_names), seed)
+        arms[arm] = {"n_train": len(labels), "train_per_class": _counts(labels, class_names), **scores}
+    syn, real = arms["synthetic_only"]["balanced_accuracy"], arms["real_only"]["balanced_accuracy"]
+    return {
+        "method": (
+            "Classification Accuracy Score (Ravuri & Vinyals 2019): a linear probe (logistic regression, balanced "
+            "class weights) on frozen features, trained on synthetic images only and, as the baseline, on real "
+            "training images matched to the synthetic per-class counts; both tested on the real test split"
+        ),
+        "features": extractor.description,
+        "n_test": len(test_labels),
+        "test_per_class": _counts(test_labels, class_names),
+        "chance_balanced_accuracy": 1.0 / max(1, len(np.unique(test_labels))),
+        **arms,
+        "balanced_accuracy_ratio": syn / real if syn is not None and real else None,
+    }
