@@ -166,6 +166,7 @@ class GeneratorConfig:
     use_gpu: bool | Literal["auto"] = "auto"
     amp: bool = True  # bf16 (or fp16 with loss scaling) on GPU
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
+    cache_rows: bool = True  # hold the training images in Ray's object store instead of re-reading shards each pass
     seed: int = 0
 
 
