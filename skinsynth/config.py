@@ -240,6 +240,24 @@ class TuneConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``skinsynth serve``: the Ray Serve HTTP endpoint for a trained classifier."""
+
+    model: str = ""  # model directory; empty = RUN_DIR/models/best (the sweep's best), else models/<train.name>
+    host: str = "127.0.0.1"  # loopback by default: the endpoint has no authentication
+    port: int = 8000
+    num_replicas: int = 1  # fixed replica count (ignored when max_replicas > num_replicas: autoscaling)
+    max_replicas: int = 1  # > num_replicas turns on Serve autoscaling between num_replicas and this
+    target_ongoing_requests: float = 16.0  # autoscaling target per replica
+    max_batch_size: int = 16  # images per model call (@serve.batch)
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    max_upload_mb: float = 10.0  # larger uploads get 413
+    ood_quantile: float = 0.95  # OOD threshold: this quantile of validation images' feature distance
+    ood_neighbours: int = 1  # OOD score: distance to the k-th nearest labelled training image's features
+    high_risk_specificity: float = 0.90  # 'high' band: malignant score where validation specificity reaches this
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one section per stage."""
 
@@ -250,6 +268,7 @@ class ExperimentConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

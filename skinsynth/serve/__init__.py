@@ -1,0 +1,1 @@
+"""The HTTP endpoint: Ray Serve in front of the trained classifier."""
