@@ -231,6 +231,8 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     if cfg.tune.space:
         trials = Path(cfg.run.out) / "tune" / cfg.tune.name / "trials.csv"
         lines.append(f"      open {trials} and {Path(cfg.run.out) / 'eval' / 'best' / 'report.json'}")
+    lines.append(f"      skinsynth serve --out {cfg.run.out}      # the classifier over HTTP on 127.0.0.1:8000")
+    lines.append(f"      skinsynth view --runs {Path(cfg.run.out).parent}      # the results viewer")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
 

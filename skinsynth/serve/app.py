@@ -171,6 +171,11 @@ class PredictService:
     """The routes' logic, shared by the Serve deployment and the plain single-process server of the bench."""
 
     def __init__(self, loader: Loader, sc: ServeConfig):
+        import cv2
+
+        # requests are preprocessed in parallel threads already; OpenCV's own thread pool inside each call
+        # would only oversubscribe the cores (prepare's workers do the same)
+        cv2.setNumThreads(1)
         self.loader, self.sc = loader, sc
         self.served: ServedModel | None = None
 
