@@ -189,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--fresh", action="store_true", help="discard an earlier sweep of the same name, start again")
     _add_config_args(tune)
 
+    serve = commands.add_parser(
+        "serve",
+        help="Ray Serve HTTP endpoint for a trained classifier (POST /v1/predict)",
+        description="Serve a trained classifier over HTTP with Ray Serve (FastAPI ingress; OpenAPI schema at "
+        "/openapi.json). By default RUN_DIR/models/best (the sweep's best trial), else RUN_DIR/models/<train.name>. "
+        "Runs until Ctrl-C. Research tool: responses carry the disclaimer and are never a diagnosis.",
+    )
+    serve.add_argument("--out", metavar="RUN_DIR", help="run directory whose model to serve (run.out)")
+    serve.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (serve.model)")
+    serve.add_argument("--host", help="serve.host (default 127.0.0.1: the endpoint has no authentication)")
+    serve.add_argument("--port", type=int, help="serve.port (default 8000)")
+    _add_config_args(serve)
+
+    view = commands.add_parser(
+        "view",
+        help="Streamlit results viewer: run directories, audit, study, evaluation, and a page that calls serve",
+        description="Start the Streamlit viewer (headless, on 127.0.0.1) over the run directories in --runs; its "
+        "'Try it' page posts images to the serve endpoint. Runs until Ctrl-C.",
+    )
+    view.add_argument("--runs", default="runs", metavar="DIR", help="folder of run directories (default runs/)")
+    view.add_argument("--endpoint", default="http://127.0.0.1:8000", help="serve endpoint base URL")
+    view.add_argument("--port", type=int, default=8501, help="the viewer's port (default 8501)")
+
     bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_prepare = bench_commands.add_parser(
@@ -211,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sample.add_argument("--images", type=int, default=64, help="images in the benchmark plan")
     bench_sample.add_argument("--json", default="bench/sample.json", help="where to write the record")
     _add_config_args(bench_sample)
+    bench_serve = bench_commands.add_parser(
+        "serve",
+        help="Ray Serve endpoint vs a plain one-process FastAPI server: latency, throughput, errors and ratios",
+    )
+    bench_serve.add_argument("--out", metavar="RUN_DIR", help="run directory whose model to serve (run.out)")
+    bench_serve.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (serve.model)")
+    bench_serve.add_argument("--seconds", type=float, default=10.0, help="duration of each load level")
+    bench_serve.add_argument("--rate", type=float, default=50.0, help="open-loop requests per second")
+    bench_serve.add_argument("--json", default="bench/serve.json", help="where to write the record")
+    _add_config_args(bench_serve)
     return parser
 
 
@@ -340,10 +373,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         record = bench.bench_prepare(cfg.data, limit=args.limit)
     elif args.bench_command == "train":
         record = bench.bench_train(cfg)
+    elif args.bench_command == "serve":
+        from skinsynth.serve.load import bench_serve
+        from skinsynth.serve.model import default_model_dir, load_served_model
+
+        if args.model:
+            cfg.serve.model = args.model
+        model_dir = default_model_dir(cfg)
+        load_served_model(model_dir, cfg.serve)  # fails early with its reason; writes the calibration once
+        record = bench_serve(cfg, model_dir, seconds=args.seconds, rate=args.rate)
     else:
         record = bench.bench_sample(cfg, images=args.images)
     print(f"record written to {bench.write_record(record, args.json)}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from skinsynth.config import load_config
+    from skinsynth.serve.app import start_endpoint, wait_until_healthy
+    from skinsynth.serve.model import default_model_dir, load_served_model
+
+    flags = [f"serve.{key}={value}" for key in ("model", "host", "port") if (value := getattr(args, key)) is not None]
+    cfg = load_config(args.config, _data_overrides(args) + flags)
+    model_dir = default_model_dir(cfg)
+    # load once here: a model that cannot be served fails with its reason before Serve starts, and the first
+    # load writes the serving calibration next to the model
+    served = load_served_model(model_dir, cfg.serve)
+    print(f"serve: model {served.model_id} from {model_dir}; calibration {served.calibration.summary()}")
+    url = start_endpoint(str(model_dir), cfg.serve)
+    wait_until_healthy(url)
+    print(f"serve: {url}/v1/predict (POST an image), {url}/docs, {url}/healthz; Ctrl-C stops")
+    print(DISCLAIMER)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+        print("serve: stopped")
+        return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from skinsynth.view import launch_command
+    from skinsynth.view.runs import ViewError, find_experiments
+
+    runs_root = Path(args.runs).expanduser().resolve()
+    found = find_experiments(runs_root)  # a missing folder is a one-line error, before Streamlit starts
+    if not args.endpoint.startswith(("http://", "https://")):
+        raise ViewError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000, got {args.endpoint!r}")
+    print(f"view: {len(found)} run directories under {runs_root}; http://127.0.0.1:{args.port} (Ctrl-C stops)")
+    print(DISCLAIMER)
+    try:
+        return subprocess.call(launch_command(runs_root, args.endpoint, args.port))
+    except KeyboardInterrupt:
+        print("view: stopped")
+        return 0
 
 
 COMMANDS = {
@@ -355,6 +445,8 @@ COMMANDS = {
     "generate": _cmd_generate,
     "audit": _cmd_audit,
     "tune": _cmd_tune,
+    "serve": _cmd_serve,
+    "view": _cmd_view,
     "bench": _cmd_bench,
 }
 

@@ -244,7 +244,7 @@ def test_model_swap_under_load_loses_no_request(endpoint, tmp_path):
     assert _get(f"{url}/healthz")["model_id"] == old_id
 
 
-def test_schema_driven_fuzz_run_finds_no_server_error(endpoint):
+def test_schema_driven_fuzz_run_finds_no_server_error(endpoint, tmp_path):
     url, _, _ = endpoint
     if shutil.which("st", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
@@ -261,7 +261,7 @@ def test_schema_driven_fuzz_run_finds_no_server_error(endpoint):
         "--request-timeout",
         "60",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache: not here
     print(done.stdout[-4000:], done.stderr[-2000:])
     assert done.returncode == 0, done.stdout[-4000:]
     assert "/v1/predict" in done.stdout

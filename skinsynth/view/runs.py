@@ -1,0 +1,568 @@
+"""What the viewer reads from run directories, as plain Python (no Streamlit), so it can be unit-tested.
+
+Every reader returns ``None`` when its file is absent (a stage not run yet: the page says which command makes it)
+and raises :class:`UnreadableFile`, naming the file, when a file is there but cannot be used (truncated JSON, a CSV
+without the expected columns, a damaged Parquet shard). Nothing here computes anything heavy: it reads the outputs
+the stages wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from skinsynth.data.schema import CLASSES
+from skinsynth.errors import SkinsynthError
+
+# the provenance a synthetic row carries (DESIGN.md, data contract)
+PROVENANCE_COLUMNS = ["generator_id", "seed", "sampler", "steps", "guidance"]
+TRIALS_REQUIRED_COLUMNS = ("trial_id", "best_val_balanced_accuracy")
+
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
+
+
+def viewer_settings(argv: list[str], environ: Mapping[str, str]) -> tuple[Path, str]:
+    """``--runs`` and ``--endpoint`` from the script arguments, else from the environment, else the defaults."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--runs", default=environ.get("SKINSYNTH_RUNS", "runs"))
+    parser.add_argument("--endpoint", default=environ.get("SKINSYNTH_ENDPOINT", DEFAULT_ENDPOINT))
+    known, _unknown = parser.parse_known_args(argv)
+    return Path(known.runs).expanduser().resolve(), known.endpoint
+
+
+class ViewError(SkinsynthError):
+    """A viewer setting the user can fix (a ``--runs`` folder that does not exist)."""
+
+
+class UnreadableFile(SkinsynthError):
+    """A run-directory file that exists but cannot be read or lacks what the viewer needs."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage folder of a run directory, the file that shows it finished, and the command that makes it."""
+
+    name: str
+    folder: str
+    done_marker: str  # a glob under the run directory
+    command: str  # with {run} for the run directory
+
+    def how_to_make(self, run_dir: Path) -> str:
+        """The command that produces this stage for ``run_dir``."""
+        return self.command.format(run=run_dir)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "data", "data/data_card.json", "skinsynth data prepare --out {run}"),
+    Stage("generator", "generator", "generator/generator_card.json", "skinsynth generate train --out {run}"),
+    Stage("synthetic", "synthetic", "synthetic/synthetic_card.json", "skinsynth generate sample --out {run}"),
+    Stage("audit", "audit", "audit/report.json", "skinsynth audit {run}"),
+    Stage("models", "models", "models/*/model.pt", "skinsynth train --out {run}"),
+    Stage("eval", "eval", "eval/*/report.json", "skinsynth evaluate --out {run}"),
+    Stage("tune", "tune", "tune/*/trials.*", "skinsynth tune --config EXPERIMENT.yaml --out {run}"),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def missing_message(stage_name: str, run_dir: Path, what: str | None = None) -> str:
+    """One line saying a stage's output is absent and which command makes it."""
+    stage = STAGE_BY_NAME[stage_name]
+    return f"No {what or stage.folder + '/'} in {run_dir}: run `{stage.how_to_make(run_dir)}`."
+
+
+# --- reading files ------------------------------------------------------------------------------------------------
+
+
+def load_json(path: Path) -> Any | None:
+    """A JSON file's content, or ``None`` when the file is absent.
+
+    Raises:
+        UnreadableFile: the file exists but is not valid JSON (e.g. truncated by a killed writer) or unreadable.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UnreadableFile(path, f"not valid JSON ({err})") from err
+
+
+def load_json_object(path: Path) -> dict[str, Any] | None:
+    """:func:`load_json` for files that must hold a JSON object (reports, cards, manifests)."""
+    value = load_json(path)
+    if value is not None and not isinstance(value, dict):
+        raise UnreadableFile(path, f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def load_yaml_text(path: Path) -> str | None:
+    """A YAML file's text (for display), or ``None`` when absent; raises :class:`UnreadableFile` when unparsable."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text()
+        yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UnreadableFile(path, f"not valid YAML ({err})") from err
+    return text
+
+
+def load_table(path: Path, required_columns: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    """A CSV or Parquet table, or ``None`` when absent.
+
+    Args:
+        path: ``*.csv`` or ``*.parquet``.
+        required_columns: columns the caller needs; a table without them is unreadable for the viewer (garbage in a
+            CSV still parses, as one odd column).
+
+    Raises:
+        UnreadableFile: unparsable, or lacking a required column.
+    """
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as err:  # pandas/pyarrow raise many types for damaged files; all mean the same to a reader
+        raise UnreadableFile(path, f"cannot be read as a table ({type(err).__name__}: {err})") from err
+    missing = [column for column in required_columns if column not in table.columns]
+    if missing:
+        raise UnreadableFile(path, f"lacks the column(s) {missing}; found {list(table.columns)[:8]}")
+    return table
+
+
+# --- experiments and stages ---------------------------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder with a resolved ``config.yaml`` or any stage folder."""
+    return path.is_dir() and ((path / "config.yaml").is_file() or any((path / s.folder).is_dir() for s in STAGES))
+
+
+def find_experiments(runs_root: Path) -> list[Path]:
+    """The run directories under ``runs_root`` (or ``runs_root`` itself when it is one), sorted by name.
+
+    Raises:
+        ViewError: ``runs_root`` is not a folder.
+    """
+    if not runs_root.is_dir():
+        raise ViewError(f"runs folder does not exist: {runs_root} (pass --runs with a folder of run directories)")
+    if is_run_dir(runs_root):
+        return [runs_root]
+    return sorted(child for child in runs_root.iterdir() if is_run_dir(child))
+
+
+@dataclass
+class StageStatus:
+    """Whether a stage's outputs are there, when it was made and how long it took (where recorded)."""
+
+    stage: Stage
+    done: bool
+    created: str | None = None
+    seconds: float | None = None
+    detail: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def _stage_dirs(run_dir: Path, stage: Stage) -> list[Path]:
+    """The folders holding a stage's manifest: the stage folder, or one per model / sweep under it."""
+    if stage.name in ("models", "eval", "tune"):
+        base = run_dir / stage.folder
+        return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    return [run_dir / stage.folder]
+
+
+def _recorded_seconds(run_dir: Path, stage: Stage) -> float | None:
+    """The duration a stage's own outputs record (data card, generator card, synthetic card, audit and eval
+    reports); ``None`` where the stage records none."""
+    if stage.name == "data":
+        card = load_json_object(run_dir / "data" / "data_card.json") or {}
+        return (card.get("seconds") or {}).get("total")
+    if stage.name == "generator":
+        card = load_json_object(run_dir / "generator" / "generator_card.json") or {}
+        return (card.get("training") or {}).get("seconds")
+    if stage.name == "synthetic":
+        return (load_json_object(run_dir / "synthetic" / "synthetic_card.json") or {}).get("seconds")
+    if stage.name == "audit":
+        return (load_json_object(run_dir / "audit" / "report.json") or {}).get("seconds")
+    if stage.name == "eval":
+        seconds = [(load_json_object(d / "report.json") or {}).get("seconds") for d in _stage_dirs(run_dir, stage)]
+        seconds = [s for s in seconds if s is not None]
+        return sum(seconds) if seconds else None
+    return None
+
+
+def stage_statuses(run_dir: Path) -> list[StageStatus]:
+    """The status of every stage of ``run_dir``; unreadable files become ``problems``, never exceptions."""
+    statuses = []
+    for stage in STAGES:
+        status = StageStatus(stage, done=bool(list(run_dir.glob(stage.done_marker))))
+        created = []
+        for folder in _stage_dirs(run_dir, stage):
+            try:
+                manifest = load_json_object(folder / "manifest.json") or {}
+            except UnreadableFile as err:
+                status.problems.append(str(err))
+                continue
+            if manifest.get("created"):
+                created.append(manifest["created"])
+        status.created = max(created) if created else None
+        try:
+            status.seconds = _recorded_seconds(run_dir, stage)
+        except UnreadableFile as err:
+            status.problems.append(str(err))
+        if stage.name in ("models", "eval", "tune"):
+            status.detail = ", ".join(p.name for p in _stage_dirs(run_dir, stage))
+        statuses.append(status)
+    return statuses
+
+
+# --- data and synthetic images ------------------------------------------------------------------------------------
+
+
+def read_image_index(images_dir: Path, extra_columns: list[str] | None = None) -> pd.DataFrame | None:
+    """The id, class and ``extra_columns`` of every row of the Parquet shards in ``images_dir`` (no image bytes).
+
+    Raises:
+        UnreadableFile: a shard cannot be read.
+    """
+    shards = sorted(images_dir.glob("*.parquet")) if images_dir.is_dir() else []
+    if not shards:
+        return None
+    frames = []
+    for shard in shards:
+        try:
+            schema = pq.read_schema(shard)
+            wanted = ["image_id", "dx", *[c for c in extra_columns or [] if c in schema.names]]
+            frames.append(pq.read_table(shard, columns=wanted).to_pandas())
+        except Exception as err:  # a damaged shard: name it, keep the others out of a half-read index
+            raise UnreadableFile(shard, f"cannot be read as Parquet ({type(err).__name__}: {err})") from err
+    return pd.concat(frames, ignore_index=True)
+
+
+def pick_per_class(index: pd.DataFrame, per_class: int, classes: list[str] | None = None) -> pd.DataFrame:
+    """The first ``per_class`` rows (by ``image_id``) of each class, in the fixed class order."""
+    rows = index.sort_values("image_id")
+    picked = [rows[rows["dx"] == dx].head(per_class) for dx in classes or CLASSES]
+    picked = [frame for frame in picked if not frame.empty]
+    return pd.concat(picked, ignore_index=True) if picked else rows.head(0)
+
+
+def read_image_bytes(images_dir: Path, image_ids: list[str]) -> dict[str, bytes]:
+    """PNG bytes of the given ids from the shards in ``images_dir`` (the id filter is pushed into the read).
+
+    Raises:
+        UnreadableFile: the shards cannot be read.
+    """
+    if not image_ids:
+        return {}
+    try:
+        table = pq.read_table(
+            images_dir,
+            columns=["image_id", "image"],
+            filters=pc.field("image_id").isin(pa.array(image_ids, pa.string())),
+        )
+    except Exception as err:
+        raise UnreadableFile(images_dir, f"cannot read images ({type(err).__name__}: {err})") from err
+    return dict(zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()))
+
+
+def split_counts(splits: pd.DataFrame) -> pd.DataFrame:
+    """Images per split, and how many of them are labelled (``splits.parquet``)."""
+    labelled = splits["labelled"] if "labelled" in splits.columns else pd.Series(True, index=splits.index)
+    table = splits.assign(labelled=labelled.astype(bool)).groupby("split")["labelled"].agg(["size", "sum"])
+    table.columns = ["images", "labelled"]
+    known = ("train", "val", "test")
+    order = [s for s in known if s in table.index] + [s for s in table.index if s not in known]
+    return table.loc[order].reset_index()
+
+
+def card_distribution(card: dict[str, Any], key: str) -> pd.DataFrame | None:
+    """One distribution of a data card (``classes``, ``tone``, ``sex``, ``age_band``, ``localization``) as a
+    two-column table, or ``None`` when the card has none."""
+    counts = card.get(key)
+    if not isinstance(counts, dict) or not counts:
+        return None
+    return pd.DataFrame({key: list(counts), "images": list(counts.values())})
+
+
+def provenance_caption(row: dict[str, Any]) -> str:
+    """A synthetic image's provenance in one caption line."""
+    parts = [f"{column} {row[column]}" for column in PROVENANCE_COLUMNS if column in row and pd.notna(row[column])]
+    return "synthetic · " + ", ".join(parts)
+
+
+# --- audit ---------------------------------------------------------------------------------------------------------
+
+FIDELITY_FIELDS = ("n_real", "n_synthetic", "fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage")
+
+
+def fidelity_table(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per feature extractor: sample counts, FID/KID, precision/recall/density/coverage, and the FID of the
+    real training images against held-out real images (the floor a generator can reach with these features)."""
+    rows = []
+    for name, block in (report.get("fidelity") or {}).items():
+        row = {"extractor": name, **{k: block.get(k) for k in FIDELITY_FIELDS}}
+        row["fid_real_train_vs_held_out"] = block.get("fid_real_train_vs_held_out")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fidelity_per_class_table(report: dict[str, Any], extractor: str) -> pd.DataFrame:
+    """Per-class fidelity of one extractor (classes too small for FID carry their note instead)."""
+    per_class = ((report.get("fidelity") or {}).get(extractor) or {}).get("per_class") or {}
+    return pd.DataFrame([{"class": dx, **values} for dx, values in per_class.items()])
+
+
+def utility_table(utility: dict[str, Any]) -> pd.DataFrame:
+    """The Classification Accuracy Score arms (synthetic only vs count-matched real only) side by side."""
+    rows = []
+    for arm in ("synthetic_only", "real_only"):
+        block = utility.get(arm) or {}
+        rows.append(
+            {
+                "trained on": arm.replace("_", " "),
+                "n_train": block.get("n_train"),
+                "balanced_accuracy": block.get("balanced_accuracy"),
+                "macro_auroc": block.get("macro_auroc"),
+                "note": block.get("reason", ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --- study (tune) --------------------------------------------------------------------------------------------------
+
+
+def find_sweeps(run_dir: Path) -> list[Path]:
+    """Sweep folders under ``RUN_DIR/tune`` that hold a trials table (CSV or Parquet)."""
+    tune_dir = run_dir / "tune"
+    if not tune_dir.is_dir():
+        return []
+    return sorted(
+        d
+        for d in tune_dir.iterdir()
+        if d.is_dir() and ((d / "trials.csv").is_file() or (d / "trials.parquet").is_file())
+    )
+
+
+@dataclass
+class TrialsRead:
+    """A sweep's trials table, where it came from, and what went wrong reading the preferred file."""
+
+    table: pd.DataFrame | None
+    source: Path | None
+    problems: list[str]
+
+
+def read_trials(sweep_dir: Path) -> TrialsRead:
+    """``trials.csv`` (what users open), else ``trials.parquet`` (the same rows plus checkpoint paths).
+
+    A damaged ``trials.csv`` is reported in ``problems`` and the Parquet copy is used when it reads.
+    """
+    problems = []
+    for name in ("trials.csv", "trials.parquet"):
+        path = sweep_dir / name
+        try:
+            table = load_table(path, TRIALS_REQUIRED_COLUMNS)
+        except UnreadableFile as err:
+            problems.append(str(err))
+            continue
+        if table is not None:
+            return TrialsRead(table.drop(columns=["checkpoint_path"], errors="ignore"), path, problems)
+    return TrialsRead(None, None, problems)
+
+
+def summary_metrics(summary: pd.DataFrame) -> list[str]:
+    """The metrics of a grid's ``summary.csv`` (columns ``<metric>_mean`` with a ``<metric>_std`` beside them)."""
+    return [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean") and f"{c[:-5]}_std" in summary.columns]
+
+
+def summary_keys(summary: pd.DataFrame) -> list[str]:
+    """The swept config keys of a ``summary.csv`` (every column that is not a metric statistic)."""
+    stats = {f"{m}_{s}" for m in summary_metrics(summary) for s in ("mean", "std", "count")}
+    return [c for c in summary.columns if c not in stats]
+
+
+def error_bar_frame(summary: pd.DataFrame, x_key: str, metric: str) -> pd.DataFrame:
+    """Mean ± sample standard deviation of ``metric`` per value of ``x_key`` (one series per combination of the
+    other swept keys), ready to plot: ``x, series, mean, low, high, n``. A cell run with one seed has no spread and
+    gets a zero-length bar."""
+    others = [k for k in summary_keys(summary) if k != x_key]
+    std = summary[f"{metric}_std"].fillna(0.0)
+    frame = pd.DataFrame(
+        {
+            "x": summary[x_key].astype(float),
+            "series": summary[others].astype(str).agg(", ".join, axis=1) if others else "all",
+            "mean": summary[f"{metric}_mean"],
+            "low": summary[f"{metric}_mean"] - std,
+            "high": summary[f"{metric}_mean"] + std,
+            "n": summary.get(f"{metric}_count"),
+        }
+    )
+    return frame.sort_values(["series", "x"]).reset_index(drop=True)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+HEADLINE_METRICS = ("balanced_accuracy", "macro_auroc", "malignant_auroc", "macro_f1", "accuracy", "ece")
+
+
+def find_evaluations(run_dir: Path) -> list[Path]:
+    """``RUN_DIR/eval/<model>`` folders (with or without a readable report)."""
+    eval_dir = run_dir / "eval"
+    return sorted(d for d in eval_dir.iterdir() if d.is_dir()) if eval_dir.is_dir() else []
+
+
+def per_class_table(split_report: dict[str, Any]) -> pd.DataFrame:
+    """Support, sensitivity, specificity, F1 and AUROC per class of one split's report."""
+    return pd.DataFrame([{"class": dx, **values} for dx, values in (split_report.get("per_class") or {}).items()])
+
+
+def internal_vs_external(report: dict[str, Any]) -> pd.DataFrame:
+    """Validation, internal test and every external set on the headline metrics, with the drop from internal test
+    (restricted to the external set's classes, as the report computes it)."""
+    rows = []
+    for name, block in (("validation", report.get("validation")), ("internal test", report.get("test"))):
+        if block:
+            rows.append({"set": name, "n": block.get("n"), **{m: block.get(m) for m in HEADLINE_METRICS[:3]}})
+    for path, block in (report.get("external") or {}).items():
+        drop = block.get("drop_from_internal_test") or {}
+        rows.append(
+            {
+                "set": f"external: {path}",
+                "n": block.get("n"),
+                **{m: block.get(m) for m in HEADLINE_METRICS[:3]},
+                "balanced_accuracy_drop": drop.get("balanced_accuracy"),
+                "classes": ", ".join(block.get("renormalised_over") or []),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def fairness_gaps(split_report: dict[str, Any]) -> pd.DataFrame:
+    """Per attribute: worst and best judged group, the balanced-accuracy and malignant-sensitivity gaps, and the
+    groups too small to judge."""
+    rows = []
+    for attribute, block in (split_report.get("fairness") or {}).items():
+        rows.append(
+            {
+                "attribute": attribute,
+                "worst_group": block.get("worst_group"),
+                "best_group": block.get("best_group"),
+                "balanced_accuracy_gap": block.get("balanced_accuracy_gap"),
+                "malignant_sensitivity_gap": block.get("malignant_sensitivity_gap"),
+                "judged_groups": len(block.get("judged_groups") or []),
+                "too_small_groups": ", ".join(map(str, block.get("flagged_groups") or [])),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def small_groups(fairness: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``fairness_test.csv`` flagged ``too_small`` (their figures are shown but not judged)."""
+    if "too_small" not in fairness.columns:
+        return fairness.head(0)
+    flags = fairness["too_small"].astype(str).str.lower().isin(["true", "1"])
+    return fairness[flags]
+
+
+# --- the prediction endpoint ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """What ``POST {endpoint}/v1/predict`` answered: the JSON body, or an error message for the user."""
+
+    body: dict[str, Any] | None
+    error: str | None
+    status: int | None = None
+
+
+def _multipart(field_name: str, filename: str, content: bytes, content_type: str) -> tuple[bytes, str]:
+    """A multipart/form-data body holding one file (the standard library has no encoder for it)."""
+    import uuid
+
+    boundary = f"skinsynth-{uuid.uuid4().hex}"
+    safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{safe_name}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    return head + content + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def predict(
+    endpoint: str, filename: str, content: bytes, content_type: str, *, explain: bool = False, timeout_s: float = 60
+) -> Prediction:
+    """Send one image to the serve endpoint as the multipart field ``file``.
+
+    Args:
+        endpoint: base URL, e.g. ``http://127.0.0.1:8000``.
+        filename, content, content_type: the uploaded file.
+        explain: ask for a Grad-CAM heatmap (``?explain=gradcam``).
+        timeout_s: seconds to wait for the answer.
+
+    Returns:
+        A :class:`Prediction`: the JSON body on 200; otherwise an ``error`` that says what happened (the endpoint's
+        ``detail`` on 4xx, that it is down or not answering, or that it answered something other than JSON).
+    """
+    import urllib.error
+    import urllib.request
+
+    url = endpoint.rstrip("/") + "/v1/predict" + ("?explain=gradcam" if explain else "")
+    body, header = _multipart("file", filename, content, content_type)
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": header})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            raw, status = response.read(), response.status
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            detail = json.loads(raw).get("detail", raw.decode(errors="replace"))
+        except (ValueError, AttributeError):
+            detail = raw.decode(errors="replace")[:300] or err.reason
+        return Prediction(None, f"the endpoint refused the image (HTTP {err.code}): {detail}", err.code)
+    except (urllib.error.URLError, OSError) as err:  # refused connection, DNS, timeout
+        reason = getattr(err, "reason", err)
+        return Prediction(
+            None, f"the endpoint at {endpoint} is not reachable ({reason}); start it with `skinsynth serve`", None
+        )
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return Prediction(None, f"the endpoint answered HTTP {status} but not with JSON: {raw[:200]!r}", status)
+    if not isinstance(parsed, dict):
+        return Prediction(None, f"the endpoint answered HTTP {status} with JSON that is not an object", status)
+    return Prediction(parsed, None, status)
+
+
+def probabilities_table(body: dict[str, Any]) -> pd.DataFrame:
+    """The per-class probabilities of a prediction, highest first (the field may be a mapping or a list)."""
+    probs = body.get("probabilities") or {}
+    if isinstance(probs, list):
+        if probs and isinstance(probs[0], dict):
+            frame = pd.DataFrame(probs)
+            frame = frame.rename(columns={"dx": "class", "probability": "probability"})
+        else:
+            frame = pd.DataFrame({"class": CLASSES[: len(probs)], "probability": probs})
+    else:
+        frame = pd.DataFrame({"class": list(probs), "probability": list(probs.values())})
+    if "probability" in frame.columns:
+        frame = frame.sort_values("probability", ascending=False)
+    return frame.reset_index(drop=True)
