@@ -265,3 +265,79 @@ def test_schema_driven_fuzz_run_finds_no_server_error(endpoint, tmp_path):
     print(done.stdout[-4000:], done.stderr[-2000:])
     assert done.returncode == 0, done.stdout[-4000:]
     assert "/v1/predict" in done.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver")
+def test_viewer_try_it_page_in_headless_chromium_shows_the_endpoint_prediction(endpoint, tmp_path):
+    """The viewer and the endpoint on 127.0.0.1, a real headless Chromium uploading an image on "Try it"."""
+    pytest.importorskip("selenium", reason="selenium is in the dev extra")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from skinsynth.view import launch_command
+
+    url, model_dir, cfg = endpoint
+    image = tmp_path / "lesion.png"
+    image.write_bytes(_encode(_phantom_uploads(1, seed=21)[0]))
+    status, expected = _post(f"{url}/v1/predict", image.read_bytes(), "image/png")
+    assert status == 200
+    port = _free_port()
+    viewer = subprocess.Popen(
+        launch_command(Path(cfg.run.out).parent, url, port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        deadline = 120
+        while True:  # the viewer's health route answers once Streamlit serves
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                deadline -= 1
+                assert deadline > 0 and viewer.poll() is None, "the viewer did not start"
+                threading.Event().wait(1.0)
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+        wait = WebDriverWait(driver, 120)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//label[.//p[normalize-space()='Try it']]"))).click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']"))).send_keys(str(image))
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[.//p[normalize-space()='Predict']]"))).click()
+        top_class = wait.until(
+            ec.presence_of_element_located(
+                (By.XPATH, "//div[@data-testid='stMetric'][.//*[normalize-space()='top class']]"
+                 "//div[@data-testid='stMetricValue']")
+            )
+        )  # fmt: skip
+        assert top_class.text.strip() == expected["top_class"]
+        # the rest of the answer: the endpoint's own disclaimer (not the viewer's banner) and the Grad-CAM image
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[starts-with(normalize-space(), 'Endpoint: ')]")))
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[normalize-space()='Grad-CAM heatmap (top class)']")))
+        page = driver.find_element(By.TAG_NAME, "body").text
+        assert f"Endpoint: {expected['disclaimer']}" in page
+        risk = driver.find_element(
+            By.XPATH,
+            "//div[@data-testid='stMetric'][.//*[normalize-space()='risk band']]//div[@data-testid='stMetricValue']",
+        )
+        assert risk.text.strip() == expected["risk_band"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "viewer_try_it.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 0
+        print(f"screenshot: {shot}")
+    finally:
+        if driver is not None:
+            driver.quit()
+        viewer.terminate()
+        viewer.wait(timeout=30)
