@@ -276,6 +276,14 @@ def run_sweep(
         f"trials, {len(done_before)} finished before) over {', '.join(cfg.tune.space)} -> {sweep_dir}"
     )
     grid = tuner.fit()
+    # Tune catches Ctrl-C itself and returns what it has: an unfinished sweep must not pick and export a "best"
+    ended = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] in ("end", "error")}
+    if len(ended) < planned:
+        progress(
+            f"tune: interrupted with {len(ended)} of {planned} trials ended; the state is saved: re-run the same "
+            "command to resume"
+        )
+        raise KeyboardInterrupt
     trials = trials_table(grid, cfg)
     errored = trials[trials["error"].notna()]
     for row in errored.itertuples():
