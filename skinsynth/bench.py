@@ -19,6 +19,7 @@ from skinsynth.config import DataConfig, config_to_dict
 from skinsynth.data.prepare import prepare_images, read_original
 from skinsynth.data.sources import list_source
 from skinsynth.runtime import ensure_ray, machine_info
+from skinsynth.storage import local_run_dir
 
 Progress = Callable[[str], None]
 
@@ -189,7 +190,7 @@ def bench_train(cfg, *, progress: Progress = print) -> dict[str, Any]:
     from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.classify.train import class_weights, train_classifier, training_run_name
 
-    run_dir = Path(cfg.run.out)
+    run_dir = local_run_dir(cfg.run)
     ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
     rows = read_rows(run_dir, ids, ["image_id", "image", "label"])
     weights = class_weights(rows["label"].to_numpy())
@@ -262,7 +263,7 @@ def bench_sample(cfg, *, images: int = 64, progress: Progress = print) -> dict[s
         write_shard,
     )
 
-    run_dir = Path(cfg.run.out)
+    run_dir = local_run_dir(cfg.run)
     generator_dir = run_dir / "generator"
     generator_id = generator_id_of(generator_dir)
     unet, conditioning = load_generator(generator_dir)

@@ -247,14 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _synced(cfg):
+    """The run's storage for one command: a remote ``run.out`` is pulled into its local copy first and pushed back
+    however the command ends (see skinsynth/storage.py); a local one is used as it is."""
+    from skinsynth.storage import synced_run
+
+    return synced_run(cfg.run)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from skinsynth.config import DEMO_SETTINGS, load_config
     from skinsynth.pipeline import data_summary_text, format_run_summary, run_experiment
+    from skinsynth.storage import local_run_dir
 
     cfg = load_config(None, _data_overrides(args), base=DEMO_SETTINGS)
     outcomes = run_experiment(cfg, force=args.force)
     print()
-    print(data_summary_text(cfg.run.out))
+    print(data_summary_text(local_run_dir(cfg.run)))
     print(format_run_summary(cfg, outcomes))
     return 0
 
@@ -288,8 +297,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from skinsynth.data.prepare import prepare_images
 
     cfg = load_config(args.config, _data_overrides(args))
-    dump_config(cfg, cfg.run.out)
-    result = prepare_images(cfg.data, cfg.run.out, engine=args.engine, force=args.force)
+    with _synced(cfg) as store:
+        dump_config(cfg, store.local)
+        result = prepare_images(cfg.data, store.local, engine=args.engine, force=args.force)
     print()
     print(format_data_card(result.card))
     return 0
@@ -300,7 +310,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from skinsynth.config import load_config
 
     cfg = load_config(args.config, _data_overrides(args))
-    result = train_classifier(cfg)
+    with _synced(cfg):
+        result = train_classifier(cfg)
     print(f"model: {result.model_dir} (best validation balanced accuracy {result.best_val_balanced_accuracy:.3f})")
     print(DISCLAIMER)
     return 0
@@ -311,7 +322,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from skinsynth.config import load_config
 
     cfg = load_config(args.config, _data_overrides(args))
-    evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot)
+    with _synced(cfg):
+        evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot)
     print(DISCLAIMER)
     return 0
 
@@ -327,16 +339,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from skinsynth.config import load_config
 
     cfg = load_config(args.config, _data_overrides(args))
-    if args.generate_command == "train":
-        from skinsynth.generate.train import train_generator
+    with _synced(cfg) as store:
+        if args.generate_command == "train":
+            from skinsynth.generate.train import train_generator
 
-        train_generator(cfg)
-    else:
-        from skinsynth.generate.sample import sample_synthetic
+            train_generator(cfg)
+        else:
+            from skinsynth.generate.sample import sample_synthetic
 
-        result = sample_synthetic(cfg.sample, cfg.run.out, force=args.force)
-        card = result.card
-        print(f"synthetic set: {card['images']} images in {result.synthetic_dir}; classes {card['classes']}")
+            result = sample_synthetic(cfg.sample, store.local, force=args.force)
+            card = result.card
+            print(f"synthetic set: {card['images']} images in {result.synthetic_dir}; classes {card['classes']}")
     print(DISCLAIMER)
     return 0
 
@@ -358,7 +371,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from skinsynth.tune.sweep import run_sweep
 
     cfg = load_config(args.config, _data_overrides(args))
-    result = run_sweep(cfg, fresh=args.fresh)
+    with _synced(cfg):
+        result = run_sweep(cfg, fresh=args.fresh)
     print(f"sweep: {result.sweep_dir} (trials.csv{', summary.csv' if result.summary is not None else ''}, best.json)")
     print(DISCLAIMER)
     return 0
@@ -397,10 +411,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     flags = [f"serve.{key}={value}" for key in ("model", "host", "port") if (value := getattr(args, key)) is not None]
     cfg = load_config(args.config, _data_overrides(args) + flags)
-    model_dir = default_model_dir(cfg)
-    # load once here: a model that cannot be served fails with its reason before Serve starts, and the first
-    # load writes the serving calibration next to the model
-    served = load_served_model(model_dir, cfg.serve)
+    with _synced(cfg):  # a remote run's model is served from its local copy
+        model_dir = default_model_dir(cfg)
+        # load once here: a model that cannot be served fails with its reason before Serve starts, and the first
+        # load writes the serving calibration next to the model
+        served = load_served_model(model_dir, cfg.serve)
     print(f"serve: model {served.model_id} from {model_dir}; calibration {served.calibration.summary()}")
     url = start_endpoint(str(model_dir), cfg.serve)
     wait_until_healthy(url)

@@ -33,7 +33,8 @@ class RunConfig:
     """Where a run lives and what it is called."""
 
     name: str = "demo"
-    out: str = "runs/demo"  # run directory (a local path or a pyarrow filesystem URI)
+    out: str = "runs/demo"  # run directory: a local path, or a URI (s3://, gs://, ...: see skinsynth/storage.py)
+    cache_dir: str = ""  # local copy of a remote run.out ("": ~/.cache/skinsynth/runs/<scheme>/<path>)
     seed: int = 0
 
 
@@ -127,7 +128,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
-    imbalance: Literal["none", "weighted_loss", "focal"] = "weighted_loss"
+    # class-balanced sampling: "balanced" repeats the images of every class rarer than 1/K of the training rows until
+    # it holds 1/K (repeat-factor sampling); the loss weights of `imbalance` then correct only what remains
+    sampling: Literal["natural", "balanced"] = "natural"
+    imbalance: Literal["none", "weighted_loss", "focal"] = "weighted_loss"  # loss weighting (inverse frequency)
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     augment: bool = True
@@ -421,10 +425,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 # What ``skinsynth demo`` adds to the defaults (experiments/demo.yaml says the same): 30% of the phantom training
 # labels (the generator learns from those only and samples one image per labelled image), and a two-trial sweep
 # over FixMatch, a synthetic mix and the learning rate.
+# sized so that the README's first line (a fresh install, about 3.5 minutes here, then the demo) ends within 10 minutes
+# on 2 CPU cores: each stage shows what it does, none of them is trained to quality
 DEMO_SETTINGS: dict[str, Any] = {
     "data": {"split": {"label_fraction": 0.3}},
-    "sample": {"ratio": 1.0},
-    "train": {"ssl": {"unlabelled_ratio": 2}},
+    "generator": {"train_steps": 80},
+    "sample": {"ratio": 1.0, "steps": 12},
+    "train": {"epochs": 3, "ssl": {"unlabelled_ratio": 1}},
     "tune": {
         "name": "demo_sweep",
         "num_samples": 2,  # a trial is a Ray Train run, about a minute on 2 cores: the demo stays within 10

@@ -22,6 +22,7 @@ from skinsynth.config import ExperimentConfig, config_to_dict, dump_config
 from skinsynth.data.card import format_data_card
 from skinsynth.data.prepare import prepare_images, read_manifest
 from skinsynth.errors import SkinsynthError
+from skinsynth.storage import local_run_dir, synced_run
 
 Progress = Callable[[str], None]
 
@@ -205,34 +206,39 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
     Returns:
         One :class:`StageOutcome` per stage, in order.
     """
-    run_dir = Path(cfg.run.out)
-    dump_config(cfg, run_dir)
-    progress(f"run '{cfg.run.name}' -> {run_dir} (resolved config: {run_dir / 'config.yaml'})")
-    outcomes = []
-    for name, stage in STAGES:
-        progress(f"== stage {name}")
-        outcome = stage(cfg, run_dir, force, progress)
-        outcomes.append(outcome)
-        state = "skipped (up to date)" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
-        progress(f"== stage {name}: {state}")
+    with synced_run(cfg.run, progress) as store:
+        run_dir = store.local
+        dump_config(cfg, run_dir)
+        progress(f"run '{cfg.run.name}' -> {cfg.run.out} (resolved config: {run_dir / 'config.yaml'})")
+        outcomes = []
+        for name, stage in STAGES:
+            progress(f"== stage {name}")
+            outcome = stage(cfg, run_dir, force, progress)
+            outcomes.append(outcome)
+            state = "skipped (up to date)" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
+            if store.remote and not outcome.skipped:
+                state += f"; {store.push()} file(s) pushed to {cfg.run.out}"  # a lost machine loses no finished stage
+            progress(f"== stage {name}: {state}")
     return outcomes
 
 
 def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> str:
     """The closing summary of a run: per-stage status and time, where results are, what to run next."""
-    lines = ["", f"run summary: {cfg.run.name} ({cfg.run.out})"]
+    run_dir = local_run_dir(cfg.run)
+    where = cfg.run.out if run_dir == Path(cfg.run.out) else f"{cfg.run.out}, local copy {run_dir}"
+    lines = ["", f"run summary: {cfg.run.name} ({where})"]
     for o in outcomes:
         state = "skipped" if o.skipped else f"{o.seconds:6.1f} s"
         lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
-    lines.append(f"next: skinsynth data summary {cfg.run.out}")
-    lines.append(f"      open {Path(cfg.run.out) / 'eval' / cfg.train.name / 'report.json'} and its figures")
+    lines.append(f"next: skinsynth data summary {run_dir}")
+    lines.append(f"      open {run_dir / 'eval' / cfg.train.name / 'report.json'} and its figures")
     if cfg.generator.enabled:
-        lines.append(f"      open {Path(cfg.run.out) / 'audit' / 'report.json'} (fidelity, privacy, export gate)")
+        lines.append(f"      open {run_dir / 'audit' / 'report.json'} (fidelity, privacy, export gate)")
     if cfg.tune.space:
-        trials = Path(cfg.run.out) / "tune" / cfg.tune.name / "trials.csv"
-        lines.append(f"      open {trials} and {Path(cfg.run.out) / 'eval' / 'best' / 'report.json'}")
+        trials = run_dir / "tune" / cfg.tune.name / "trials.csv"
+        lines.append(f"      open {trials} and {run_dir / 'eval' / 'best' / 'report.json'}")
     lines.append(f"      skinsynth serve --out {cfg.run.out}      # the classifier over HTTP on 127.0.0.1:8000")
-    lines.append(f"      skinsynth view --runs {Path(cfg.run.out).parent}      # the results viewer")
+    lines.append(f"      skinsynth view --runs {run_dir.parent}      # the results viewer")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
 

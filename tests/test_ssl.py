@@ -223,6 +223,20 @@ def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_vali
     assert per_class.max() - per_class.min() <= 1 and per_class.sum() == len(inputs.labelled)
 
 
+def test_balanced_sampling_repeats_rare_rows_in_the_training_dataset(mixed_run):
+    from skinsynth.classify.train import training_datasets, training_inputs
+
+    cfg, out = mixed_run
+    tc = load_config(None, ["train.sampling=balanced", "train.mix.ratio=1", "train.cache_rows=false"]).train
+    inputs = training_inputs(out, tc)
+    assert inputs.repeats.sum() > len(inputs.labels)  # the phantom set is imbalanced, so something is repeated
+    train = training_datasets(out, inputs, tc)["train"].to_pandas()
+    shown = train["image_id"].value_counts()
+    ids = [*inputs.labelled, *inputs.synthetic]
+    assert shown.to_dict() == {ids[i]: int(n) for i, n in enumerate(inputs.repeats)}  # real and synthetic alike
+    assert (np.bincount(train["label"], minlength=7) == np.bincount(inputs.sampled_labels, minlength=7)).all()
+
+
 def test_a_mix_without_a_synthetic_set_or_with_too_few_images_is_refused(mixed_run, tmp_path):
     from skinsynth.classify.train import training_inputs
 

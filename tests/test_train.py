@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from skinsynth.classify.train import class_weights, focal_loss, warmup_cosine
+from skinsynth.classify.train import balanced_repeats, class_weights, focal_loss, warmup_cosine
 from skinsynth.config import load_config
 
 
@@ -19,6 +19,21 @@ def test_class_weights_are_inverse_frequency_with_mean_one():
     assert float(present.mean()) == pytest.approx(1.0)
     assert float(w[0]) == pytest.approx(3 * float(w[5]))
     assert float(w[1]) == 0.0  # absent class
+
+
+def test_balanced_sampling_brings_rare_classes_up_to_the_mean_share_and_keeps_common_ones():
+    # HAM10000-like: 600 nv, 90 mel, 30 bcc, 8 df (one class absent)
+    labels = np.repeat([5, 4, 1, 3], [600, 90, 30, 8])
+    repeats = balanced_repeats(labels, seed=0)
+    target = int(np.ceil(len(labels) / 4))  # 182: four classes present
+    per_class = np.bincount(labels, weights=repeats, minlength=7)
+    assert per_class[5] == 600 and (repeats[labels == 5] == 1).all()  # commoner than the mean share: untouched
+    assert per_class[4] == per_class[1] == per_class[3] == target
+    assert set(repeats[labels == 3]) <= {22, 23}  # 182 = 8 x 22 + 6: every df image shown 22 or 23 times
+    assert (repeats[labels == 3] == 23).sum() == 6
+    assert per_class[0] == 0
+    assert (balanced_repeats(labels, seed=0) == repeats).all()
+    assert (balanced_repeats(labels, seed=1) != repeats).any()  # which images get the extra copy is seeded
 
 
 def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero_and_downweights_easy_examples():

@@ -60,6 +60,11 @@ def _keep_ids(batch: pd.DataFrame, ids: frozenset[str]) -> pd.DataFrame:
     return batch[batch["image_id"].isin(ids)]
 
 
+def repeat_rows(batch: pd.DataFrame, repeats: dict[str, int]) -> pd.DataFrame:
+    """Each row ``repeats[image_id]`` times (1 when absent): class-balanced sampling's copies."""
+    return batch.loc[batch.index.repeat(batch["image_id"].map(repeats).fillna(1).astype(int))].reset_index(drop=True)
+
+
 def shard_dataset(
     run_dir: str | Path,
     image_ids: list[str],
@@ -78,8 +83,12 @@ def shard_dataset(
     """
     import ray.data
 
+    from skinsynth.storage import remote_shards
+
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(str(Path(run_dir) / stage / "images"), columns=columns, shuffle=shuffle)
+    # a mirrored remote run is read from its URI: the read tasks may run on nodes without the local copy
+    path, filesystem = remote_shards(run_dir, stage, "images")
+    ds = ray.data.read_parquet(path, columns=columns, shuffle=shuffle, filesystem=filesystem)
     return ds.map_batches(_keep_ids, batch_format="pandas", fn_kwargs={"ids": frozenset(image_ids)})
 
 

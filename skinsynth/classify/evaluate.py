@@ -25,6 +25,7 @@ from skinsynth.config import ExperimentConfig
 from skinsynth.data.schema import CLASSES, age_band
 from skinsynth.errors import SkinsynthError
 from skinsynth.runtime import git_commit
+from skinsynth.storage import local_run_dir
 
 Progress = Callable[[str], None]
 EVAL_COLUMNS = ["image_id", "image", "label", "group_id", "tone", "tone_true", "sex", "age", "localization"]
@@ -135,7 +136,7 @@ def evaluate_model(
     Returns:
         The report (also written to ``RUN_DIR/eval/<name>/report.json``).
     """
-    run_dir = Path(cfg.run.out).resolve()
+    run_dir = local_run_dir(cfg.run).resolve()
     model_dir = run_dir / "models" / cfg.train.name
     model, info = load_trained_model(model_dir)
     splits = load_split_table(run_dir)
@@ -268,7 +269,7 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
         "pretrained": pretrained_source(info["model"], info["train_config"]["pretrained"]),
         "classes": info["classes"],
         "image_size": info["image_size"],
-        "data": {"source": info.get("data_source"), "run_dir": str(Path(cfg.run.out).resolve())},
+        "data": {"source": info.get("data_source"), "run_dir": str(local_run_dir(cfg.run).resolve())},
         "training": {k: info[k] for k in ("best_epoch", "best_val_balanced_accuracy")},
         "metrics_test": {
             "balanced_accuracy": test["balanced_accuracy"],

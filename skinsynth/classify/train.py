@@ -49,6 +49,27 @@ def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES)) -> torch.
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
+def balanced_repeats(labels: np.ndarray, seed: int, num_classes: int = len(CLASSES)) -> np.ndarray:
+    """How many times each training row is shown per epoch under class-balanced sampling.
+
+    Repeat-factor sampling (Gupta et al. 2019, "LVIS: a dataset for large vocabulary instance segmentation"; the
+    oversampling Buda et al. 2018 found best for CNNs on imbalanced data): every class rarer than the mean class
+    share 1/K is brought up to exactly ceil(N/K) rows by repeating its images - each one ``target // n`` times,
+    a seeded draw of them once more - while commoner classes keep their rows. An epoch grows (HAM10000: 1.5x)
+    instead of dropping majority images, and HAM10000's 58:1 imbalance shrinks to about 5:1, which the loss weights
+    of ``train.imbalance`` then handle without a 50x weight on a few dozen images.
+    """
+    counts = np.bincount(labels, minlength=num_classes)
+    target = math.ceil(len(labels) / max(int((counts > 0).sum()), 1))
+    repeats = np.ones(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for cls in np.flatnonzero((counts > 0) & (counts < target)):
+        rows = np.flatnonzero(labels == cls)
+        repeats[rows] = target // len(rows)
+        repeats[rng.choice(rows, target % len(rows), replace=False)] += 1
+    return repeats
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -336,6 +357,17 @@ class TrainingInputs:
     val: list[str]
     labels: np.ndarray  # of labelled then synthetic images (class weights, class prior)
     synthetic_per_class: dict[str, int]
+    repeats: np.ndarray  # per labelled then synthetic image: times shown per epoch (train.sampling)
+
+    @property
+    def sampled_labels(self) -> np.ndarray:
+        """The labels of one epoch's rows (repeats included): what the loss weights must balance."""
+        return np.repeat(self.labels, self.repeats)
+
+    def repeated_ids(self) -> dict[str, int]:
+        """Image id -> times shown per epoch, for the images shown more than once."""
+        ids = [*self.labelled, *self.synthetic]
+        return {ids[i]: int(self.repeats[i]) for i in np.flatnonzero(self.repeats > 1)}
 
 
 def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
@@ -377,8 +409,9 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
         pool = pq.read_table(synthetic_dir, columns=["image_id", "dx", "label"]).to_pandas()
         synthetic = select_synthetic(pool, counts, tc.mix.seed)
         labels = np.concatenate([labels, pool.set_index("image_id").loc[synthetic, "label"].to_numpy(np.int64)])
+    repeats = balanced_repeats(labels, tc.seed) if tc.sampling == "balanced" else np.ones(len(labels), np.int64)
     return TrainingInputs(
-        partition.labelled, synthetic, partition.unlabelled, split_ids(splits, "val"), labels, counts
+        partition.labelled, synthetic, partition.unlabelled, split_ids(splits, "val"), labels, counts, repeats
     )
 
 
@@ -392,11 +425,17 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
     competes with the model for the same cores. Rows were shuffled across shards at prepare time, and the training
     loop's seeded, per-epoch shuffle buffer varies the batches from epoch to epoch.
     """
-    from skinsynth.classify.data import shard_dataset
+    from skinsynth.classify.data import repeat_rows, shard_dataset
 
     train = shard_dataset(run_dir, inputs.labelled, shuffle_seed=tc.seed)
     if inputs.synthetic:
         train = train.union(shard_dataset(run_dir, inputs.synthetic, shuffle_seed=tc.seed, stage="synthetic"))
+    repeated = inputs.repeated_ids()
+    if repeated:
+        # the copies of a rare image would sit next to each other in one block; a seeded global shuffle (a few
+        # thousand rows) spreads them over the epoch before the loop's local shuffle buffer varies the order
+        train = train.map_batches(repeat_rows, batch_format="pandas", fn_kwargs={"repeats": repeated})
+        train = train.random_shuffle(seed=tc.seed)
     datasets = {"train": train, "val": shard_dataset(run_dir, inputs.val)}
     if tc.ssl.method != "none":
         datasets["unlabelled"] = shard_dataset(run_dir, inputs.unlabelled, ["image_id", "image"], tc.seed + 1)
@@ -436,7 +475,7 @@ def train_classifier(
     cfg: ExperimentConfig,
     *,
     progress: Progress = print,
-    storage: Path | None = None,
+    storage: tuple[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     export: bool = True,
 ) -> TrainResult:
@@ -445,7 +484,8 @@ def train_classifier(
     Args:
         cfg: the experiment (``run.out`` must hold a prepared ``data/``; and ``synthetic/`` when mixing).
         progress: receives one-line messages.
-        storage: where Ray Train keeps the run (default ``RUN_DIR/ray_train``); a sweep gives each trial its own.
+        storage: ``(storage_path, storage_filesystem)`` where Ray Train keeps the run (default ``RUN_DIR/ray_train``,
+            on the run's URI for a remote run); a sweep gives each trial its own.
         callbacks: Ray Train callbacks (a sweep passes Tune's report callback).
         export: write the best model to ``RUN_DIR/models/<name>/`` (a sweep exports only its best trial).
 
@@ -460,8 +500,10 @@ def train_classifier(
     from ray.train.torch import TorchTrainer
 
     from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
+    from skinsynth.storage import open_run_store
 
-    run_dir = Path(cfg.run.out).resolve()
+    store = open_run_store(cfg.run.out, cfg.run.cache_dir)
+    run_dir = store.local.resolve()
     tc = cfg.train
     _check_train_config(tc)
     inputs = training_inputs(run_dir, tc)
@@ -484,7 +526,7 @@ def train_classifier(
             f"unlabelled_ratio; unlabelled batches of {unlabelled_batch} instead"
         )
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
-    weights = class_weights(inputs.labels)
+    weights = class_weights(inputs.sampled_labels)
     prior = np.bincount(inputs.labels[: len(inputs.labelled)], minlength=len(CLASSES)).astype(float)
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(tc.use_gpu, "train.use_gpu")
@@ -494,16 +536,24 @@ def train_classifier(
         f"train: {tc.model} ({tc.pretrained} weights) on {len(inputs.labelled)} labelled{mix} images{ssl}, "
         f"{len(inputs.val)} validation, {tc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
+    if tc.sampling == "balanced":
+        per_class = np.bincount(inputs.sampled_labels, minlength=len(CLASSES))
+        progress(
+            f"train: class-balanced sampling: {int(inputs.repeats.sum())} rows per epoch ("
+            + ", ".join(f"{code} {n}" for code, n in zip(CLASSES, per_class, strict=True) if n)
+            + ")"
+        )
     # the per-epoch lines of the loop are the progress report; Ray Data's bars would repeat every epoch in logs
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = training_datasets(run_dir, inputs, tc)
+    storage_path, storage_filesystem = storage or store.ray_storage("ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": config_to_dict(tc),
             "class_weights": weights.tolist(),
             "class_prior": (prior / prior.sum()).tolist(),
-            "train_images": len(inputs.labels),
+            "train_images": int(inputs.repeats.sum()),
             "unlabelled_batch_size": unlabelled_batch,
             "image_size": card["image_size"],
             "torch_threads": tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu),
@@ -511,7 +561,8 @@ def train_classifier(
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=training_run_name(tc, run_dir),
-            storage_path=str(storage or run_dir / "ray_train"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
         ),

@@ -304,8 +304,10 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     from skinsynth.data.prepare import read_manifest
     from skinsynth.generate.model import check_image_size
     from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
+    from skinsynth.storage import open_run_store
 
-    run_dir = Path(cfg.run.out).resolve()
+    store = open_run_store(cfg.run.out, cfg.run.cache_dir)
+    run_dir = store.local.resolve()
     gc = cfg.generator
     # labelled images only: with a label budget (data.split.label_fraction < 1) the hidden labels of the SSL pool
     # must not reach a class-conditional generator either
@@ -330,7 +332,8 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         f"{gc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
     name = generator_run_name(gc, data_hash)
-    storage = run_dir / "ray_train"
+    storage = run_dir / "ray_train"  # the grids (checkpoints go to the run's storage, on its URI when remote)
+    storage_path, storage_filesystem = store.ray_storage("ray_train")
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
@@ -348,7 +351,10 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         },
         scaling_config=ray.train.ScalingConfig(num_workers=gc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage), checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
         datasets={"train": train_images},
     )

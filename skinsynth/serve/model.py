@@ -38,6 +38,7 @@ import torch
 from skinsynth import DISCLAIMER
 from skinsynth.config import PreprocessConfig, ServeConfig, section_from_dict
 from skinsynth.errors import SkinsynthError
+from skinsynth.storage import local_run_dir
 
 CALIBRATION_JSON = "serving.json"
 CALIBRATION_ARRAYS = "serving.npz"
@@ -320,7 +321,7 @@ def default_model_dir(cfg) -> Path:
     """``serve.model``, else RUN_DIR/models/best when a sweep chose one, else RUN_DIR/models/<train.name>."""
     if cfg.serve.model:
         return Path(cfg.serve.model)
-    run_dir = Path(cfg.run.out)
+    run_dir = local_run_dir(cfg.run)
     best = run_dir / "models" / "best"
     return best if (best / "training.json").is_file() else run_dir / "models" / cfg.train.name
 

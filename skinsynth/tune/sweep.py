@@ -35,6 +35,7 @@ import pandas as pd
 
 from skinsynth.config import ExperimentConfig, config_to_dict
 from skinsynth.errors import SkinsynthError
+from skinsynth.storage import RunStore, open_run_store
 from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config, tune_param_space
 
 Progress = Callable[[str], None]
@@ -56,7 +57,12 @@ BEST_MODEL = "best"
 
 
 def _log_event(sweep_dir: Path, event: dict[str, Any]) -> None:
-    """Append one line to the sweep's trial log (each trial writes its own start and end)."""
+    """Append one line to the sweep's trial log (a trial writes its start, the driver the end).
+
+    The log lives on the driver's node; a trial running on another node, where the folder does not exist, skips
+    its start line rather than fail (the driver's end line is what resuming relies on)."""
+    if not Path(sweep_dir).is_dir():
+        return
     with open(sweep_dir / TRIAL_LOG, "a") as log:
         log.write(json.dumps({**event, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
@@ -83,9 +89,12 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from skinsynth.classify.train import train_classifier
+    from skinsynth.storage import synced_run
 
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
+    # the log exists only on the driver's node; a trial on another node finds none and resumes from its Ray Train
+    # checkpoint instead, which reports a finished run's last result without training again
     ended = [e for e in read_trial_log(sweep_dir) if e["trial_id"] == trial_id and e["event"] == "end"]
     if ended:
         # the sweep was killed after this trial ended but before Tune saved that: report the recorded final result
@@ -94,16 +103,19 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
         ray.tune.report(ended[-1]["result"])
         return
     cfg = trial_config(base, params)
-    _log_event(Path(sweep_dir), {"trial_id": trial_id, "event": "start", "params": params})
-    train_classifier(
-        cfg,
-        # the trial's own Ray Train storage, in the sweep's folder (Tune's trial folder lies in the Ray session's
-        # temporary files, which a restarted Ray does not see): a trial restarted after a kill resumes from it
-        storage=Path(sweep_dir) / "trials" / f"trial-{trial_id}",
-        callbacks=[TuneReportCallback()],
-        export=False,
-        progress=lambda message: print(f"[trial {trial_id}] {message}"),
-    )
+    # a remote run: a trial on another node pulls the run's small files (splits, cards) into its own copy; the
+    # shards are read from the URI and the checkpoints written there, so nothing else is needed
+    with synced_run(cfg.run, progress=lambda message: print(f"[trial {trial_id}] {message}")) as store:
+        train_classifier(
+            cfg,
+            # the trial's own Ray Train storage, in the sweep's folder (Tune's trial folder lies in the Ray
+            # session's temporary files, which a restarted Ray does not see): a trial restarted after a kill
+            # resumes from it
+            storage=store.ray_storage("tune", cfg.tune.name, "trials", f"trial-{trial_id}"),
+            callbacks=[TuneReportCallback()],
+            export=False,
+            progress=lambda message: print(f"[trial {trial_id}] {message}"),
+        )
 
 
 def trial_log_callback(sweep_dir: Path):
@@ -130,6 +142,7 @@ def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
     settings = config_to_dict(cfg)
     settings["tune"].pop("external", None)
     settings["run"].pop("out", None)
+    settings["run"].pop("cache_dir", None)
     inputs = [(read_manifest(run_dir / stage) or {}).get("input_hash") for stage in ("data", "synthetic")]
     payload = json.dumps({"config": settings, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -160,14 +173,35 @@ def _check_inputs(cfg: ExperimentConfig, run_dir: Path) -> None:
         training_inputs(run_dir, trial_config(base, combo).train)
 
 
-def _tuner(cfg: ExperimentConfig, run_dir: Path, sweep_dir: Path, trainable: Any):
-    """A new Tuner for this sweep, or the interrupted one restored with its trials and searcher state."""
+def _discard_sweep(store: RunStore, sweep_dir: Path) -> None:
+    """Delete a sweep's folder, and for a remote run its Tune state and trial checkpoints on the URI too."""
+    if sweep_dir.exists():
+        shutil.rmtree(sweep_dir)
+    if store.remote:
+        import pyarrow.fs as pafs
+
+        remote_dir, filesystem = store.ray_storage("tune", sweep_dir.name)
+        if filesystem.get_file_info(remote_dir).type != pafs.FileType.NotFound:
+            filesystem.delete_dir(remote_dir)
+
+
+def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any):
+    """A new Tuner for this sweep, or the interrupted one restored with its trials and searcher state.
+
+    Tune's state goes to the run's storage: the URI for a remote run (trials on other nodes checkpoint there, and a
+    job restarted on a fresh cluster restores from it), else ``RUN_DIR/tune``.
+    """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     tc = cfg.tune
-    if ray.tune.Tuner.can_restore(str(sweep_dir)):
-        return ray.tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True), True
+    tune_root, filesystem = store.ray_storage("tune")
+    experiment = f"{tune_root}/{tc.name}"
+    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        restored = ray.tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
+        return restored, True
     search_alg = None
     if tc.search == "optuna":
         import optuna
@@ -198,7 +232,7 @@ def _tuner(cfg: ExperimentConfig, run_dir: Path, sweep_dir: Path, trainable: Any
             reuse_actors=False,
         ),
         run_config=ray.tune.RunConfig(
-            name=tc.name, storage_path=str(sweep_dir.parent), verbose=1, callbacks=[trial_log_callback(sweep_dir)]
+            name=tc.name, storage_path=tune_root, storage_filesystem=filesystem, verbose=1, callbacks=[callback]
         ),
     )
     return tuner, False
@@ -238,16 +272,17 @@ def run_sweep(
     from skinsynth.runtime import ensure_ray
 
     check_space(cfg)
-    run_dir = Path(cfg.run.out).resolve()
+    store = open_run_store(cfg.run.out, cfg.run.cache_dir)
+    run_dir = store.local.resolve()
     sweep_dir = run_dir / "tune" / cfg.tune.name
     identity = sweep_identity(cfg, run_dir)
     info_path = sweep_dir / "sweep.json"
-    if fresh and sweep_dir.exists():
-        shutil.rmtree(sweep_dir)
+    if fresh:
+        _discard_sweep(store, sweep_dir)
     changed = info_path.is_file() and json.loads(info_path.read_text())["identity"] != identity
     if changed and restart_if_changed:
         progress(f"tune: settings or data changed since the sweep in {sweep_dir} was made; starting it again")
-        shutil.rmtree(sweep_dir)
+        _discard_sweep(store, sweep_dir)
     elif changed:
         raise SkinsynthError(
             f"{sweep_dir} holds a sweep made with other settings or data; re-run with --fresh to discard it, or "
@@ -262,13 +297,14 @@ def run_sweep(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     ensure_ray(cfg.data.num_cpus)
     base = config_to_dict(cfg)
-    base["run"]["out"] = str(run_dir)
+    if not store.remote:
+        base["run"]["out"] = str(run_dir)  # absolute: Tune runs trials in their own folders
     trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir))
     # the trial function only waits on its Ray Train run, whose workers hold the CPUs and GPUs. It must not hold a
     # CPU, not even a fraction: 0.01 of one leaves 0.99 free beside a worker on a 2-core machine, and Ray Data's
     # one-CPU read tasks then wait forever. Tune refuses an empty request, so it reserves one byte of memory.
     trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 1})
-    tuner, restored = _tuner(cfg, run_dir, sweep_dir, trainable)
+    tuner, restored = _tuner(cfg, store, trainable, trial_log_callback(sweep_dir))
     done_before = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] == "end"}
     planned = cfg.tune.num_samples if cfg.tune.search == "optuna" else grid_size(cfg.tune)
     progress(
@@ -332,13 +368,15 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
 
 
-def _best_state(checkpoint_path: str) -> dict[str, Any]:
-    """The training state in a trial's last checkpoint (its ``best_model`` is the best epoch's weights)."""
+def _best_state(checkpoint_path: str, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The training state in a trial's last checkpoint (its ``best_model`` is the best epoch's weights); on the
+    run's URI for a remote run."""
     import ray.train
 
     from skinsynth.runtime import read_run_checkpoint
 
-    return read_run_checkpoint(ray.train.Checkpoint(checkpoint_path))["state"]
+    filesystem = open_run_store(cfg.run.out, cfg.run.cache_dir).filesystem
+    return read_run_checkpoint(ray.train.Checkpoint(checkpoint_path, filesystem=filesystem))["state"]
 
 
 def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path, progress: Progress) -> pd.DataFrame:
@@ -363,7 +401,7 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
             continue
         model_name = trial_config(config_to_dict(cfg), {k: _plain(row[k]) for k in cfg.tune.space}).train.model
         model = create_classifier(model_name, num_classes=len(CLASSES), pretrained="none")
-        model.load_state_dict(_best_state(row["checkpoint_path"])["best_model"])
+        model.load_state_dict(_best_state(row["checkpoint_path"], cfg)["best_model"])
         report = M.classification_metrics(predict_probs(model.eval(), test["image"]), labels)
         bacc.append(report["balanced_accuracy"])
         auroc.append(report["macro_auroc"])
@@ -420,7 +458,9 @@ def export_and_evaluate_best(
     best_cfg.train.name = BEST_MODEL
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
     sweep = {"sweep": cfg.tune.name, "trial_id": best["trial_id"], "params": params, "chosen_on": "validation"}
-    export_model(run_dir, best_cfg.train, _best_state(best["checkpoint_path"]), card, {"sweep": sweep}, BEST_MODEL)
+    export_model(
+        run_dir, best_cfg.train, _best_state(best["checkpoint_path"], cfg), card, {"sweep": sweep}, BEST_MODEL
+    )
     progress(
         f"tune: best trial {best['trial_id']} (validation balanced accuracy {best[METRIC]:.3f}) with {params} "
         f"-> {run_dir / 'models' / BEST_MODEL}"

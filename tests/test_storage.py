@@ -1,0 +1,151 @@
+"""Run storage through pyarrow's filesystem layer: local paths, ``file://`` URIs, and a real S3 API (moto's server
+on 127.0.0.1) for a remote ``run.out``, including the whole demo pipeline with Ray Train and Tune writing there."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from skinsynth.errors import SkinsynthError
+from skinsynth.storage import REMOTE_MARKER, open_run_store, remote_shards, synced_run
+from tests.test_cli import DEMO_SMALL
+
+BUCKET = "skinsynth-test"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on loopback: the same HTTP API an S3 bucket answers, started for real."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"{host}:{port}"
+    import pyarrow.fs as pafs
+
+    filesystem = pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        endpoint_override=endpoint,
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    filesystem.create_dir(BUCKET)
+    yield endpoint, filesystem
+    server.stop()
+
+
+def _uri(endpoint: str, path: str) -> str:
+    # credentials and endpoint in the URI: Ray Train/Tune and Ray Data get the same filesystem object
+    return f"s3://testing:testing@{BUCKET}/{path}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+
+class _Run:
+    def __init__(self, out: str, cache_dir: str = "") -> None:
+        self.out, self.cache_dir = out, cache_dir
+
+
+def test_local_paths_and_file_uris_are_used_as_they_are(tmp_path):
+    store = open_run_store(str(tmp_path / "run"))
+    assert store.local == tmp_path / "run" and not store.remote
+    assert store.ray_storage("ray_train") == (str(tmp_path / "run" / "ray_train"), None)
+    as_uri = open_run_store(f"file://{tmp_path}/run")
+    assert as_uri.local == tmp_path / "run" and not as_uri.remote
+    with synced_run(_Run(str(tmp_path / "run"))) as synced:
+        assert synced.local == tmp_path / "run"
+    assert not (tmp_path / "run").exists()  # nothing to pull, nothing written
+    assert remote_shards(tmp_path / "run", "data", "images") == (str(tmp_path / "run" / "data" / "images"), None)
+
+
+def test_an_unknown_scheme_is_an_error_naming_the_uri(tmp_path):
+    with pytest.raises(SkinsynthError, match="run.out 'nosuchfs://bucket/run'"):
+        open_run_store("nosuchfs://bucket/run", str(tmp_path))
+
+
+def test_a_remote_run_is_pulled_and_pushed_by_size_and_age(s3_endpoint, tmp_path):
+    endpoint, filesystem = s3_endpoint
+    out = _uri(endpoint, "sync/run")
+    store = open_run_store(out, str(tmp_path / "cache-a"))
+    assert store.remote and store.local == tmp_path / "cache-a" / "s3" / BUCKET / "sync" / "run"
+    assert store.ray_storage("tune", "x") == (f"{BUCKET}/sync/run/tune/x", store.filesystem)
+
+    with synced_run(_Run(out, str(tmp_path / "cache-a")), progress=lambda _: None) as synced:
+        (synced.local / "data").mkdir(parents=True)
+        (synced.local / "data" / "manifest.json").write_text('{"stage": "data"}')
+        (synced.local / "ray_train" / "grids").mkdir(parents=True)
+        (synced.local / "ray_train" / "grids" / "g.png").write_bytes(b"png")
+    assert json.loads((synced.local / REMOTE_MARKER).read_text()) == {"out": out}
+    remote = {info.path for info in filesystem.get_file_info(_selector(f"{BUCKET}/sync/run"))}
+    assert f"{BUCKET}/sync/run/data/manifest.json" in remote
+    assert not any(path.endswith(REMOTE_MARKER) for path in remote)  # the marker is the copy's, not the run's
+    assert store.push() == 0  # nothing changed since
+
+    time.sleep(1.1)  # S3 times have one-second resolution
+    (store.local / "data" / "manifest.json").write_text('{"stage": "data!"}')
+    assert store.push() == 1
+    # another machine: an empty copy pulls everything but Ray Train's folder, which Ray reads remotely itself
+    other = open_run_store(out, str(tmp_path / "cache-b"))
+    assert other.pull() == 1
+    assert json.loads((other.local / "data" / "manifest.json").read_text()) == {"stage": "data!"}
+    assert not (other.local / "ray_train").exists()
+    assert other.push() == 0  # pulled copies keep their source's age, so they are not sent back
+    assert remote_shards(store.local, "data", "images") == (f"{BUCKET}/sync/run/data/images", store.filesystem)
+
+
+def test_an_unreachable_endpoint_fails_before_any_work(tmp_path):
+    bad = f"s3://testing:testing@{BUCKET}/run?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    with pytest.raises(SkinsynthError, match="cannot read run.out 's3://"):
+        with synced_run(_Run(bad, str(tmp_path)), progress=lambda _: None):
+            pytest.fail("the command body must not run")
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoint, tmp_path, capsys):
+    """The whole pipeline with run.out on S3: stages work in a local copy and push after each one, Ray Train and Tune
+    checkpoint straight to the bucket, training reads the shards from it; a second machine (an empty local copy)
+    finds every stage done."""
+    from skinsynth.cli import main
+
+    endpoint, filesystem = s3_endpoint
+    out = _uri(endpoint, "runs/demo")
+    args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-a'}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"== stage prepare: done in [0-9.]+ s; \d+ file\(s\) pushed to s3://", printed)
+    remote = {
+        info.path.removeprefix(f"{BUCKET}/runs/demo/")
+        for info in filesystem.get_file_info(_selector(f"{BUCKET}/runs/demo"))
+    }
+    for name in (
+        "data/manifest.json",
+        "models/classifier/model.pt",
+        "eval/classifier/report.json",
+        "audit/report.json",
+        "tune/demo_sweep/trials.parquet",
+        "models/best/model.pt",
+    ):
+        assert name in remote, name
+    # Ray Train (classifier, generator) and the sweep's trials checkpointed on S3, not in the local copy
+    assert any(re.match(r"ray_train/classifier-\w+/checkpoint_", p) for p in remote)
+    assert any(re.match(r"ray_train/generator-\w+/checkpoint_", p) for p in remote)
+    assert any(re.match(r"tune/demo_sweep/trials/trial-\w+/.+/checkpoint_", p) for p in remote)
+    local = tmp_path / "machine-a" / "s3" / BUCKET / "runs" / "demo"
+    assert not list((local / "ray_train").glob("classifier-*/checkpoint_*"))
+
+    args_b = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-b'}"]
+    assert main(args_b) == 0
+    summary = capsys.readouterr().out
+    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
+        assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
+    assert (tmp_path / "machine-b" / "s3" / BUCKET / "runs" / "demo" / "eval" / "best" / "report.json").is_file()
+
+
+def _selector(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True)
