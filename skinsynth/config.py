@@ -429,8 +429,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 # on 2 CPU cores: each stage shows what it does, none of them is trained to quality
 DEMO_SETTINGS: dict[str, Any] = {
     "data": {"split": {"label_fraction": 0.3}},
-    "generator": {"train_steps": 80},
-    "sample": {"ratio": 1.0, "steps": 12},
+    "generator": {"train_steps": 60},
+    "sample": {"ratio": 1.0, "steps": 10},
     "train": {"epochs": 3, "ssl": {"unlabelled_ratio": 1}},
     "tune": {
         "name": "demo_sweep",

@@ -178,8 +178,9 @@ def remote_shards(local_dir: str | Path, *parts: str) -> tuple[str, Any]:
 
 
 @contextlib.contextmanager
-def synced_run(run: Any, progress: Any = print) -> Iterator[RunStore]:
-    """Open ``run.out`` for a command: pull a remote run's files first, push them back however the command ends.
+def synced_run(run: Any, progress: Any = print, push: bool = True) -> Iterator[RunStore]:
+    """Open ``run.out`` for a command: pull a remote run's files first, push them back however the command ends
+    (``push=False``: a reader, such as a sweep trial, whose results reach the URI another way).
 
     Raises:
         SkinsynthError: an unusable URI (see :func:`open_run_store`).
@@ -198,5 +199,5 @@ def synced_run(run: Any, progress: Any = print) -> Iterator[RunStore]:
     try:
         yield store
     finally:
-        pushed = store.push()
-        progress(f"storage: {pushed} file(s) pushed to {store.out}")
+        if push:
+            progress(f"storage: {store.push()} file(s) pushed to {store.out}")

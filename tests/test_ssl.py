@@ -195,12 +195,16 @@ def mixed_run(tmp_path_factory):
     return cfg, out
 
 
-def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_validation(ray_local, mixed_run):
+@pytest.mark.parametrize("cache_rows", [True, False])  # read once by the driver, or streamed by Ray Data
+def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_validation(
+    ray_local, mixed_run, cache_rows
+):
     from skinsynth.classify.data import load_split_table
     from skinsynth.classify.train import training_datasets, training_inputs
 
     cfg, out = mixed_run
-    settings = ["train.ssl.method=fixmatch", "train.mix.ratio=1", "train.cache_rows=false"]  # prepared 30% labelled
+    # the run was prepared with 30% labelled
+    settings = ["train.ssl.method=fixmatch", "train.mix.ratio=1", f"train.cache_rows={str(cache_rows).lower()}"]
     tc = load_config(None, settings).train
     inputs = training_inputs(out, tc)
     splits = load_split_table(out)
@@ -223,11 +227,13 @@ def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_vali
     assert per_class.max() - per_class.min() <= 1 and per_class.sum() == len(inputs.labelled)
 
 
-def test_balanced_sampling_repeats_rare_rows_in_the_training_dataset(mixed_run):
+@pytest.mark.parametrize("cache_rows", [True, False])
+def test_balanced_sampling_repeats_rare_rows_in_the_training_dataset(ray_local, mixed_run, cache_rows):
     from skinsynth.classify.train import training_datasets, training_inputs
 
     cfg, out = mixed_run
-    tc = load_config(None, ["train.sampling=balanced", "train.mix.ratio=1", "train.cache_rows=false"]).train
+    settings = ["train.sampling=balanced", "train.mix.ratio=1", f"train.cache_rows={str(cache_rows).lower()}"]
+    tc = load_config(None, settings).train
     inputs = training_inputs(out, tc)
     assert inputs.repeats.sum() > len(inputs.labels)  # the phantom set is imbalanced, so something is repeated
     train = training_datasets(out, inputs, tc)["train"].to_pandas()

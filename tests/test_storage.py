@@ -133,7 +133,8 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
     # Ray Train (classifier, generator) and the sweep's trials checkpointed on S3, not in the local copy
     assert any(re.match(r"ray_train/classifier-\w+/checkpoint_", p) for p in remote)
     assert any(re.match(r"ray_train/generator-\w+/checkpoint_", p) for p in remote)
-    assert any(re.match(r"tune/demo_sweep/trials/trial-\w+/.+/checkpoint_", p) for p in remote)
+    swept = sorted(p for p in remote if p.startswith("tune/"))
+    assert any(re.match(r"tune/demo_sweep/trials/trial-\w+/.+/checkpoint_", p) for p in remote), swept
     local = tmp_path / "machine-a" / "s3" / BUCKET / "runs" / "demo"
     assert not list((local / "ray_train").glob("classifier-*/checkpoint_*"))
 

@@ -420,27 +420,36 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
     unlabelled pool, from the prepared and synthetic shards.
 
     The unlabelled pool is read without its ``label`` column, so no worker can see the labels SSL must not use.
-    With ``train.cache_rows`` every set is read, filtered and held in Ray's object store once (compressed PNGs:
+    With ``train.cache_rows`` every set is read and filtered once and held in Ray's object store (compressed PNGs:
     about 35 kB an image at 128 px) instead of re-reading every shard each epoch; on a small machine that re-read
-    competes with the model for the same cores. Rows were shuffled across shards at prepare time, and the training
-    loop's seeded, per-epoch shuffle buffer varies the batches from epoch to epoch.
+    competes with the model for the same cores. Without it, Ray Data streams the shards every epoch in a new file
+    order. Either way the training loop's seeded, per-epoch shuffle buffer varies the batches from epoch to epoch.
+    Class-balanced sampling's copies (``train.sampling``) are in the train set, shuffled once with a seed so the
+    copies of one rare image spread over the epoch.
     """
-    from skinsynth.classify.data import repeat_rows, shard_dataset
+    from skinsynth.classify.data import cached_dataset, repeat_rows, shard_dataset
 
+    repeated = inputs.repeated_ids()
+    if tc.cache_rows:
+        # real and synthetic rows in one shuffled set: the synthetic ones are spread over the epoch, not at its end
+        rows = {"data": inputs.labelled, "synthetic": inputs.synthetic}
+        datasets = {
+            "train": cached_dataset(run_dir, rows, shuffle_seed=tc.seed, repeats=repeated),
+            "val": cached_dataset(run_dir, inputs.val),
+        }
+        if tc.ssl.method != "none":
+            pool = cached_dataset(run_dir, inputs.unlabelled, ["image_id", "image"], shuffle_seed=tc.seed + 1)
+            datasets["unlabelled"] = pool
+        return datasets
     train = shard_dataset(run_dir, inputs.labelled, shuffle_seed=tc.seed)
     if inputs.synthetic:
         train = train.union(shard_dataset(run_dir, inputs.synthetic, shuffle_seed=tc.seed, stage="synthetic"))
-    repeated = inputs.repeated_ids()
     if repeated:
-        # the copies of a rare image would sit next to each other in one block; a seeded global shuffle (a few
-        # thousand rows) spreads them over the epoch before the loop's local shuffle buffer varies the order
         train = train.map_batches(repeat_rows, batch_format="pandas", fn_kwargs={"repeats": repeated})
         train = train.random_shuffle(seed=tc.seed)
     datasets = {"train": train, "val": shard_dataset(run_dir, inputs.val)}
     if tc.ssl.method != "none":
         datasets["unlabelled"] = shard_dataset(run_dir, inputs.unlabelled, ["image_id", "image"], tc.seed + 1)
-    if tc.cache_rows:
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     return datasets
 
 

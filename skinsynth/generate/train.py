@@ -300,7 +300,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skinsynth.classify.data import load_split_table, shard_dataset, split_ids
+    from skinsynth.classify.data import cached_dataset, load_split_table, shard_dataset, split_ids
     from skinsynth.data.prepare import read_manifest
     from skinsynth.generate.model import check_image_size
     from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
@@ -336,11 +336,12 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     storage_path, storage_filesystem = store.ray_storage("ray_train")
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
-    train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
     if gc.cache_rows:
-        # a pass over a small training set is a few seconds of compute, but re-reading and filtering every shard
-        # for it costs 5-8 s of Ray Data start-up on 2 cores: the demo's 120 steps over 88 images are 22 passes
-        train_images = train_images.materialize()
+        # a pass over a small training set is a few seconds of compute; re-reading and filtering every shard for it
+        # costs seconds of Ray Data start-up on 2 cores (the demo's 60 steps of 16 over 88 images are 11 passes)
+        train_images = cached_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
+    else:
+        train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
     trainer = TorchTrainer(
         generator_train_loop,
         train_loop_config={

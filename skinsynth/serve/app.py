@@ -64,7 +64,9 @@ class Prediction(BaseModel):
     risk_thresholds: dict[str, float]
     uncertainty: Uncertainty
     out_of_distribution: bool
-    ood_score: float = Field(description="Mahalanobis distance of the features to the nearest class mean")
+    ood_score: float = Field(
+        description="distance of the L2-normalised features to the nearest labelled training image (deep k-NN)"
+    )
     ood_threshold: float
     disclaimer: str
     heatmap_png_base64: str | None = Field(default=None, description="Grad-CAM overlay (with ?explain=gradcam)")

@@ -103,18 +103,22 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
         ray.tune.report(ended[-1]["result"])
         return
     cfg = trial_config(base, params)
-    # a remote run: a trial on another node pulls the run's small files (splits, cards) into its own copy; the
-    # shards are read from the URI and the checkpoints written there, so nothing else is needed
-    with synced_run(cfg.run, progress=lambda message: print(f"[trial {trial_id}] {message}")) as store:
+    # a remote run: a trial on another node pulls the run into its own copy (splits, cards); the shards are read
+    # from the URI and the checkpoints written there, and the driver pushes the rest, so the trial pushes nothing
+
+    def say(message: str) -> None:
+        print(f"[trial {trial_id}] {message}")
+
+    with synced_run(cfg.run, progress=say, push=False) as store:
         train_classifier(
             cfg,
             # the trial's own Ray Train storage, in the sweep's folder (Tune's trial folder lies in the Ray
             # session's temporary files, which a restarted Ray does not see): a trial restarted after a kill
             # resumes from it
-            storage=store.ray_storage("tune", cfg.tune.name, "trials", f"trial-{trial_id}"),
+            storage=store.ray_storage("tune", Path(sweep_dir).name, "trials", f"trial-{trial_id}"),
             callbacks=[TuneReportCallback()],
             export=False,
-            progress=lambda message: print(f"[trial {trial_id}] {message}"),
+            progress=say,
         )
 
 
