@@ -22,7 +22,7 @@ from skinsynth.config import ExperimentConfig, config_to_dict, dump_config
 from skinsynth.data.card import format_data_card
 from skinsynth.data.prepare import prepare_images, read_manifest
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import local_run_dir, synced_run
+from skinsynth.storage import display_uri, local_run_dir, synced_run
 
 Progress = Callable[[str], None]
 
@@ -209,7 +209,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
     with synced_run(cfg.run, progress) as store:
         run_dir = store.local
         dump_config(cfg, run_dir)
-        progress(f"run '{cfg.run.name}' -> {cfg.run.out} (resolved config: {run_dir / 'config.yaml'})")
+        progress(f"run '{cfg.run.name}' -> {display_uri(cfg.run.out)} (resolved config: {run_dir / 'config.yaml'})")
         outcomes = []
         for name, stage in STAGES:
             progress(f"== stage {name}")
@@ -217,7 +217,8 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
             outcomes.append(outcome)
             state = "skipped (up to date)" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
             if store.remote and not outcome.skipped:
-                state += f"; {store.push()} file(s) pushed to {cfg.run.out}"  # a lost machine loses no finished stage
+                # a lost machine loses no finished stage
+                state += f"; {store.push()} file(s) pushed to {display_uri(cfg.run.out)}"
             progress(f"== stage {name}: {state}")
     return outcomes
 
@@ -225,7 +226,8 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
 def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> str:
     """The closing summary of a run: per-stage status and time, where results are, what to run next."""
     run_dir = local_run_dir(cfg.run)
-    where = cfg.run.out if run_dir == Path(cfg.run.out) else f"{cfg.run.out}, local copy {run_dir}"
+    out = display_uri(cfg.run.out)
+    where = out if run_dir == Path(cfg.run.out) else f"{out}, local copy {run_dir}"
     lines = ["", f"run summary: {cfg.run.name} ({where})"]
     for o in outcomes:
         state = "skipped" if o.skipped else f"{o.seconds:6.1f} s"
@@ -237,7 +239,7 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     if cfg.tune.space:
         trials = run_dir / "tune" / cfg.tune.name / "trials.csv"
         lines.append(f"      open {trials} and {run_dir / 'eval' / 'best' / 'report.json'}")
-    lines.append(f"      skinsynth serve --out {cfg.run.out}      # the classifier over HTTP on 127.0.0.1:8000")
+    lines.append(f"      skinsynth serve --out {out}      # the classifier over HTTP on 127.0.0.1:8000")
     lines.append(f"      skinsynth view --runs {run_dir.parent}      # the results viewer")
     lines.append(DISCLAIMER)
     return "\n".join(lines)

@@ -41,6 +41,14 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def display_uri(location: str | Path) -> str:
+    """``location`` for logs and errors: credentials written into a URI (``s3://key:secret@bucket``) are masked."""
+    scheme, sep, rest = str(location).partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return str(location)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
 @dataclass(frozen=True)
 class RunStore:
     """A run directory: the local folder stages work in and, for a remote run, the filesystem and path it
@@ -153,7 +161,7 @@ def open_run_store(out: str | Path, cache_dir: str = "") -> RunStore:
     try:
         filesystem, path = pafs.FileSystem.from_uri(out)
     except (ValueError, OSError, ImportError) as exc:
-        raise SkinsynthError(f"run.out '{out}' is not a storage URI pyarrow can open: {exc}") from exc
+        raise SkinsynthError(f"run.out '{display_uri(out)}' is not a storage URI pyarrow can open: {exc}") from exc
     if isinstance(filesystem, pafs.LocalFileSystem):
         return RunStore(out, Path(path))
     scheme = out.split("://", 1)[0]
@@ -194,10 +202,10 @@ def synced_run(run: Any, progress: Any = print, push: bool = True) -> Iterator[R
     try:
         pulled = store.pull()
     except OSError as exc:  # credentials, endpoint, bucket: say which URI before any work starts
-        raise SkinsynthError(f"cannot read run.out '{store.out}': {exc}") from exc
-    progress(f"storage: {store.out} <-> local copy {store.local} ({pulled} file(s) pulled)")
+        raise SkinsynthError(f"cannot read run.out '{display_uri(store.out)}': {exc}") from exc
+    progress(f"storage: {display_uri(store.out)} <-> local copy {store.local} ({pulled} file(s) pulled)")
     try:
         yield store
     finally:
         if push:
-            progress(f"storage: {store.push()} file(s) pushed to {store.out}")
+            progress(f"storage: {store.push()} file(s) pushed to {display_uri(store.out)}")

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import REMOTE_MARKER, open_run_store, remote_shards, synced_run
+from skinsynth.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
 from tests.test_cli import DEMO_SMALL
 
 BUCKET = "skinsynth-test"
@@ -60,6 +60,12 @@ def test_local_paths_and_file_uris_are_used_as_they_are(tmp_path):
         assert synced.local == tmp_path / "run"
     assert not (tmp_path / "run").exists()  # nothing to pull, nothing written
     assert remote_shards(tmp_path / "run", "data", "images") == (str(tmp_path / "run" / "data" / "images"), None)
+
+
+def test_credentials_in_a_uri_are_masked_for_display():
+    assert display_uri("s3://key:secret@bucket/run?region=x") == "s3://***@bucket/run?region=x"
+    assert display_uri("gs://bucket/a@b") == "gs://bucket/a@b"  # an @ in the path is not a credential
+    assert display_uri("runs/demo") == "runs/demo"
 
 
 def test_an_unknown_scheme_is_an_error_naming_the_uri(tmp_path):
@@ -117,6 +123,7 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert re.search(r"== stage prepare: done in [0-9.]+ s; \d+ file\(s\) pushed to s3://", printed)
+    assert "testing:testing" not in printed  # the URI's credentials are masked in every line
     remote = {
         info.path.removeprefix(f"{BUCKET}/runs/demo/")
         for info in filesystem.get_file_info(_selector(f"{BUCKET}/runs/demo"))
