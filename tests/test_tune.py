@@ -177,3 +177,17 @@ def test_phantom_sweep_of_8_trials_killed_half_way_resumes_without_repeating_fin
     again = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [e for e in read_trial_log(sweep_dir)[len(events) :] if e["event"] == "start"]
+
+
+def test_a_sweep_killed_before_tune_saved_any_state_is_not_restored(tmp_path):
+    """Tune writes tuner.pkl when the Tuner is made and its experiment state only once fit() runs; a sweep killed in
+    between (the Ray job test stops the demo as its sweep starts) must start afresh, not restore an empty Tuner."""
+    from skinsynth.tune.sweep import _has_experiment_state
+
+    experiment = tmp_path / "tune" / "demo_sweep"
+    assert not _has_experiment_state(str(experiment), None)  # no folder yet
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"made, never fitted")
+    assert not _has_experiment_state(str(experiment), None)
+    (experiment / "experiment_state-2026-12-02_07-46-00.json").write_text("{}")
+    assert _has_experiment_state(str(experiment), None)

@@ -189,6 +189,15 @@ def _discard_sweep(store: RunStore, sweep_dir: Path) -> None:
             filesystem.delete_dir(remote_dir)
 
 
+def _has_experiment_state(experiment: str, filesystem: Any) -> bool:
+    """Whether Tune saved any state of this sweep (``experiment_state-*.json``), locally or on the run's URI."""
+    import pyarrow.fs as pafs
+
+    filesystem = filesystem or pafs.LocalFileSystem()
+    found = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
+    return any(info.base_name.startswith("experiment_state") for info in found)
+
+
 def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any):
     """A new Tuner for this sweep, or the interrupted one restored with its trials and searcher state.
 
@@ -201,7 +210,10 @@ def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any
     tc = cfg.tune
     tune_root, filesystem = store.ray_storage("tune")
     experiment = f"{tune_root}/{tc.name}"
-    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+    # Tune writes tuner.pkl when the Tuner is made and its state only once fit() runs: a sweep killed in between
+    # has nothing to resume (restoring it leaves Optuna without its search space), so it starts afresh
+    started = _has_experiment_state(experiment, filesystem)
+    if started and ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         restored = ray.tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
         )
