@@ -99,17 +99,15 @@ class RunStore:
             copied += 1
         return copied
 
-    def push(self, *parts: str) -> int:
-        """Copy local files the URI lacks, holds at another size, or holds older (under ``RUN_DIR/parts``, or all
-        of it); returns how many."""
+    def push(self) -> int:
+        """Copy local files the URI lacks, holds at another size, or holds older; returns how many."""
         if not self.remote:
             return 0
         import pyarrow.fs as pafs
 
-        start = self.local.joinpath(*parts)
-        if not start.exists():
+        if not self.local.exists():
             return 0
-        files = [start] if start.is_file() else sorted(p for p in start.rglob("*") if p.is_file())
+        files = sorted(p for p in self.local.rglob("*") if p.is_file())
         files = [p for p in files if p.name != REMOTE_MARKER and not p.name.endswith(".part")]
         root = self.remote_path.rstrip("/")
         targets = [f"{root}/{p.relative_to(self.local).as_posix()}" for p in files]

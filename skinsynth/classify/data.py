@@ -48,12 +48,18 @@ def read_rows(run_dir: str | Path, image_ids: list[str], columns: list[str] | No
     """
     if columns is not None and "image_id" not in columns:
         columns = ["image_id", *columns]  # the rows come back sorted by it
-    table = pq.read_table(
-        Path(run_dir) / "data" / "images",
-        columns=columns,
-        filters=pc.field("image_id").isin(pa.array(list(image_ids), pa.string())),
-    )
+    table = _read_shard_rows(run_dir, "data", image_ids, columns)
     return table.to_pandas().sort_values("image_id").reset_index(drop=True)
+
+
+def _read_shard_rows(run_dir: str | Path, stage: str, image_ids: list[str], columns: list[str] | None) -> pa.Table:
+    """The rows of ``image_ids`` in ``RUN_DIR/<stage>/images``, the id filter pushed into the Parquet read (from the
+    run's URI for a mirrored remote run, see ``skinsynth.storage``)."""
+    from skinsynth.storage import remote_shards
+
+    path, filesystem = remote_shards(run_dir, stage, "images")
+    ids = pa.array(list(image_ids), pa.string())
+    return pq.read_table(path, columns=columns, filters=pc.field("image_id").isin(ids), filesystem=filesystem)
 
 
 def cached_dataset(
@@ -77,17 +83,8 @@ def cached_dataset(
     """
     import ray.data
 
-    from skinsynth.storage import remote_shards
-
-    tables = []
-    for stage, ids in (image_ids if isinstance(image_ids, dict) else {"data": image_ids}).items():
-        if not ids:
-            continue
-        path, filesystem = remote_shards(run_dir, stage, "images")
-        ids_array = pa.array(list(ids), pa.string())
-        tables.append(
-            pq.read_table(path, columns=columns, filters=pc.field("image_id").isin(ids_array), filesystem=filesystem)
-        )
+    stages = image_ids if isinstance(image_ids, dict) else {"data": image_ids}
+    tables = [_read_shard_rows(run_dir, stage, ids, columns) for stage, ids in stages.items() if ids]
     if not tables:
         raise SkinsynthError(f"no images to read from {run_dir}: the id list is empty")
     # the synthetic shards may hold large_string columns where the prepared ones hold string
