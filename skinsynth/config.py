@@ -83,7 +83,7 @@ class DataConfig:
     """The ``prepare`` stage: which source to read and how to turn it into Parquet shards."""
 
     source: Literal["phantom", "ham10000", "isic", "folder"] = "phantom"
-    path: str | None = None  # source folder; not needed for phantom
+    path: str | None = None  # source folder or storage URI (pulled into a local copy); not needed for phantom
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
@@ -135,6 +135,11 @@ class TrainConfig:
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     augment: bool = True
+    # batch mixing of the labelled images (timm's Mixup): regularises the repeated rare-class images that
+    # class-balanced sampling shows many times an epoch; 0 = off
+    mixup_alpha: float = 0.0  # mixup (Zhang et al. 2018): Beta(alpha, alpha) blend of two images and their labels
+    cutmix_alpha: float = 0.0  # CutMix (Yun et al. 2019): a box of one image pasted into another, labels by area
+    mixup_prob: float = 1.0  # share of batches mixed; with both alphas set, half of them get CutMix
     freeze_blocks: int = 0  # leading stages (plus the stem) kept at their pretrained values; needs pretrained weights
     channels_last: bool = True  # NHWC tensors: faster convolutions with oneDNN on CPU and with cuDNN on GPU
     ema_decay: float = 0.0  # > 0: validate and export an exponential moving average of the weights (e.g. 0.995)
@@ -239,7 +244,7 @@ class TuneConfig:
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: one in this many trials goes on at each rung
     max_concurrent_trials: int = 1  # trials that run at once (each holds train.num_workers workers)
-    external: list[str] = field(default_factory=list)  # prepared run dirs the best model is also evaluated on
+    external: list[str] = field(default_factory=list)  # prepared run dirs or URIs the best model is also evaluated on
     seed: int = 0  # the searcher's seed
 
 

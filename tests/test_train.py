@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from skinsynth.classify.train import balanced_repeats, class_weights, focal_loss, warmup_cosine
-from skinsynth.config import load_config
+from skinsynth.classify.train import (
+    _check_train_config,
+    balanced_repeats,
+    batch_mixer,
+    class_weights,
+    focal_loss,
+    labelled_loss,
+    warmup_cosine,
+)
+from skinsynth.config import TrainConfig, load_config
+from skinsynth.errors import SkinsynthError
 
 
 def test_class_weights_are_inverse_frequency_with_mean_one():
@@ -45,6 +54,35 @@ def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero_and_downweights_easy_
     p = torch.softmax(logits[:1], 1)[0, 0]
     assert float(focal_loss(logits[:1], labels[:1], 2.0, None)) == pytest.approx(float(-((1 - p) ** 2) * torch.log(p)))
     assert float(focal_loss(logits, labels, 2.0, None)) < float(ce)
+
+
+def test_mixup_blends_images_and_labels_and_the_weighted_soft_loss_matches_a_hand_value():
+    tc = TrainConfig(mixup_alpha=0.4, mixup_prob=1.0)
+    mixer = batch_mixer(tc)
+    x = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    y = torch.tensor([0, 5])
+    np.random.seed(3)
+    mixed, soft = mixer(x.clone(), y)
+    lam = float(mixed[0, 0, 0, 0])  # image 0 (zeros) blended with its mirror, image 1 (ones): 1 - lam of ones
+    lam = 1.0 - lam
+    assert 0.0 < lam < 1.0
+    assert torch.allclose(mixed[1], torch.full((3, 4, 4), lam))
+    assert soft[0, 0] == pytest.approx(lam) and soft[0, 5] == pytest.approx(1 - lam)
+    assert torch.allclose(soft.sum(1), torch.ones(2))
+    # weighted cross-entropy against soft targets: -(1/N) sum_i sum_c w_c t_ic log p_ic
+    logits = torch.tensor([[2.0, 0, 0, 0, 0, 1.0, 0], [0.5, 0, 0, 0, 0, -1.0, 0]])
+    weight = torch.tensor([2.0, 1, 1, 1, 1, 0.5, 1])
+    logp = torch.log_softmax(logits, 1)
+    by_hand = -sum(float((weight * soft[i] * logp[i]).sum()) for i in range(2)) / 2
+    assert float(labelled_loss(logits, soft, tc, weight)) == pytest.approx(by_hand, rel=1e-6)
+    assert batch_mixer(TrainConfig()) is None
+
+
+def test_mixup_settings_that_cannot_work_are_refused():
+    with pytest.raises(SkinsynthError, match="focal"):
+        _check_train_config(TrainConfig(imbalance="focal", cutmix_alpha=1.0))
+    with pytest.raises(SkinsynthError, match="mixup_prob"):
+        _check_train_config(TrainConfig(mixup_alpha=0.2, mixup_prob=1.5))
 
 
 def test_warmup_then_cosine():

@@ -42,6 +42,35 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, weight:
     return loss.mean()
 
 
+def batch_mixer(tc: TrainConfig, num_classes: int = len(CLASSES)):
+    """timm's ``Mixup`` for ``train.mixup_alpha`` / ``train.cutmix_alpha`` (mixup: Zhang et al. 2018; CutMix: Yun
+    et al. 2019), or None when both are 0. It returns soft targets, with ``train.label_smoothing`` folded in."""
+    if tc.mixup_alpha <= 0 and tc.cutmix_alpha <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=tc.mixup_alpha,
+        cutmix_alpha=tc.cutmix_alpha,
+        prob=tc.mixup_prob,
+        switch_prob=0.5,
+        label_smoothing=tc.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def labelled_loss(
+    logits: torch.Tensor, targets: torch.Tensor, tc: TrainConfig, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The supervised loss: focal, or (class-weighted) cross-entropy against class indices or, after batch mixing,
+    soft targets. With soft targets each class's term is scaled by its weight and the mean is over images (the
+    form PyTorch gives probability targets)."""
+    if tc.imbalance == "focal":
+        return focal_loss(logits, targets, tc.focal_gamma, weight)
+    smoothing = tc.label_smoothing if targets.dtype == torch.long else 0.0  # the mixer has already smoothed
+    return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
+
+
 def class_weights(labels: np.ndarray, num_classes: int = len(CLASSES)) -> torch.Tensor:
     """Inverse-frequency weights normalised to mean 1 over the classes present (absent classes get 0)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
@@ -172,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
     )
     weight = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
+    mixer = batch_mixer(tc)
     use_weight = tc.imbalance in ("weighted_loss", "focal")
     # weight averaging (Polyak & Juditsky 1992; timm's ModelEmaV3 averages BatchNorm statistics too): validation,
     # model selection and the exported model all use the average, which is steadier than the last step's weights
@@ -235,19 +265,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else None
         )
         mask_sum, mask_n = 0.0, 0
+        np.random.seed([tc.seed, epoch, rank])  # timm's Mixup draws from numpy: a resumed epoch mixes alike
         for x, y in batches:
             x, y = x.to(device, memory_format=memory_format), y.to(device)
+            targets = y
+            # timm's Mixup pairs each image with its mirror in the batch, so it needs an even count: a short last
+            # batch of odd size trains unmixed
+            if mixer is not None and len(y) % 2 == 0:
+                x, targets = mixer(x, y)
             views = [v.to(device, memory_format=memory_format) for v in next(unlabelled)] if unlabelled else []
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 # one forward pass over labelled and unlabelled views, so BatchNorm sees them as one batch
                 all_logits = model(torch.cat([x, *views])) if views else model(x)
                 logits = all_logits[: len(y)]
-                if tc.imbalance == "focal":
-                    loss = focal_loss(logits.float(), y, tc.focal_gamma, weight if use_weight else None)
-                else:
-                    loss = F.cross_entropy(
-                        logits.float(), y, weight=weight if use_weight else None, label_smoothing=tc.label_smoothing
-                    )
+                loss = labelled_loss(logits.float(), targets, tc, weight if use_weight else None)
                 if views:
                     unlabelled_loss, mask = _unlabelled_loss(all_logits[len(y) :], ssl, alignment)
                     loss = loss + ssl.unlabelled_weight * unlabelled_loss
@@ -606,6 +637,15 @@ def _check_train_config(tc: TrainConfig) -> None:
         raise SkinsynthError("train.freeze_blocks keeps layers at their pretrained values: it needs train.pretrained")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise SkinsynthError(f"train.ema_decay must be in [0, 1) (0 = no weight averaging), got {tc.ema_decay}")
+    if tc.mixup_alpha < 0 or tc.cutmix_alpha < 0 or not 0.0 <= tc.mixup_prob <= 1.0:
+        raise SkinsynthError(
+            "train.mixup_alpha and train.cutmix_alpha must be >= 0 (0 = off) and train.mixup_prob in [0, 1]"
+        )
+    if tc.imbalance == "focal" and (tc.mixup_alpha > 0 or tc.cutmix_alpha > 0):
+        raise SkinsynthError(
+            "train.imbalance 'focal' takes class indices, which mixup/CutMix replace with mixed soft labels: "
+            "use weighted_loss (or none) with train.mixup_alpha / train.cutmix_alpha"
+        )
     if tc.ssl.method != "none":
         if not 0.0 < tc.ssl.threshold <= 1.0:
             raise SkinsynthError(f"train.ssl.threshold must be in (0, 1], got {tc.ssl.threshold}")
