@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from skinsynth.errors import SkinsynthError
 # written into a local copy: which URI it mirrors (lets code that only has the folder find the remote shards)
 REMOTE_MARKER = ".skinsynth-remote.json"
 DEFAULT_CACHE = "~/.cache/skinsynth/runs"
+# local copies of remote raw-image sources (data.path) and of remote prepared sets read by evaluation and audit
+SOURCE_CACHE = "~/.cache/skinsynth/sources"
 # chunk size for copies between filesystems: large enough for S3 throughput, small enough for any machine
 COPY_CHUNK = 8 << 20
 
@@ -75,29 +77,7 @@ class RunStore:
         Checkpoints stay remote: Ray reads them there itself (see :func:`_read_remotely`)."""
         if not self.remote:
             return 0
-        import pyarrow.fs as pafs
-
-        root = self.remote_path.rstrip("/")
-        if self.filesystem.get_file_info(root).type == pafs.FileType.NotFound:
-            return 0
-        copied = 0
-        for info in self.filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
-            relative = info.path[len(root) + 1 :]
-            if info.type != pafs.FileType.File or _read_remotely(relative):
-                continue
-            target = self.local / relative
-            if target.is_file() and target.stat().st_size == info.size:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            with self.filesystem.open_input_stream(info.path) as source, open(partial, "wb") as sink:
-                while chunk := source.read(COPY_CHUNK):
-                    sink.write(chunk)
-            partial.replace(target)  # an interrupted pull leaves no half file under the real name
-            if info.mtime_ns is not None:  # the copy is as old as its source, so push leaves it alone
-                os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
-            copied += 1
-        return copied
+        return _pull_tree(self.filesystem, self.remote_path, self.local, skip=_read_remotely)
 
     def push(self) -> int:
         """Copy local files the URI lacks, holds at another size, or holds older; returns how many."""
@@ -128,6 +108,34 @@ class RunStore:
             if info.mtime_ns is not None:
                 os.utime(path, ns=(info.mtime_ns, info.mtime_ns))
         return len(sent)
+
+
+def _pull_tree(filesystem: Any, remote_root: str, local: Path, skip: Callable[[str], bool] | None = None) -> int:
+    """Copy every file under ``remote_root`` that ``local`` lacks or holds at another size (``skip``: relative paths
+    to leave remote); returns how many were copied. A pulled file keeps its source's mtime."""
+    import pyarrow.fs as pafs
+
+    root = remote_root.rstrip("/")
+    if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
+        return 0
+    copied = 0
+    for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root) + 1 :]
+        if info.type != pafs.FileType.File or (skip is not None and skip(relative)):
+            continue
+        target = local / relative
+        if target.is_file() and target.stat().st_size == info.size:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        with filesystem.open_input_stream(info.path) as source, open(partial, "wb") as sink:
+            while chunk := source.read(COPY_CHUNK):
+                sink.write(chunk)
+        partial.replace(target)  # an interrupted pull leaves no half file under the real name
+        if info.mtime_ns is not None:  # the copy is as old as its source, so push leaves it alone
+            os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
+        copied += 1
+    return copied
 
 
 def _read_remotely(relative: str) -> bool:
@@ -207,3 +215,84 @@ def synced_run(run: Any, progress: Any = print, push: bool = True) -> Iterator[R
     finally:
         if push:
             progress(f"storage: {store.push()} file(s) pushed to {display_uri(store.out)}")
+
+
+def _filesystem_of(location: str, what: str) -> tuple[Any, str]:
+    """``(filesystem, path)`` of a URI, or a :class:`SkinsynthError` naming ``what`` it was given as."""
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (ValueError, OSError, ImportError) as exc:
+        raise SkinsynthError(f"{what} '{display_uri(location)}' is not a storage URI pyarrow can open: {exc}") from exc
+
+
+def source_mirror(location: str) -> Path:
+    """Where the local copy of a remote source folder lives (``~/.cache/skinsynth/sources/<scheme>/<path>``): a
+    deterministic place, so every node that has pulled it reads from disk (see :func:`read_source_bytes`)."""
+    scheme, _, rest = location.partition("://")
+    path = rest.split("@", 1)[1] if "@" in rest.split("/", 1)[0] else rest  # no credentials in a folder name
+    return Path(os.path.expanduser(SOURCE_CACHE)) / scheme / path.split("?", 1)[0].strip("/")
+
+
+def mirror_source(location: str, what: str = "data.path", progress: Any = print) -> Path:
+    """A local folder holding ``location``: the folder itself for a local path or ``file://`` URI, else the
+    remote folder pulled (by size: a second call copies only what changed) into :func:`source_mirror`.
+
+    Raises:
+        SkinsynthError: an unusable URI, or one that holds nothing.
+    """
+    if not is_uri(location):
+        return Path(location).expanduser()
+    import pyarrow.fs as pafs
+
+    filesystem, path = _filesystem_of(location, what)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Path(path)
+    local = source_mirror(location)
+    try:
+        if filesystem.get_file_info(path.rstrip("/")).type == pafs.FileType.NotFound:
+            raise SkinsynthError(f"{what} '{display_uri(location)}' does not exist")
+        copied = _pull_tree(filesystem, path, local)
+    except OSError as exc:  # credentials, endpoint, bucket
+        raise SkinsynthError(f"cannot read {what} '{display_uri(location)}': {exc}") from exc
+    progress(f"storage: {display_uri(location)} -> local copy {local} ({copied} file(s) pulled)")
+    return local
+
+
+def remote_uri_of(local_file: str | Path, mirror: Path, location: str) -> str:
+    """The URI of a file found in the local copy ``mirror`` of the remote folder ``location``."""
+    relative = Path(local_file).relative_to(mirror).as_posix()
+    base, sep, query = location.partition("?")
+    return f"{base.rstrip('/')}/{relative}{sep}{query}"
+
+
+def read_source_bytes(location: str | Path) -> bytes:
+    """The bytes of one source file: a local path, or a URI - read from this node's copy of it when
+    :func:`mirror_source` pulled one here, else from the URI itself (a prepare task on another node)."""
+    location = str(location)
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    mirrored = source_mirror(location)
+    if mirrored.is_file():
+        return mirrored.read_bytes()
+    filesystem, path = _filesystem_of(location, "source file")
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def local_prepared_copy(location: str | Path, what: str = "prepared set", progress: Any = print) -> Path:
+    """A local folder holding the run directory ``location`` for reading (evaluation's external sets, the audit):
+    the folder itself when local, else a pulled copy (nothing is pushed back)."""
+    location = str(location)
+    if not is_uri(location):
+        return Path(location)
+    store = open_run_store(location)
+    if not store.remote:
+        return store.local
+    try:
+        pulled = store.pull()
+    except OSError as exc:
+        raise SkinsynthError(f"cannot read {what} '{display_uri(location)}': {exc}") from exc
+    progress(f"storage: {display_uri(location)} -> local copy {store.local} ({pulled} file(s) pulled)")
+    return store.local

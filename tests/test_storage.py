@@ -11,6 +11,7 @@ import pytest
 
 from skinsynth.errors import SkinsynthError
 from skinsynth.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
+from tests.conftest import BAD_EXPECTED
 from tests.test_cli import DEMO_SMALL
 
 BUCKET = "skinsynth-test"
@@ -110,8 +111,76 @@ def test_an_unreachable_endpoint_fails_before_any_work(tmp_path):
             pytest.fail("the command body must not run")
 
 
+def _upload(filesystem, local_root, remote_root: str) -> int:
+    files = [p for p in sorted(local_root.rglob("*")) if p.is_file()]
+    for path in files:
+        target = f"{remote_root}/{path.relative_to(local_root).as_posix()}"
+        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(target) as sink:
+            sink.write(path.read_bytes())
+    return len(files)
+
+
+def test_a_source_folder_on_s3_prepares_like_the_same_folder_on_disk(
+    ray_local, s3_endpoint, messy_ham_dir, tmp_path, monkeypatch
+):
+    """data.path as a URI: the folder is pulled into a local copy and listed there, the records and quarantine name
+    the files' URIs, and the shards equal those of the same folder prepared from disk."""
+    import pandas as pd
+
+    import skinsynth.storage as storage
+    from skinsynth.config import DataConfig
+    from skinsynth.data.prepare import prepare_images
+
+    endpoint, filesystem = s3_endpoint
+    monkeypatch.setattr(storage, "SOURCE_CACHE", str(tmp_path / "sources"))
+    sent = _upload(filesystem, messy_ham_dir, f"{BUCKET}/src/ham")
+    source = _uri(endpoint, "src/ham")
+    messages: list[str] = []
+    on_s3 = prepare_images(
+        DataConfig(source="ham10000", path=source), tmp_path / "from-s3", engine="ray", progress=messages.append
+    )
+    assert any(f"({sent} file(s) pulled)" in m and "testing:testing" not in m for m in messages), messages
+    on_disk = prepare_images(
+        DataConfig(source="ham10000", path=str(messy_ham_dir)),
+        tmp_path / "from-disk",
+        engine="local",
+        progress=lambda _m: None,
+    )
+    assert on_s3.card["quarantine_reasons"] == on_disk.card["quarantine_reasons"]
+    assert on_s3.card["quarantined"] == on_disk.card["quarantined"] == len(BAD_EXPECTED) + 1  # + the duplicate id
+    columns = ["image_id", "image", "dx", "group_id", "sha256", "ita"]
+    shards = {
+        name: pd.read_parquet(tmp_path / name / "data" / "images", columns=columns).sort_values("image_id")
+        for name in ("from-s3", "from-disk")
+    }
+    assert len(shards["from-s3"]) == 15
+    pd.testing.assert_frame_equal(shards["from-s3"].reset_index(drop=True), shards["from-disk"].reset_index(drop=True))
+    quarantine = pd.read_csv(tmp_path / "from-s3" / "data" / "quarantine.csv").set_index("image_id")
+    # bad files are reported under their URI (a file read at listing time and one refused by a prepare task)
+    assert quarantine.at["ISIC_trunc", "uri"].startswith(f"s3://testing:testing@{BUCKET}/src/ham/")
+    assert quarantine.at["ISIC_trunc", "reason"].startswith("truncated or corrupt image")
+    assert quarantine.at["ISIC_orphan", "uri"].endswith("ISIC_orphan.jpg?" + source.split("?", 1)[1])
+
+    # a prepare task on a node without the local copy reads the file from the URI itself
+    uri = quarantine.at["ISIC_orphan", "uri"]
+    mirrored = storage.source_mirror(uri)
+    expected = mirrored.read_bytes()
+    mirrored.unlink()
+    assert storage.read_source_bytes(uri) == expected
+
+    with pytest.raises(SkinsynthError, match="data.path 's3://\\*\\*\\*@skinsynth-test/src/none.* does not exist"):
+        prepare_images(DataConfig(source="ham10000", path=_uri(endpoint, "src/none")), tmp_path / "x")
+
+    # a prepared set on S3 (an external set, a run to audit) is read from a pulled copy
+    _upload(filesystem, tmp_path / "from-disk", f"{BUCKET}/prepared/ham")
+    copy = storage.local_prepared_copy(_uri(endpoint, "prepared/ham"), progress=lambda _m: None)
+    assert copy != tmp_path / "from-disk" and (copy / "data" / "splits.parquet").is_file()
+    assert storage.local_prepared_copy(tmp_path / "from-disk") == tmp_path / "from-disk"
+
+
 @pytest.mark.slow
-def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoint, tmp_path, capsys):
+def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoint, tmp_path, capsys, monkeypatch):
     """The whole pipeline with run.out on S3: stages work in a local copy and push after each one, Ray Train and Tune
     checkpoint straight to the bucket, training reads the shards from it; a second machine (an empty local copy)
     finds every stage done."""
@@ -151,6 +220,22 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
     for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
         assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
     assert (tmp_path / "machine-b" / "s3" / BUCKET / "runs" / "demo" / "eval" / "best" / "report.json").is_file()
+
+    # the audit and an external set by URI: the audit of the run on S3 is redone and pushed back, and the demo's
+    # own prepared set on S3 serves as an external set of its best model
+    monkeypatch.setattr("skinsynth.storage.DEFAULT_CACHE", str(tmp_path / "machine-c"))
+    before = filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns
+    time.sleep(1.1)  # S3 times have one-second resolution
+    assert main(["audit", out]) == 0
+    assert filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns > before
+    evaluate = ["evaluate", "--set", f"run.out={out}", "--set", "train.name=best", "--n-boot", "50"]
+    assert main([*evaluate, "--external", out]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"evaluate: external s3://\*\*\*@skinsynth-test/runs/demo\S*: balanced accuracy", printed)
+    with filesystem.open_input_stream(f"{BUCKET}/runs/demo/eval/best/report.json") as stream:
+        report = json.loads(stream.read())
+    (external,) = report["external"].values()
+    assert external["n"] == 70
 
 
 def _selector(path: str):

@@ -25,7 +25,7 @@ from skinsynth.config import ExperimentConfig
 from skinsynth.data.schema import CLASSES, age_band
 from skinsynth.errors import SkinsynthError
 from skinsynth.runtime import git_commit
-from skinsynth.storage import local_run_dir
+from skinsynth.storage import display_uri, local_prepared_copy, local_run_dir
 
 Progress = Callable[[str], None]
 EVAL_COLUMNS = ["image_id", "image", "label", "group_id", "tone", "tone_true", "sex", "age", "localization"]
@@ -173,7 +173,9 @@ def evaluate_model(
         f"{_fmt_ci(test_report['intervals_95']['balanced_accuracy'])}, macro AUROC {test_report['macro_auroc']:.3f} "
         f"{_fmt_ci(test_report['intervals_95']['macro_auroc'])} on {len(test)} images"
     )
-    for ext_dir in external:
+    for ext_location in external:
+        # a prepared set on a storage URI is read from a pulled local copy; the report names it as given
+        ext_dir = local_prepared_copy(ext_location, "external set", progress)
         ext_rows = read_rows(ext_dir, list(load_split_table(ext_dir)["image_id"]), EVAL_COLUMNS)
         ext_probs = predict_probs(model, ext_rows["image"], tta=tta)
         ext_labels = ext_rows["label"].to_numpy(np.int64)
@@ -188,9 +190,10 @@ def evaluate_model(
         internal_restricted = M.external_metrics(test_probs[same], test_labels[same], present)
         ext["internal_test_same_classes"] = internal_restricted
         ext["drop_from_internal_test"] = M.metric_drop(internal_restricted, ext)
-        report["external"][str(ext_dir)] = ext
+        name = display_uri(ext_location)
+        report["external"][name] = ext
         progress(
-            f"evaluate: external {ext_dir}: balanced accuracy {ext['balanced_accuracy']:.3f} over {present} "
+            f"evaluate: external {name}: balanced accuracy {ext['balanced_accuracy']:.3f} over {present} "
             f"(internal test, same classes: {internal_restricted['balanced_accuracy']:.3f})"
         )
     synthetic = synthetic_conditioning(model, run_dir, tta=tta)

@@ -47,6 +47,7 @@ from skinsynth.data.schema import (
 )
 from skinsynth.data.sources import SourceListing, list_source
 from skinsynth.data.splits import lesion_grouped_split, merge_duplicate_groups
+from skinsynth.storage import read_source_bytes
 
 # What each batch returns to the driver: one row per image, ``error`` set for refused images.
 RESULT_SCHEMA = pa.schema(
@@ -70,8 +71,7 @@ def read_original(record: Mapping[str, Any]) -> bytes:
         from skinsynth.data.phantom import render_phantom
 
         return encode_png(render_phantom(record))
-    with open(record["uri"], "rb") as fh:
-        return fh.read()
+    return read_source_bytes(record["uri"])
 
 
 def process_batch(
@@ -233,7 +233,7 @@ def hash_files(records: pd.DataFrame) -> pd.Series:
     hashes = []
     for uri in records["uri"]:
         try:
-            hashes.append(hashlib.sha256(Path(uri).read_bytes()).hexdigest() if uri else None)
+            hashes.append(hashlib.sha256(read_source_bytes(uri)).hexdigest() if uri else None)
         except OSError:
             hashes.append(None)  # the worker reports the read error as the quarantine reason
     return pd.Series(hashes, index=records.index, dtype=object)
@@ -287,7 +287,7 @@ def prepare_images(
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"
     started = time.perf_counter()
-    listing = listing if listing is not None else list_source(cfg)
+    listing = listing if listing is not None else list_source(cfg, progress)
     records = listing.records.assign(sha256=hash_files(listing.records))
     hashed = records[records["sha256"].notna()]
     merged_groups, duplicates = merge_duplicate_groups(hashed)

@@ -16,6 +16,7 @@ Layouts:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import pandas as pd
 from skinsynth.config import DataConfig
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
+from skinsynth.storage import is_uri, mirror_source, remote_uri_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -392,18 +394,27 @@ def list_phantom(cfg: DataConfig) -> SourceListing:
     return SourceListing("phantom", _as_records(frame.to_dict("records")), [], files_indexed=len(frame))
 
 
-def list_source(cfg: DataConfig) -> SourceListing:
-    """Dispatch on ``cfg.source``.
+def list_source(cfg: DataConfig, progress: Callable[[str], None] = print) -> SourceListing:
+    """Dispatch on ``cfg.source``. A ``data.path`` that is a storage URI (``s3://``, ``gs://``, ...) is pulled into a
+    local copy first (``skinsynth.storage.mirror_source``) and listed there; its records keep the files' URIs, which
+    prepare tasks read from the copy where it exists and from the URI on other nodes.
 
     Raises:
         SourceError: the source cannot be read (missing path, no metadata, ...).
     """
     if cfg.source == "phantom":
         return list_phantom(cfg)
-    if cfg.source == "ham10000":
-        return list_ham10000(cfg.path)
-    if cfg.source == "isic":
-        return list_isic(cfg.path)
-    if cfg.source == "folder":
-        return list_class_folders(cfg.path)
-    raise SourceError(f"unknown source '{cfg.source}'")
+    listers = {"ham10000": list_ham10000, "isic": list_isic, "folder": list_class_folders}
+    if cfg.source not in listers:
+        raise SourceError(f"unknown source '{cfg.source}'")
+    if not (cfg.path and is_uri(cfg.path)):
+        return listers[cfg.source](cfg.path)
+    mirror = mirror_source(cfg.path, "data.path", progress)
+    listing = listers[cfg.source](str(mirror))
+
+    def to_uri(local: Any) -> Any:
+        return remote_uri_of(local, mirror, cfg.path) if local and Path(local).is_relative_to(mirror) else local
+
+    records = listing.records.assign(uri=listing.records["uri"].map(to_uri))
+    quarantine = [{**item, "uri": to_uri(item["uri"])} for item in listing.quarantine]
+    return dataclasses.replace(listing, records=records, quarantine=quarantine)
