@@ -145,6 +145,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate and export an exponential moving average of the weights (e.g. 0.995)
     cache_rows: bool = True  # hold the filtered train/val rows in Ray's object store (off: re-read shards each epoch)
     early_stopping_patience: int = 5  # epochs without a better validation balanced accuracy
+    # post-hoc logit adjustment (Menon et al. 2021): the exported model's head bias gets -tau * log(training class
+    # prior), tau chosen on validation balanced accuracy (0 when nothing beats it); off = the trained head unchanged
+    logit_adjustment: bool = False
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
     use_gpu: bool | Literal["auto"] = "auto"  # auto = use GPUs when the cluster has them

@@ -13,9 +13,11 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 from torchmetrics.classification import MulticlassAUROC, MulticlassRecall
 
 from skinsynth.classify.metrics import (
+    adjust_probs,
     balanced_accuracy,
     binary_metrics_at,
     bootstrap_ci,
+    choose_logit_adjustment,
     choose_operating_point,
     classification_metrics,
     expected_calibration_error,
@@ -29,6 +31,7 @@ from skinsynth.classify.metrics import (
     malignant_scores,
     metric_drop,
     restrict_to_classes,
+    smoothed_class_prior,
 )
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES
 
@@ -402,3 +405,36 @@ def test_metric_drop_is_internal_minus_external():
     assert drop["malignant_auroc"] is None
     with pytest.raises(ValueError, match="lacks"):
         metric_drop({}, external)
+
+
+def logit_adjustment_case() -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Validation predictions whose rare classes lose to the common class 0 by 0.5 to 0.4, training counts 100:10."""
+    labels = np.repeat(np.arange(7), 10)
+    probs = np.full((70, 7), 0.1 / 5)
+    probs[labels == 0] = [0.9] + [0.1 / 6] * 6
+    for c in range(1, 7):
+        rows = np.flatnonzero(labels == c)
+        probs[rows, 0], probs[rows, c] = 0.5, 0.4
+    return probs / probs.sum(1, keepdims=True), labels, [100] + [10] * 6
+
+
+def test_logit_adjustment_is_softmax_of_shifted_logits_and_its_scale_is_chosen_by_balanced_accuracy():
+    probs, labels, counts = logit_adjustment_case()
+    prior = smoothed_class_prior(counts)
+    assert prior == pytest.approx(np.array([101] + [11] * 6) / 167)
+    for tau in (-0.5, 0.0, 0.7):
+        by_hand = torch.softmax(torch.log(torch.tensor(probs)) - tau * torch.log(torch.tensor(prior)), dim=1)
+        assert adjust_probs(probs, prior, tau) == pytest.approx(by_hand.numpy(), abs=1e-6)
+    # a rare class overtakes class 0 once (101/11)^tau > 0.5/0.4, i.e. tau > 0.1004; class 0's own images stay
+    # right until (101/11)^tau > 0.9/(0.1/6), i.e. tau > 1.8: every tau from 0.2 to 1.7 is perfect, and the
+    # smallest of them is chosen
+    tau, before, after = choose_logit_adjustment(probs, labels, prior)
+    assert tau == pytest.approx(0.2)
+    assert before == pytest.approx(balanced_accuracy_score(labels, probs.argmax(1))) == pytest.approx(1 / 7)
+    assert after == pytest.approx(1.0)
+    # nothing to gain: tau stays 0
+    assert choose_logit_adjustment(np.eye(7)[labels] * 0.9 + 0.1 / 7, labels, prior) == (0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="include 0"):
+        choose_logit_adjustment(probs, labels, prior, taus=(0.5, 1.0))
+    with pytest.raises(ValueError, match="positive class frequencies"):
+        choose_logit_adjustment(probs, labels, np.zeros(7))

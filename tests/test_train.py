@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from skinsynth.classify.train import (
     class_weights,
     focal_loss,
     labelled_loss,
+    logit_adjusted_weights,
     warmup_cosine,
 )
 from skinsynth.config import TrainConfig, load_config
@@ -133,6 +135,42 @@ def test_training_writes_the_best_model(trained_phantom):
     assert saved["ema"] is not None
     assert all(torch.equal(state[k], saved["ema"][k]) for k in state)  # best epoch = the only epoch
     assert any(not torch.equal(saved["model"][k], saved["ema"][k]) for k in state if state[k].is_floating_point())
+
+
+def test_logit_adjustment_is_folded_into_the_head_bias_and_evaluation_can_take_it_out(trained_phantom):
+    from skinsynth.classify.evaluate import load_trained_model, without_logit_adjustment
+    from skinsynth.classify.metrics import adjust_probs
+    from tests.test_metrics import logit_adjustment_case
+
+    cfg, result = trained_phantom
+    (checkpoint,) = Path(cfg.run.out, "ray_train").glob("*/checkpoint_*/state.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
+    # the checkpoint keeps the best epoch's validation predictions for export to choose tau on
+    assert state["best_val"]["probs"].shape == (len(state["best_val"]["labels"]), 7)
+    assert sum(state["best_val"]["class_counts"]) > 0
+    probs, labels, counts = logit_adjustment_case()  # validation predictions for which tau = 0.2 is best
+    state["best_val"] = {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(labels), "class_counts": counts}
+    tc = dataclasses.replace(cfg.train, logit_adjustment=True)
+    weights, adjustment = logit_adjusted_weights(tc, state)
+    assert adjustment["tau"] == pytest.approx(0.2) and adjustment["head_bias"] == "classifier.bias"
+    assert adjustment["val_balanced_accuracy_before"] == pytest.approx(1 / 7)
+    assert adjustment["val_balanced_accuracy_after"] == pytest.approx(1.0)
+    assert all(torch.equal(weights[k], v) for k, v in state["best_model"].items() if k != "classifier.bias")
+
+    plain, _info = load_trained_model(result.model_dir)
+    adjusted, _ = load_trained_model(result.model_dir)
+    adjusted.load_state_dict(weights)
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        p_plain, p_adjusted = torch.softmax(plain(x), 1).numpy(), torch.softmax(adjusted(x), 1).numpy()
+        p_restored = torch.softmax(without_logit_adjustment(adjusted, adjustment)(x), 1).numpy()
+    assert p_adjusted == pytest.approx(adjust_probs(p_plain, np.array(adjustment["class_prior"]), 0.2), abs=1e-5)
+    assert not np.allclose(p_adjusted, p_plain, atol=1e-3)
+    assert p_restored == pytest.approx(p_plain, abs=1e-5)
+
+    del state["best_val"]  # a checkpoint from before this option
+    with pytest.raises(SkinsynthError, match="logit_adjustment false"):
+        logit_adjusted_weights(tc, state)
 
 
 def _rgb_images(n: int, size: int = 40) -> list[np.ndarray]:

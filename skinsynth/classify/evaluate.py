@@ -168,6 +168,19 @@ def evaluate_model(
         "test": test_report,
         "external": {},
     }
+    adjustment = info.get("logit_adjustment")
+    if adjustment:
+        # the same test images through the head as trained: what the validation-chosen adjustment changed on test
+        plain_probs = predict_probs(without_logit_adjustment(model, adjustment), test["image"], tta=tta)
+        plain = M.classification_metrics(plain_probs, test["label"].to_numpy(np.int64))
+        report["logit_adjustment"] = {
+            **adjustment,
+            "test_without": {k: plain[k] for k in ("balanced_accuracy", "macro_auroc", "ece")},
+        }
+        progress(
+            f"evaluate: logit adjustment tau {adjustment['tau']:+.1f}; without it test balanced accuracy would be "
+            f"{plain['balanced_accuracy']:.3f}, macro AUROC {plain['macro_auroc']:.3f}"
+        )
     progress(
         f"evaluate: test balanced accuracy {test_report['balanced_accuracy']:.3f} "
         f"{_fmt_ci(test_report['intervals_95']['balanced_accuracy'])}, macro AUROC {test_report['macro_auroc']:.3f} "
@@ -213,6 +226,17 @@ def evaluate_model(
     write_model_card(model_dir, info, report, cfg)
     progress(f"evaluate: report written to {out_dir / 'report.json'}")
     return report
+
+
+def without_logit_adjustment(model: torch.nn.Module, adjustment: dict[str, Any]) -> torch.nn.Module:
+    """A copy of an exported model with the logit adjustment taken out of its head's bias (the head as trained)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    bias = plain.get_parameter(adjustment["head_bias"])
+    with torch.no_grad():
+        bias -= torch.tensor(adjustment["logit_offsets"], dtype=bias.dtype)
+    return plain
 
 
 def synthetic_conditioning(model: torch.nn.Module, run_dir: Path, *, tta: bool = False) -> dict[str, Any] | None:
@@ -282,6 +306,7 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
             "intervals_95": test["intervals_95"],
         },
         "operating_point": report["operating_point"],
+        "logit_adjustment": report.get("logit_adjustment"),
         "intended_use": "Research on skin-lesion classification, data efficiency and fairness. " + DISCLAIMER,
         "limitations": [
             "Not validated clinically; never use for diagnosis.",

@@ -236,6 +236,68 @@ def _balanced_accuracy(p: torch.Tensor, y: torch.Tensor) -> float | None:
     return _num(recall[present].mean()) if present.any() else None
 
 
+# ------------------------------------------------------------------------------------------- logit adjustment
+
+# the scales tried: 0 (no change) and both directions, since a model trained with class-balanced sampling and a
+# weighted loss may under- or over-correct for the training prior
+LOGIT_ADJUSTMENT_TAUS: tuple[float, ...] = tuple(round(t, 2) for t in np.arange(-1.0, 2.0001, 0.1))
+
+
+def smoothed_class_prior(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Training class frequencies with add-one (Laplace) smoothing, so a class with no image has a finite log."""
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 1 or (c < 0).any():
+        raise ValueError(f"class counts must be a 1-D array of non-negative counts, got {counts!r}")
+    return (c + 1.0) / (c.sum() + len(c))
+
+
+def logit_adjustment_offsets(prior: np.ndarray, tau: float) -> np.ndarray:
+    """What post-hoc logit adjustment adds to each class's logit: ``-tau * log(prior)``."""
+    return -float(tau) * np.log(np.asarray(prior, dtype=np.float64))
+
+
+def adjust_probs(probs: Any, prior: np.ndarray, tau: float) -> np.ndarray:
+    """Probabilities after post-hoc logit adjustment: ``softmax(logits - tau * log(prior))``.
+
+    Equal to ``p_y * prior_y ** -tau``, renormalised, so it is computed from the probabilities themselves.
+    """
+    p = _as_probs(probs).double().numpy()
+    scaled = p * np.exp(logit_adjustment_offsets(prior, tau))
+    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def choose_logit_adjustment(
+    probs: Any, labels: Any, prior: np.ndarray, taus: Sequence[float] = LOGIT_ADJUSTMENT_TAUS
+) -> tuple[float, float, float]:
+    """The logit-adjustment scale that maximises balanced accuracy on VALIDATION probabilities.
+
+    Post-hoc logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment", ICLR) subtracts
+    ``tau * log(prior)`` from the logits: with ``tau = 1`` the argmax becomes the balanced-error Bayes rule for a
+    model of the training distribution. A model trained with class-balanced sampling and a weighted loss has
+    already moved part of the way, by an amount nobody knows, so ``tau`` is chosen on validation (ties: the value
+    nearest 0, the smallest change) and then applied unchanged to test, like the malignancy operating point.
+
+    Args:
+        probs: ``[N, C]`` validation probabilities.
+        labels: ``[N]`` validation labels.
+        prior: ``[C]`` training class prior (:func:`smoothed_class_prior`), all entries > 0.
+        taus: the scales to try; must include 0.
+
+    Returns:
+        ``(tau, balanced accuracy at tau = 0, balanced accuracy at tau)``.
+    """
+    p = _as_probs(probs)
+    y = _as_labels(labels, p.shape[0], p.shape[1])
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (p.shape[1],) or (prior <= 0).any():
+        raise ValueError(f"prior must hold {p.shape[1]} positive class frequencies, got {prior.tolist()}")
+    if 0.0 not in taus:
+        raise ValueError("the logit-adjustment scales must include 0 (no adjustment)")
+    scores = {float(t): _balanced_accuracy(torch.from_numpy(adjust_probs(p, prior, t)), y) or 0.0 for t in taus}
+    best = max(scores, key=lambda t: (round(scores[t], 12), -abs(t)))
+    return best, scores[0.0], scores[best]
+
+
 def malignant_indices(class_names: Sequence[str] = CLASSES) -> list[int]:
     """Column indices of the malignant classes (``akiec``, ``bcc``, ``mel``) within ``class_names``."""
     return [i for i, name in enumerate(class_names) if name in MALIGNANT]

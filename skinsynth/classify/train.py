@@ -307,6 +307,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.update(best_score=val_bacc, best_epoch=epoch, stale_epochs=0)
             best = unwrap_model(evaluated).state_dict()
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in best.items()}
+            # what export needs to choose a logit adjustment on validation without predicting it again
+            state["best_val"] = {
+                "probs": torch.from_numpy(probs),
+                "labels": torch.from_numpy(labels),
+                "class_counts": config["class_counts"],
+            }
         else:
             state["stale_epochs"] += 1
         metrics = {
@@ -593,6 +599,7 @@ def train_classifier(
             "train": config_to_dict(tc),
             "class_weights": weights.tolist(),
             "class_prior": (prior / prior.sum()).tolist(),
+            "class_counts": prior.astype(int).tolist(),
             "train_images": int(inputs.repeats.sum()),
             "unlabelled_batch_size": unlabelled_batch,
             "image_size": card["image_size"],
@@ -628,6 +635,12 @@ def train_classifier(
             f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
             f"model written to {model_dir}"
         )
+        adjustment = json.loads((model_dir / "training.json").read_text()).get("logit_adjustment")
+        if adjustment:
+            progress(
+                f"train: logit adjustment tau {adjustment['tau']:+.1f} (chosen on validation): balanced accuracy "
+                f"{adjustment['val_balanced_accuracy_before']:.3f} -> {adjustment['val_balanced_accuracy_after']:.3f}"
+            )
     return TrainResult(model_dir, state["best_score"], state["best_epoch"], state["epoch"], state["history"])
 
 
@@ -669,7 +682,10 @@ def export_model(
     model_dir = run_dir / "models" / name
     tmp = model_dir.with_name(f".{name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(state["best_model"], tmp / "model.pt")
+    weights, adjustment = state["best_model"], None
+    if tc.logit_adjustment:
+        weights, adjustment = logit_adjusted_weights(tc, state)
+    torch.save(weights, tmp / "model.pt")
     info = {
         "model": tc.model,
         "classes": list(CLASSES),
@@ -679,6 +695,7 @@ def export_model(
         "best_val_balanced_accuracy": state["best_score"],
         "history": state["history"],
         "data_source": data_card["source"],
+        **({"logit_adjustment": adjustment} if adjustment else {}),
         **(extra or {}),
     }
     (tmp / "training.json").write_text(json.dumps(info, indent=2, default=float))
@@ -688,3 +705,46 @@ def export_model(
         shutil.rmtree(model_dir)
     tmp.rename(model_dir)
     return model_dir
+
+
+def logit_adjusted_weights(tc: TrainConfig, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The best weights with post-hoc logit adjustment folded into the classifier head's bias.
+
+    Adding ``-tau * log(prior)`` to the bias is exactly the adjustment of
+    :func:`skinsynth.classify.metrics.choose_logit_adjustment` (Menon et al. 2021), so every later consumer
+    (evaluation, test-time augmentation, the Serve endpoint) uses the adjusted model without knowing about it.
+    ``tau`` is chosen on the validation predictions of the best epoch, kept in the checkpoint's state.
+
+    Returns:
+        The weights and what ``training.json`` records about the adjustment (tau, prior, validation before/after).
+    """
+    from skinsynth.classify import metrics as M
+    from skinsynth.classify.models import create_classifier
+
+    best_val = state.get("best_val")
+    if best_val is None:
+        raise SkinsynthError(
+            "train.logit_adjustment chooses its scale on the best epoch's validation predictions, which this "
+            "checkpoint (written by an older skinsynth) lacks: set train.logit_adjustment false to export it as "
+            "trained, or train into a new run.out"
+        )
+    prior = M.smoothed_class_prior(best_val["class_counts"])
+    tau, before, after = M.choose_logit_adjustment(best_val["probs"].numpy(), best_val["labels"].numpy(), prior)
+    offsets = M.logit_adjustment_offsets(prior, tau)
+    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained="none")
+    head = model.get_classifier()
+    bias_key = next(f"{name}.bias" for name, module in model.named_modules() if module is head)
+    weights = dict(state["best_model"])
+    if weights.get(bias_key) is None:
+        raise SkinsynthError(f"train.logit_adjustment needs a classifier head with a bias; {tc.model} has none")
+    weights[bias_key] = weights[bias_key] + torch.from_numpy(offsets).to(weights[bias_key].dtype)
+    adjustment = {
+        "method": "post-hoc logit adjustment (Menon et al. 2021), tau chosen on validation balanced accuracy",
+        "tau": tau,
+        "class_prior": prior.tolist(),
+        "logit_offsets": offsets.tolist(),
+        "head_bias": bias_key,
+        "val_balanced_accuracy_before": before,
+        "val_balanced_accuracy_after": after,
+    }
+    return weights, adjustment
