@@ -168,6 +168,25 @@ def test_logit_adjustment_is_folded_into_the_head_bias_and_evaluation_can_take_i
     assert not np.allclose(p_adjusted, p_plain, atol=1e-3)
     assert p_restored == pytest.approx(p_plain, abs=1e-5)
 
+    # exported and evaluated: the report gives tau and the test figures of the head as trained, which equal an
+    # evaluation of the unadjusted model
+    from skinsynth.classify.evaluate import evaluate_model
+    from skinsynth.classify.train import export_model
+
+    run_dir = Path(cfg.run.out)
+    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    export_model(run_dir, tc, state, card, name="adjusted")
+    info = json.loads((run_dir / "models" / "adjusted" / "training.json").read_text())
+    assert info["logit_adjustment"]["tau"] == pytest.approx(0.2)
+    adjusted_cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, name="adjusted"))
+    report = evaluate_model(adjusted_cfg, n_boot=10, progress=print)
+    plain_report = evaluate_model(cfg, n_boot=10, progress=print)
+    without = report["logit_adjustment"]["test_without"]
+    assert without["balanced_accuracy"] == pytest.approx(plain_report["test"]["balanced_accuracy"])
+    assert without["macro_auroc"] == pytest.approx(plain_report["test"]["macro_auroc"], abs=1e-6)
+    model_card = json.loads((run_dir / "models" / "adjusted" / "model_card.json").read_text())
+    assert model_card["logit_adjustment"]["tau"] == pytest.approx(0.2)
+
     del state["best_val"]  # a checkpoint from before this option
     with pytest.raises(SkinsynthError, match="logit_adjustment false"):
         logit_adjusted_weights(tc, state)
