@@ -239,8 +239,8 @@ def _balanced_accuracy(p: torch.Tensor, y: torch.Tensor) -> float | None:
 # ------------------------------------------------------------------------------------------- logit adjustment
 
 # the scales tried: 0 (no change) and both directions, since a model trained with class-balanced sampling and a
-# weighted loss may under- or over-correct for the training prior
-LOGIT_ADJUSTMENT_TAUS: tuple[float, ...] = tuple(round(t, 2) for t in np.arange(-1.0, 2.0001, 0.1))
+# weighted loss may under- or over-correct for the training prior (+ 0.0 turns the grid's -0.0 into 0.0)
+LOGIT_ADJUSTMENT_TAUS: tuple[float, ...] = tuple(round(t, 2) + 0.0 for t in np.arange(-1.0, 2.0001, 0.1))
 
 
 def smoothed_class_prior(counts: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -216,7 +216,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ssl.method != "none" and ssl.distribution_alignment:
         from skinsynth.classify.ssl import DistributionAlignment
 
-        alignment = DistributionAlignment(torch.tensor(config["class_prior"]))
+        counts = torch.tensor(config["class_counts"], dtype=torch.float32)
+        alignment = DistributionAlignment(counts / counts.sum())
 
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "stale_epochs": 0, "history": [], "best_model": None}
     saved = load_train_checkpoint()
@@ -573,7 +574,7 @@ def train_classifier(
         )
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
     weights = class_weights(inputs.sampled_labels)
-    prior = np.bincount(inputs.labels[: len(inputs.labelled)], minlength=len(CLASSES)).astype(float)
+    labelled_counts = np.bincount(inputs.labels[: len(inputs.labelled)], minlength=len(CLASSES))
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(tc.use_gpu, "train.use_gpu")
     mix = f" + {len(inputs.synthetic)} synthetic" if inputs.synthetic else ""
@@ -598,8 +599,7 @@ def train_classifier(
         train_loop_config={
             "train": config_to_dict(tc),
             "class_weights": weights.tolist(),
-            "class_prior": (prior / prior.sum()).tolist(),
-            "class_counts": prior.astype(int).tolist(),
+            "class_counts": labelled_counts.tolist(),
             "train_images": int(inputs.repeats.sum()),
             "unlabelled_batch_size": unlabelled_batch,
             "image_size": card["image_size"],
@@ -630,17 +630,11 @@ def train_classifier(
             "unlabelled_images": len(inputs.unlabelled),
             "synthetic_per_class": inputs.synthetic_per_class,
         }
-        model_dir = export_model(run_dir, tc, state, card, extra)
+        model_dir = export_model(run_dir, tc, state, card, extra, progress=progress)
         progress(
             f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
             f"model written to {model_dir}"
         )
-        adjustment = json.loads((model_dir / "training.json").read_text()).get("logit_adjustment")
-        if adjustment:
-            progress(
-                f"train: logit adjustment tau {adjustment['tau']:+.1f} (chosen on validation): balanced accuracy "
-                f"{adjustment['val_balanced_accuracy_before']:.3f} -> {adjustment['val_balanced_accuracy_after']:.3f}"
-            )
     return TrainResult(model_dir, state["best_score"], state["best_epoch"], state["epoch"], state["history"])
 
 
@@ -675,6 +669,7 @@ def export_model(
     data_card: dict[str, Any],
     extra: dict[str, Any] | None = None,
     name: str | None = None,
+    progress: Progress = print,
 ) -> Path:
     """Write the best weights, the training config and the history to ``RUN_DIR/models/<name>/`` atomically
     (``name`` defaults to ``train.name``; ``extra`` joins ``training.json``)."""
@@ -685,6 +680,10 @@ def export_model(
     weights, adjustment = state["best_model"], None
     if tc.logit_adjustment:
         weights, adjustment = logit_adjusted_weights(tc, state)
+        progress(
+            f"export: logit adjustment tau {adjustment['tau']:+.1f} (chosen on validation): balanced accuracy "
+            f"{adjustment['val_balanced_accuracy_before']:.3f} -> {adjustment['val_balanced_accuracy_after']:.3f}"
+        )
     torch.save(weights, tmp / "model.pt")
     info = {
         "model": tc.model,

@@ -475,7 +475,13 @@ def export_and_evaluate_best(
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
     sweep = {"sweep": cfg.tune.name, "trial_id": best["trial_id"], "params": params, "chosen_on": "validation"}
     export_model(
-        run_dir, best_cfg.train, _best_state(best["checkpoint_path"], cfg), card, {"sweep": sweep}, BEST_MODEL
+        run_dir,
+        best_cfg.train,
+        _best_state(best["checkpoint_path"], cfg),
+        card,
+        {"sweep": sweep},
+        BEST_MODEL,
+        progress=progress,
     )
     progress(
         f"tune: best trial {best['trial_id']} (validation balanced accuracy {best[METRIC]:.3f}) with {params} "
