@@ -100,3 +100,13 @@ def test_preprocess_image_end_to_end():
     assert out2.ita is None
     expected = resize_square(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), 48)
     np.testing.assert_array_equal(decode_png(out2.png), expected)
+
+
+def test_served_pixels_equal_the_pixels_training_decodes_from_the_shard():
+    from skinsynth.serve.model import prepare_upload
+
+    cfg = PreprocessConfig(size=48)
+    for seed in range(3):
+        data = encode(skin_with_lesion(171, seed=seed), "JPEG")
+        stored = decode_png(preprocess_image(data, cfg).png)  # what the shard holds and training reads
+        np.testing.assert_array_equal(prepare_upload(data, cfg), stored)

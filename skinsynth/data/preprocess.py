@@ -155,11 +155,11 @@ def decode_png(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def preprocess_image(data: bytes, cfg: PreprocessConfig) -> PreparedImage:
-    """Run every enabled step on one encoded image.
+def prepare_pixels(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, float | None]:
+    """Every enabled pixel step on one encoded image: the prepared RGB image and its ITA.
 
-    Order: decode/validate -> cap the working size -> hair removal -> ITA -> colour constancy -> resize/crop ->
-    PNG. ITA is measured before colour constancy on purpose: Shades of Gray pulls the mean colour towards grey,
+    Order: decode/validate -> cap the working size -> hair removal -> ITA -> colour constancy -> resize/crop.
+    ITA is measured before colour constancy on purpose: Shades of Gray pulls the mean colour towards grey,
     which would shrink b* and push every angle towards +-90 degrees.
 
     Args:
@@ -167,7 +167,8 @@ def preprocess_image(data: bytes, cfg: PreprocessConfig) -> PreparedImage:
         cfg: the preprocessing section of the config.
 
     Returns:
-        A :class:`PreparedImage`.
+        ``(rgb, ita)``: the (size, size, 3) uint8 image and the Individual Typology Angle (None when
+        ``cfg.estimate_tone`` is off).
 
     Raises:
         BadImage: with the quarantine reason.
@@ -181,7 +182,16 @@ def preprocess_image(data: bytes, cfg: PreprocessConfig) -> PreparedImage:
     ita = estimate_ita(rgb) if cfg.estimate_tone else None
     if cfg.color_constancy:
         rgb = shades_of_gray(rgb, cfg.shades_of_gray_p)
-    rgb = resize_square(rgb, cfg.size, cfg.center_crop)
+    return resize_square(rgb, cfg.size, cfg.center_crop), ita
+
+
+def preprocess_image(data: bytes, cfg: PreprocessConfig) -> PreparedImage:
+    """:func:`prepare_pixels` plus what a shard row stores: the PNG-encoded image and the original's SHA-256.
+
+    Raises:
+        BadImage: with the quarantine reason.
+    """
+    rgb, ita = prepare_pixels(data, cfg)
     return PreparedImage(
         png=encode_png(rgb),
         width=rgb.shape[1],

@@ -3,9 +3,10 @@
 Everything here is plain PyTorch/NumPy so it can be tested and benchmarked without Ray; ``skinsynth.serve.app``
 wraps it in a Ray Serve deployment.
 
-- Preprocessing is the data plane's own ``preprocess_image`` with the run's ``data.preprocess`` settings (read from
-  the data card), then the same PNG decode and normalisation training used, so an upload sees exactly the pipeline
-  the model learnt from.
+- Preprocessing is the data plane's own pixel steps (``prepare_pixels``, which ``prepare`` runs before writing a
+  shard's PNG) with the run's ``data.preprocess`` settings (read from the data card), then the normalisation
+  training used, so an upload sees exactly the pixels the model learnt from. The shard's lossless PNG round trip
+  and the tone estimate are left out: neither changes a pixel.
 - Risk band: ``low`` below the validation operating point (malignant sensitivity >= 0.90, from the model card),
   ``high`` from the malignant score at which validation specificity reaches ``serve.high_risk_specificity``,
   ``medium`` between.
@@ -28,7 +29,7 @@ import base64
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +113,12 @@ def prepare_upload(data: bytes, preprocess: PreprocessConfig) -> np.ndarray:
     Raises:
         skinsynth.data.preprocess.BadImage: empty, not an image, truncated, grayscale or too small.
     """
-    from skinsynth.data.preprocess import decode_png, preprocess_image
+    from skinsynth.data.preprocess import prepare_pixels
 
-    # the PNG round trip is what training read from the shards (lossless, so it is exact, but it is the same path)
-    return decode_png(preprocess_image(data, preprocess).png)
+    # the shards' PNG is lossless, so these are the pixels training decoded; the tone estimate only feeds the data
+    # card and fairness tables, and costs a CIELAB conversion and a skin mask per request
+    rgb, _ = prepare_pixels(data, replace(preprocess, estimate_tone=False))
+    return rgb
 
 
 def _model_input(served: ServedModel, images: list[np.ndarray]) -> torch.Tensor:
