@@ -148,8 +148,10 @@ def _plain_training_epoch(cfg, rows, weights) -> float:
 
     from skinsynth.classify.data import Collate, DermoscopyAugmentation
     from skinsynth.classify.train import build_training_model, make_optimizer
+    from skinsynth.runtime import mixed_precision_dtype
 
     tc = cfg.train
+    amp_dtype = mixed_precision_dtype(tc.amp, torch.device("cpu"), cpu_bf16=tc.cpu_amp)  # as the Ray Train worker
     torch.manual_seed(tc.seed)
     setup = build_training_model(tc)
     model = setup.model
@@ -161,7 +163,9 @@ def _plain_training_epoch(cfg, rows, weights) -> float:
     for start in range(0, len(rows), tc.batch_size):
         batch = rows.iloc[order[start : start + tc.batch_size]]
         x, y = collate({"image": batch["image"].to_numpy(), "label": batch["label"].to_numpy()})
-        loss = F.cross_entropy(model(x.contiguous(memory_format=setup.memory_format)), y, weight=weights)
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x.contiguous(memory_format=setup.memory_format))
+        loss = F.cross_entropy(logits.float(), y, weight=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

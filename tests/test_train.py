@@ -341,3 +341,13 @@ def test_killed_training_resumes_with_the_same_command(tmp_path):
     assert resumed, second.stdout[-3000:]
     info = json.loads((out / "models" / "classifier" / "training.json").read_text())
     assert [h["epoch"] for h in info["history"]] == list(range(6))
+
+
+def test_cpu_autocast_is_bf16_only_when_asked_and_the_cpu_has_native_bf16():
+    from skinsynth.runtime import cpu_has_native_bf16, mixed_precision_dtype
+
+    cpu = torch.device("cpu")
+    assert mixed_precision_dtype(True, cpu) is None  # the default: CPU training stays fp32
+    assert mixed_precision_dtype(False, cpu, cpu_bf16=True) is None  # amp off wins
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert mixed_precision_dtype(True, cpu, cpu_bf16=True) is expected

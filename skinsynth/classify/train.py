@@ -190,7 +190,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mean, std, memory_format = setup.mean, setup.std, setup.memory_format
     model = ray.train.torch.prepare_model(setup.model)
     device = ray.train.torch.get_device()
-    amp_dtype = mixed_precision_dtype(tc.amp, device)
+    amp_dtype = mixed_precision_dtype(tc.amp, device, cpu_bf16=tc.cpu_amp)
+    if rank == 0 and tc.cpu_amp and device.type == "cpu":
+        print("train: bf16 autocast on CPU" if amp_dtype else "train: cpu_amp is on, but this CPU lacks native bf16")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     optimizer = make_optimizer(model, tc)
