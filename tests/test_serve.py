@@ -74,6 +74,20 @@ def _phantom_uploads(n: int, seed: int = 11) -> list[np.ndarray]:
     return [render_phantom(r) for r in phantom_records(n, seed=seed, image_size=96).to_dict("records")]
 
 
+def test_knn_distance_is_the_euclidean_distance_to_the_kth_nearest_training_feature():
+    from skinsynth.serve.model import knn_distance
+
+    generator = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(50, 8, generator=generator), dim=1)
+    query = torch.randn(5, 8, generator=generator)
+    by_pairs = torch.cdist(torch.nn.functional.normalize(query, dim=1), train).sort(dim=1).values
+    for k in (1, 3):
+        assert torch.allclose(knn_distance(query, train, k), by_pairs[:, k - 1], atol=1e-5)
+    assert torch.allclose(knn_distance(query, train.half(), 1), by_pairs[:, 0], atol=2e-3)  # as stored on disk
+    # a (scaled) training feature is its own nearest neighbour
+    assert torch.allclose(knn_distance(2.5 * train[:3], train, 1), torch.zeros(3), atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def endpoint(ray_local, tmp_path_factory):
     """A tiny classifier trained on phantom data at 32 px, served on a free loopback port: (url, model_dir, cfg)."""
