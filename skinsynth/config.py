@@ -143,6 +143,9 @@ class TrainConfig:
     # side the network sees, in px: > 0 upsamples the prepared images inside the model (so evaluation and Serve do
     # the same) to the scale ImageNet weights were trained at; costs compute as the square; 0 = the prepared size
     input_size: int = 0
+    # worst-tone-group malignant sensitivity on validation (reported every epoch; a sweep's optional second
+    # objective) judges only the estimated-tone groups with at least this many malignant validation images
+    tone_min_malignant: int = 10
     freeze_blocks: int = 0  # leading stages (plus the stem) kept at their pretrained values; needs pretrained weights
     channels_last: bool = True  # NHWC tensors: faster convolutions with oneDNN on CPU and with cuDNN on GPU
     ema_decay: float = 0.0  # > 0: validate and export an exponential moving average of the weights (e.g. 0.995)
@@ -246,6 +249,9 @@ class TuneConfig:
 
     name: str = "sweep"  # the sweep's folder under RUN_DIR/tune/
     search: Literal["optuna", "grid"] = "optuna"  # Optuna TPE, or every combination of the choices (x seeds)
+    # validation balanced accuracy alone, or with the worst estimated-tone group's malignant sensitivity as a second
+    # objective to maximise (multi-objective TPE; the results table marks the Pareto front)
+    objective: Literal["balanced_accuracy", "balanced_accuracy+worst_tone_sensitivity"] = "balanced_accuracy"
     space: dict[str, SearchDimension] = field(default_factory=dict)  # dotted config key -> dimension
     num_samples: int = 8  # optuna: trials in the sweep
     seeds: list[int] = field(default_factory=list)  # grid: each cell is repeated with train.seed set to these

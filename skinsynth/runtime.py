@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import ray
@@ -85,10 +86,12 @@ def allocator_env() -> dict[str, str]:
 
 
 def keep_freed_memory() -> None:
-    """Apply :data:`MALLOC_ENV`'s thresholds to this running process (the main thread's arena) through ``mallopt``.
+    """Apply :data:`MALLOC_ENV`'s thresholds to this running process through ``mallopt``.
 
     For the CLI process, which runs the plain benchmark loops, evaluation and the single-process servers in its
-    main thread; processes Ray starts get :func:`allocator_env` instead. Does nothing off glibc, and leaves a
+    main thread. The thresholds apply to the whole process, but the arena limit cannot change once threads have
+    their own arenas, whose 64 MB heaps still map large blocks afresh: processes Ray starts, whose training loop
+    runs in a thread, get :func:`allocator_env` instead. Does nothing off glibc, and leaves a
     threshold the user set in the environment alone (glibc has applied it).
     """
     import ctypes
@@ -212,7 +215,9 @@ def read_run_checkpoint(checkpoint) -> dict:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def resumable_run_name(prefix: str, section: str, settings: dict, ignore: set[str], data_hash: str | None) -> str:
+def resumable_run_name(
+    prefix: str, section: str, settings: dict, ignore: Collection[str], data_hash: str | None
+) -> str:
     """A Ray Train run name: ``prefix`` plus a hash of the settings that define the run and of its data.
 
     Ray Train resumes from the latest checkpoint under the same storage path and name, so the same command (or

@@ -32,6 +32,7 @@ from skinsynth.classify.metrics import (
     metric_drop,
     restrict_to_classes,
     smoothed_class_prior,
+    worst_group_sensitivity,
 )
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES
 
@@ -438,3 +439,20 @@ def test_logit_adjustment_is_softmax_of_shifted_logits_and_its_scale_is_chosen_b
         choose_logit_adjustment(probs, labels, prior, taus=(0.5, 1.0))
     with pytest.raises(ValueError, match="positive class frequencies"):
         choose_logit_adjustment(probs, labels, np.zeros(7))
+
+
+def test_worst_group_sensitivity_by_hand():
+    # columns: akiec bcc bkl df mel nv vasc; malignancy score = akiec + bcc + mel
+    found = [0.3, 0.0, 0.0, 0.0, 0.3, 0.4, 0.0]  # score 0.6: called malignant
+    missed = [0.1, 0.1, 0.0, 0.0, 0.1, 0.7, 0.0]  # score 0.3
+    probs = np.array([found, found, missed, found, missed, missed, found, missed, missed])
+    labels = np.array([4, 0, 1, 4, 4, 5, 1, 4, 5])  # mel akiec bcc mel mel nv bcc mel nv
+    groups = ["light", "light", "light", "dark", "dark", "dark", None, "tan", "unknown"]
+    # light: 2 of 3 malignant found; dark: 1 of 2 (its nv does not count); tan: one malignant image (too few);
+    # the image without a group and the unknown one form no group
+    assert worst_group_sensitivity(probs, labels, groups, min_malignant=2) == (0.5, "dark")
+    assert worst_group_sensitivity(probs, labels, groups, min_malignant=3) == (pytest.approx(2 / 3), "light")
+    assert worst_group_sensitivity(probs, labels, groups, min_malignant=4) == (None, None)
+    assert worst_group_sensitivity(probs, labels, groups, min_malignant=1)[0] == 0.0  # tan: its one missed
+    with pytest.raises(ValueError, match="groups has 2 entries for 9 images"):
+        worst_group_sensitivity(probs, labels, ["light", "dark"])

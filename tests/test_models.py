@@ -234,3 +234,6 @@ def test_input_size_resizes_at_the_first_convolution_and_leaves_the_weights_alon
         # an image already at the input size passes through unchanged
         assert torch.equal(resized(upsampled), base(upsampled))
     assert resize_input(base, 0) is base and not base.conv_stem._forward_pre_hooks  # 0: no resize at all
+    # a ViT checks the image size in its patch embedding, before any convolution: refused, with what to do instead
+    with pytest.raises(ModelError, match=r"one stem convolution .*\(data.preprocess.size\)"):
+        create_classifier("test_vit", num_classes=7, input_size=48)

@@ -4,6 +4,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,13 +51,21 @@ def test_allocator_env_keeps_large_blocks_and_lets_the_user_override(monkeypatch
     for name in MALLOC_ENV:
         monkeypatch.delenv(name, raising=False)
     assert allocator_env() == MALLOC_ENV
-    assert int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > 64 * 32 * 192 * 192 * 4  # above a 192 px fp32 stem output
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert allocator_env()["MALLOC_ARENA_MAX"] == "4"
     worker_env = torch_worker_runtime_env(2)["env_vars"]
     assert worker_env["OMP_NUM_THREADS"] == "2" and worker_env["MALLOC_ARENA_MAX"] == "4"
 
 
+def _transparent_huge_pages_always() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.is_file() and "[always]" in path.read_text()
+
+
+@pytest.mark.skipif(
+    _transparent_huge_pages_always(),
+    reason="with transparent huge pages always on, large blocks fault in 2 MB pages: the counts below assume 4 kB",
+)
 def test_the_allocator_settings_stop_the_page_faults_of_reused_large_blocks():
     plain = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     # glibc's defaults: every large block is a fresh mmap, 18,000 pages (75 MB) faulted in several times a pass

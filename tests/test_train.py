@@ -87,6 +87,8 @@ def test_mixup_settings_that_cannot_work_are_refused():
         _check_train_config(TrainConfig(imbalance="focal", cutmix_alpha=1.0))
     with pytest.raises(SkinsynthError, match="mixup_prob"):
         _check_train_config(TrainConfig(mixup_alpha=0.2, mixup_prob=1.5))
+    with pytest.raises(SkinsynthError, match="tone_min_malignant must be >= 1"):
+        _check_train_config(TrainConfig(tone_min_malignant=0))
 
 
 def test_warmup_then_cosine():
@@ -117,6 +119,7 @@ def trained_phantom(ray_local, tmp_path_factory):
             "train.lr=0.003",
             "train.ema_decay=0.9",  # the resume test then also restores the weight average
             "train.input_size=48",  # the network sees the 32 px images upsampled: every consumer must do the same
+            "train.tone_min_malignant=2",  # 21 validation images: three tone groups hold 2-3 malignant ones
         ],
     )
     prepare_images(cfg.data, out, progress=lambda _m: None)
@@ -130,6 +133,10 @@ def test_training_writes_the_best_model(trained_phantom):
     info = json.loads((result.model_dir / "training.json").read_text())
     assert info["model"] == "test_efficientnet" and info["image_size"] == 32
     assert info["best_val_balanced_accuracy"] == max(h["val_balanced_accuracy"] for h in result.history)
+    # the epoch reports the worst tone group's malignant sensitivity, and the best epoch's (the same, one epoch)
+    (epoch,) = result.history
+    assert 0.0 <= epoch["val_worst_tone_sensitivity"] <= 1.0
+    assert epoch["best_val_worst_tone_sensitivity"] == epoch["val_worst_tone_sensitivity"]
     state = torch.load(result.model_dir / "model.pt", weights_only=True)
     assert any(k.endswith("classifier.weight") and v.shape[0] == 7 for k, v in state.items())
     # with ema_decay the exported model is the weight average, not the last step's weights

@@ -17,8 +17,16 @@ import pytest
 import yaml
 
 from skinsynth.config import ConfigError, load_config
+from skinsynth.errors import SkinsynthError
 from skinsynth.tune.space import check_space, grid_size, trial_config, tune_param_space
-from skinsynth.tune.sweep import format_summary, read_trial_log, summarise_over_seeds
+from skinsynth.tune.sweep import (
+    add_test_metrics,
+    format_summary,
+    pareto_front,
+    read_trial_log,
+    run_sweep,
+    summarise_over_seeds,
+)
 
 
 def _write(tmp_path: Path, tune: dict, **sections) -> Path:
@@ -111,9 +119,12 @@ SWEEP = {
         "batch_size": 16,
         "cache_rows": False,
         "ssl": {"unlabelled_ratio": 1},
+        "tone_min_malignant": 2,  # 21 validation images: three tone groups hold 2-3 malignant ones
     },
     "tune": {
         "name": "resume",
+        # two objectives: the searcher that must survive the kill is Optuna's multi-objective TPE
+        "objective": "balanced_accuracy+worst_tone_sensitivity",
         "num_samples": 8,
         "grace_period": 1,
         "space": {
@@ -166,7 +177,12 @@ def test_phantom_sweep_of_8_trials_killed_half_way_resumes_without_repeating_fin
     assert finished_before < set(trials["trial_id"])
     # ASHA stopped some trials after their first epoch; every trial reported at least one
     assert (trials["epochs_run"] >= 1).all() and trials["best_val_balanced_accuracy"].notna().all()
+    # every trial reported the second objective, and the table marks the Pareto front, best trial included
+    sensitivity = trials["best_val_worst_tone_sensitivity"]
+    assert sensitivity.notna().all() and sensitivity.between(0, 1).all()
+    assert trials["pareto"].any() and f"{int(trials['pareto'].sum())} trials on the Pareto front" in resumed.stdout
     best = json.loads((sweep_dir / "best.json").read_text())
+    assert trials.set_index("trial_id").loc[best["trial_id"], "pareto"]  # the exported trial is on the front
     assert best["best_val_balanced_accuracy"] == pytest.approx(trials["best_val_balanced_accuracy"].max())
     assert best["chosen_on"] == "validation"
     assert (out / "models" / "best" / "model.pt").is_file()
@@ -191,3 +207,34 @@ def test_a_sweep_killed_before_tune_saved_any_state_is_not_restored(tmp_path):
     assert not _has_experiment_state(str(experiment), None)
     (experiment / "experiment_state-2026-12-02_07-46-00.json").write_text("{}")
     assert _has_experiment_state(str(experiment), None)
+
+
+def test_pareto_front_keeps_the_trials_no_other_beats_in_both_objectives():
+    values = pd.DataFrame(
+        {
+            "best_val_balanced_accuracy": [0.60, 0.55, 0.50, 0.60, 0.40, float("nan")],
+            "best_val_worst_tone_sensitivity": [0.50, 0.80, 0.70, 0.40, 0.80, 0.99],
+        }
+    )
+    # 0: best accuracy; 1: best sensitivity; 2 is beaten by 1 in both; 3 by 0 in sensitivity at equal accuracy;
+    # 4 ties 1 on sensitivity with lower accuracy; a trial that reported no figure is never on the front
+    assert pareto_front(values).tolist() == [True, True, False, False, False, False]
+
+
+def test_the_tone_objective_needs_enough_malignant_validation_images_and_errored_trials_get_no_test_score(tmp_path):
+    from skinsynth.data.prepare import prepare_images
+
+    config = tmp_path / "sweep.yaml"
+    settings = {**SWEEP, "run": {**SWEEP["run"], "out": str(tmp_path / "run")}}
+    settings["train"] = {**SWEEP["train"], "tone_min_malignant": 4}
+    config.write_text(yaml.safe_dump(settings))
+    cfg = load_config(config)
+    prepare_images(cfg.data, tmp_path / "run", engine="local", progress=lambda _m: None)
+    with pytest.raises(SkinsynthError, match=r"at least 4 malignant validation images .* brown 3"):
+        run_sweep(cfg)
+    # a grid's test scoring leaves a trial that errored before its first checkpoint without figures
+    errored = pd.DataFrame(
+        {"trial_id": ["a"], "train.lr": [0.01], "train.ssl.method": ["none"], "train.label_fraction": [1.0]}
+    ).assign(checkpoint_path=[float("nan")])
+    scored = add_test_metrics(errored, cfg, tmp_path / "run", progress=lambda _m: None)
+    assert scored[["test_balanced_accuracy", "test_macro_auroc"]].isna().all(axis=None)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from skinsynth.data.schema import TONES
 from skinsynth.errors import SkinsynthError
 
 TRAIN_COLUMNS = ["image_id", "image", "label", "group_id"]
@@ -243,13 +244,28 @@ def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 class Collate:
-    """Ray Data numpy batch -> (normalised images, labels); augmentation is drawn per image."""
+    """Ray Data numpy batch -> (normalised images, labels[, tones]); augmentation is drawn per image.
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment: DermoscopyAugmentation | None = None):
-        self.mean, self.std, self.augment = mean, std, augment
+    With ``with_tones`` the batch must hold the ``tone`` column, returned as a third tensor of indices into
+    ``TONES`` (-1: unknown): tensors, so that Ray's device transfer passes them like the labels.
+    """
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: DermoscopyAugmentation | None = None,
+        with_tones: bool = False,
+    ):
+        self.mean, self.std, self.augment, self.with_tones = mean, std, augment, with_tones
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
         if self.augment is None:
-            return to_model_input(decode_pngs(batch["image"]), self.mean, self.std), labels
-        return normalise(self.augment(decode_png_arrays(batch["image"])), self.mean, self.std), labels
+            images = to_model_input(decode_pngs(batch["image"]), self.mean, self.std)
+        else:
+            images = normalise(self.augment(decode_png_arrays(batch["image"])), self.mean, self.std)
+        if not self.with_tones:
+            return images, labels
+        index = {tone: i for i, tone in enumerate(TONES)}
+        return images, labels, torch.tensor([index.get(tone, -1) for tone in batch["tone"]], dtype=torch.int64)

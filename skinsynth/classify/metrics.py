@@ -332,6 +332,45 @@ def is_malignant_label(labels: Any, class_names: Sequence[str] = CLASSES) -> tor
     return lookup[y]
 
 
+def worst_group_sensitivity(
+    probs: Any, labels: Any, groups: Sequence[str | None], min_malignant: int = 10, threshold: float = 0.5
+) -> tuple[float | None, str | None]:
+    """The lowest malignant sensitivity over the groups (e.g. estimated skin tones) with enough malignant images.
+
+    A malignant image counts as found when its malignancy score (:func:`malignant_scores`) reaches ``threshold``:
+    a fixed rule, so that training can report it every epoch, before any operating point is chosen. Images of an
+    unknown group (None, NaN or ``"unknown"``) form no group. The worst-group view follows group distributionally
+    robust optimisation (Sagawa et al. 2020, "Distributionally Robust Neural Networks for Group Shifts", ICLR).
+
+    Args:
+        probs: ``[N, C]`` class probabilities.
+        labels: ``[N]`` integer labels.
+        groups: the group of each image.
+        min_malignant: groups with fewer malignant images than this are not judged.
+        threshold: the malignancy score from which an image counts as called malignant.
+
+    Returns:
+        ``(sensitivity, group)`` of the worst judged group, or ``(None, None)`` when no group has enough images.
+    """
+    if min_malignant < 1:
+        raise ValueError(f"min_malignant must be >= 1, got {min_malignant}")
+    scores = malignant_scores(probs)
+    positive = is_malignant_label(labels)
+    if len(groups) != len(positive):
+        raise ValueError(f"groups has {len(groups)} entries for {len(positive)} images")
+    names = np.array([UNKNOWN_GROUP if pd.isna(g) else str(g) for g in groups], dtype=object)
+    found = (scores >= threshold).numpy()
+    worst: tuple[float | None, str | None] = (None, None)
+    for group in sorted(set(names) - {UNKNOWN_GROUP}):
+        members = (names == group) & positive.numpy()
+        if members.sum() < min_malignant:
+            continue
+        sensitivity = float(found[members].mean())
+        if worst[0] is None or sensitivity < worst[0]:
+            worst = (sensitivity, group)
+    return worst
+
+
 def malignant_auroc(probs: Any, labels: Any, class_names: Sequence[str] = CLASSES) -> float | None:
     """AUROC of the malignancy score (:func:`malignant_scores`) for malignant vs benign labels.
 

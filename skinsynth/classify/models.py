@@ -133,8 +133,13 @@ def resize_input(model: torch.nn.Module, size: int) -> torch.nn.Module:
     if size <= 0:
         return model
     first_conv = model.pretrained_cfg.get("first_conv")
-    if not first_conv:
-        raise ModelError(f"train.input_size needs a model whose first convolution timm names; {type(model)} has none")
+    # one stem convolution, and no patch embedding that checks the image size before that convolution sees it
+    if not isinstance(first_conv, str) or hasattr(model, "patch_embed"):
+        raise ModelError(
+            f"train.input_size works with models that have one stem convolution (EfficientNets, ResNets, ...); "
+            f"{type(model).__name__} has {first_conv!r} and {'a' if hasattr(model, 'patch_embed') else 'no'} patch "
+            "embedding: resize the data instead (data.preprocess.size)"
+        )
 
     def _resize(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         x = args[0]

@@ -29,6 +29,8 @@ from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
 Progress = Callable[[str], None]
+# settings a run can change and still resume its checkpoints: its length
+RUN_LENGTH_KEYS = frozenset({"epochs", "early_stopping_patience"})
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, weight: torch.Tensor | None) -> torch.Tensor:
@@ -115,18 +117,32 @@ def _balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
 
 def _predict(
     model, batches, device, amp_dtype, memory_format=torch.contiguous_format
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities, labels and tone indices (``Collate(with_tones=True)`` batches) of a validation pass."""
     model.eval()
-    probs, labels = [], []
+    probs, labels, tones = [], [], []
     with torch.no_grad():
-        for x, y in batches:
+        for x, y, tone in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x.to(device, memory_format=memory_format))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
-            labels.append(y)
+            labels.append(y.cpu())
+            tones.append(tone.cpu())
     if not probs:
-        return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(tones).numpy()
+
+
+def _worst_tone_sensitivity(probs: np.ndarray, labels: np.ndarray, tones: np.ndarray, min_malignant: int) -> float:
+    """Validation's worst-tone-group malignant sensitivity (NaN when no tone group has enough malignant images)."""
+    from skinsynth.classify.metrics import worst_group_sensitivity
+    from skinsynth.data.schema import TONES
+
+    if not len(labels):
+        return float("nan")
+    names = [TONES[i] if i >= 0 else None for i in tones.tolist()]
+    sensitivity, _group = worst_group_sensitivity(probs, labels, names, min_malignant)
+    return float("nan") if sensitivity is None else sensitivity
 
 
 @dataclass
@@ -300,14 +316,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
 
         val_batches = val_shard.iter_torch_batches(
-            batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std), prefetch_batches=prefetch
+            batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std, with_tones=True), prefetch_batches=prefetch
         )
         evaluated = ema.module if ema is not None else model
-        probs, labels = _predict(evaluated, val_batches, device, amp_dtype, memory_format)
+        probs, labels, tones = _predict(evaluated, val_batches, device, amp_dtype, memory_format)
         val_bacc = _balanced_accuracy(labels, probs.argmax(1)) if len(labels) else float("nan")
+        worst_tone = _worst_tone_sensitivity(probs, labels, tones, tc.tone_min_malignant)
         improved = val_bacc > state["best_score"]
         if improved:
-            state.update(best_score=val_bacc, best_epoch=epoch, stale_epochs=0)
+            # the best epoch's figure: a sweep's second objective describes the weights the trial exports
+            state.update(best_score=val_bacc, best_epoch=epoch, stale_epochs=0, best_worst_tone=worst_tone)
             best = unwrap_model(evaluated).state_dict()
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in best.items()}
             # what export needs to choose a logit adjustment on validation without predicting it again
@@ -324,6 +342,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(seen, 1),
             "val_balanced_accuracy": val_bacc,
             "best_val_balanced_accuracy": state["best_score"],
+            "val_worst_tone_sensitivity": worst_tone,
+            "best_val_worst_tone_sensitivity": state.get("best_worst_tone", float("nan")),
             "train_images_per_s": seen * context.get_world_size() / max(train_s, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }
@@ -333,9 +353,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         if rank == 0:
             pseudo = f"  pseudo-labelled {metrics['pseudo_label_rate']:.0%}" if mask_n else ""
+            tone = "" if math.isnan(worst_tone) else f"  worst-tone malignant sens {worst_tone:.2f}"
             print(
                 f"train: epoch {epoch + 1}/{tc.epochs}  loss {metrics['train_loss']:.4f}  "
-                f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1})  "
+                f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1}){tone}  "
                 f"{metrics['train_images_per_s']:.0f} img/s{pseudo}"
             )
         saved = {
@@ -467,7 +488,10 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
     Class-balanced sampling's copies (``train.sampling``) are in the train set, shuffled once with a seed so the
     copies of one rare image spread over the epoch.
     """
-    from skinsynth.classify.data import cached_dataset, repeat_rows, shard_dataset
+    from skinsynth.classify.data import TRAIN_COLUMNS, cached_dataset, repeat_rows, shard_dataset
+
+    # the estimated tone: validation reports the worst tone group's sensitivity
+    val_columns = [*TRAIN_COLUMNS, "tone"]
 
     repeated = inputs.repeated_ids()
     if tc.cache_rows:
@@ -475,7 +499,7 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
         rows = {"data": inputs.labelled, "synthetic": inputs.synthetic}
         datasets = {
             "train": cached_dataset(run_dir, rows, shuffle_seed=tc.seed, repeats=repeated),
-            "val": cached_dataset(run_dir, inputs.val),
+            "val": cached_dataset(run_dir, inputs.val, val_columns),
         }
         if tc.ssl.method != "none":
             pool = cached_dataset(run_dir, inputs.unlabelled, ["image_id", "image"], shuffle_seed=tc.seed + 1)
@@ -487,7 +511,7 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
     if repeated:
         train = train.map_batches(repeat_rows, batch_format="pandas", fn_kwargs={"repeats": repeated})
         train = train.random_shuffle(seed=tc.seed)
-    datasets = {"train": train, "val": shard_dataset(run_dir, inputs.val)}
+    datasets = {"train": train, "val": shard_dataset(run_dir, inputs.val, val_columns)}
     if tc.ssl.method != "none":
         datasets["unlabelled"] = shard_dataset(run_dir, inputs.unlabelled, ["image_id", "image"], tc.seed + 1)
     return datasets
@@ -506,7 +530,7 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
     if tc.mix.ratio > 0:  # a re-sampled synthetic set is different data
         data_hash = f"{data_hash}+{(read_manifest(run_dir / 'synthetic') or {}).get('input_hash')}"
-    return resumable_run_name(tc.name, "train", config_to_dict(tc), {"epochs", "early_stopping_patience"}, data_hash)
+    return resumable_run_name(tc.name, "train", config_to_dict(tc), RUN_LENGTH_KEYS, data_hash)
 
 
 @dataclass
@@ -652,6 +676,8 @@ def _check_train_config(tc: TrainConfig) -> None:
     """Settings that cannot work together, refused before any data is read."""
     if tc.freeze_blocks and tc.pretrained == "none":
         raise SkinsynthError("train.freeze_blocks keeps layers at their pretrained values: it needs train.pretrained")
+    if tc.tone_min_malignant < 1:
+        raise SkinsynthError(f"train.tone_min_malignant must be >= 1, got {tc.tone_min_malignant}")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise SkinsynthError(f"train.ema_decay must be in [0, 1) (0 = no weight averaging), got {tc.ema_decay}")
     if tc.mixup_alpha < 0 or tc.cutmix_alpha < 0 or not 0.0 <= tc.mixup_prob <= 1.0:

@@ -40,6 +40,8 @@ from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config,
 
 Progress = Callable[[str], None]
 METRIC = "best_val_balanced_accuracy"  # the best epoch so far: monotone, so ASHA compares trials fairly at a rung
+# the optional second objective: the worst estimated-tone group's malignant sensitivity at that best epoch
+TONE_METRIC = "best_val_worst_tone_sensitivity"
 TRIAL_LOG = "trials.jsonl"
 # what a trial reports each epoch (the training loop's metrics and the checkpoint path Tune's callback adds)
 REPORTED = (
@@ -48,6 +50,8 @@ REPORTED = (
     "train_loss",
     "val_balanced_accuracy",
     METRIC,
+    "val_worst_tone_sensitivity",
+    TONE_METRIC,
     "train_images_per_s",
     "lr",
     "pseudo_label_rate",
@@ -177,6 +181,46 @@ def _check_inputs(cfg: ExperimentConfig, run_dir: Path) -> None:
         training_inputs(run_dir, trial_config(base, combo).train)
 
 
+def objectives(tc: Any) -> list[str]:
+    """The metrics a sweep maximises: validation balanced accuracy, then optionally the worst tone group's
+    malignant sensitivity."""
+    return [METRIC, TONE_METRIC] if tc.objective == "balanced_accuracy+worst_tone_sensitivity" else [METRIC]
+
+
+def pareto_front(values: pd.DataFrame) -> pd.Series:
+    """Whether each row is Pareto-optimal when every column is maximised (a NaN row never is).
+
+    A row is on the front when no other row is at least as good in every column and better in one.
+    """
+    points = values.to_numpy(dtype=float)
+    valid = ~np.isnan(points).any(axis=1)
+    front = []
+    for i, point in enumerate(points):
+        others = points[valid & (np.arange(len(points)) != i)]
+        dominated = bool(((others >= point).all(axis=1) & (others > point).any(axis=1)).any())
+        front.append(bool(valid[i]) and not dominated)
+    return pd.Series(front, index=values.index)
+
+
+def _check_tone_groups(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """With the tone objective, validation must hold a tone group with ``train.tone_min_malignant`` malignant
+    images, or every trial would report NaN for it."""
+    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.data.schema import CLASSES, MALIGNANT
+
+    rows = read_rows(run_dir, split_ids(load_split_table(run_dir), "val"), ["image_id", "tone", "label"])
+    malignant = rows[rows["label"].isin([CLASSES.index(c) for c in MALIGNANT])]
+    counts = malignant["tone"].dropna().value_counts()
+    needed = cfg.train.tone_min_malignant
+    if counts.empty or counts.max() < needed:
+        found = ", ".join(f"{tone} {n}" for tone, n in counts.items()) or "none with a tone"
+        raise SkinsynthError(
+            f"tune.objective {cfg.tune.objective!r} needs a tone group with at least {needed} malignant validation "
+            f"images (train.tone_min_malignant); validation has {found}: lower train.tone_min_malignant or use "
+            "tune.objective=balanced_accuracy"
+        )
+
+
 def _discard_sweep(store: RunStore, sweep_dir: Path) -> None:
     """Delete a sweep's folder, and for a remote run its Tune state and trial checkpoints on the URI too."""
     if sweep_dir.exists():
@@ -219,11 +263,18 @@ def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any
         )
         return restored, True
     search_alg = None
+    # with two objectives the searcher and the scheduler name their own metrics (Tune's one metric would replace
+    # the searcher's list); ASHA stops trials on balanced accuracy alone, the first objective
+    two_objectives = len(objectives(tc)) > 1 and tc.search == "optuna"
     if tc.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))
+        sampler = optuna.samplers.TPESampler(seed=tc.seed)  # multi-objective TPE (Ozaki et al. 2020) on two metrics
+        if two_objectives:
+            search_alg = OptunaSearch(metric=objectives(tc), mode=["max"] * len(objectives(tc)), sampler=sampler)
+        else:
+            search_alg = OptunaSearch(sampler=sampler)
     scheduler = None
     if tc.scheduler == "asha" and cfg.train.epochs > tc.grace_period:
         scheduler = ASHAScheduler(
@@ -231,13 +282,14 @@ def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any
             max_t=cfg.train.epochs,
             grace_period=tc.grace_period,
             reduction_factor=tc.reduction_factor,
+            **({"metric": METRIC, "mode": "max"} if two_objectives else {}),
         )
     tuner = ray.tune.Tuner(
         trainable,
         param_space=tune_param_space(tc),
         tune_config=ray.tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
+            metric=None if two_objectives else METRIC,
+            mode=None if two_objectives else "max",
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=tc.num_samples if tc.search == "optuna" else 1,
@@ -305,6 +357,8 @@ def run_sweep(
             "pick another --set tune.name=..."
         )
     _check_inputs(cfg, run_dir)
+    if len(objectives(cfg.tune)) > 1:
+        _check_tone_groups(cfg, run_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps({"identity": identity, "config": config_to_dict(cfg)}, indent=2, default=str))
 
@@ -342,6 +396,11 @@ def run_sweep(
         progress(f"tune: trial {row.trial_id} failed: {row.error}")
     if cfg.tune.search == "grid":
         trials = add_test_metrics(trials, cfg, run_dir, progress)
+    if len(objectives(cfg.tune)) > 1:
+        trials["pareto"] = pareto_front(trials[objectives(cfg.tune)])
+        progress(
+            f"tune: {int(trials['pareto'].sum())} trials on the Pareto front of {' and '.join(objectives(cfg.tune))}"
+        )
     trials.to_parquet(sweep_dir / "trials.parquet", index=False)
     trials.drop(columns=["checkpoint_path"]).to_csv(sweep_dir / "trials.csv", index=False)
     finished = len(trials) - len(errored)
@@ -374,6 +433,7 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
             {
                 "epochs_run": metrics.get("epochs_done", 0),
                 METRIC: metrics.get(METRIC, float("nan")),
+                TONE_METRIC: metrics.get(TONE_METRIC, float("nan")),
                 "last_val_balanced_accuracy": metrics.get("val_balanced_accuracy", float("nan")),
                 "pseudo_label_rate": metrics.get("pseudo_label_rate", float("nan")),
                 "checkpoint_path": metrics.get("checkpoint_path"),
@@ -411,7 +471,7 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
     labels = test["label"].to_numpy(np.int64)
     bacc, auroc = [], []
     for row in trials.to_dict("records"):
-        if not row["checkpoint_path"]:
+        if pd.isna(row["checkpoint_path"]) or not row["checkpoint_path"]:  # an errored trial: NaN in the table
             bacc.append(float("nan"))
             auroc.append(float("nan"))
             continue
@@ -459,6 +519,9 @@ def export_and_evaluate_best(
 ) -> dict[str, Any]:
     """Copy the best trial on validation to ``RUN_DIR/models/best/`` and evaluate it once (test, external sets).
 
+    The best trial has the highest validation balanced accuracy; with the tone objective that trial is always on
+    the Pareto front, and the table's ``pareto`` column shows the trade-offs beside it.
+
     Raises:
         SkinsynthError: no trial reported a checkpoint.
     """
@@ -468,7 +531,8 @@ def export_and_evaluate_best(
     usable = trials[trials["checkpoint_path"].notna() & trials[METRIC].notna()]
     if usable.empty:
         raise SkinsynthError("no trial of the sweep finished an epoch; see the errors above")
-    best = usable.loc[usable[METRIC].idxmax()]
+    # ties on balanced accuracy go to the better worst-tone figure, so the choice is on the Pareto front
+    best = usable.sort_values([METRIC, TONE_METRIC], ascending=False, na_position="last").iloc[0]
     params = {key: _plain(best[key]) for key in cfg.tune.space}
     if cfg.tune.seeds:
         params[SEED_KEY] = int(best[SEED_KEY])
@@ -485,14 +549,16 @@ def export_and_evaluate_best(
         BEST_MODEL,
         progress=progress,
     )
+    tone = f", worst tone group's malignant sensitivity {best[TONE_METRIC]:.3f}" if pd.notna(best[TONE_METRIC]) else ""
     progress(
-        f"tune: best trial {best['trial_id']} (validation balanced accuracy {best[METRIC]:.3f}) with {params} "
+        f"tune: best trial {best['trial_id']} (validation balanced accuracy {best[METRIC]:.3f}{tone}) with {params} "
         f"-> {run_dir / 'models' / BEST_MODEL}"
     )
     report = evaluate_model(best_cfg, external=cfg.tune.external, progress=progress)
     return {
         **sweep,
         METRIC: float(best[METRIC]),
+        TONE_METRIC: _plain(best[TONE_METRIC]) if pd.notna(best[TONE_METRIC]) else None,
         "test_balanced_accuracy": report["test"]["balanced_accuracy"],
         "test_macro_auroc": report["test"]["macro_auroc"],
         "external": {k: v["balanced_accuracy"] for k, v in report["external"].items()},
