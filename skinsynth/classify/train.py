@@ -133,6 +133,21 @@ def _predict(
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(tones).numpy()
 
 
+def collated_batches(shard, collate: Callable[[dict[str, np.ndarray]], Any], prefetch: int, **iter_kwargs):
+    """The batches of a Ray Data shard, each passed through ``collate`` (PNG decoding, augmentation, tensors).
+
+    On a GPU (``prefetch`` > 0) Ray Data collates in its own iteration thread, overlapping the step. On a CPU that
+    thread competes with the model's threads mid-step - it does even with ``prefetch_batches=0``: a py-spy profile
+    of a HAM10000 epoch found the decoding and augmentation there - so numpy batches come from Ray and are
+    collated here, in the training thread, between steps, as a plain PyTorch loop does.
+    """
+    if prefetch > 0:
+        yield from shard.iter_torch_batches(collate_fn=collate, prefetch_batches=prefetch, **iter_kwargs)
+        return
+    for batch in shard.iter_batches(batch_format="numpy", prefetch_batches=0, **iter_kwargs):
+        yield collate(batch)
+
+
 def _worst_tone_sensitivity(probs: np.ndarray, labels: np.ndarray, tones: np.ndarray, min_malignant: int) -> float:
     """Validation's worst-tone-group malignant sensitivity (NaN when no tone group has enough malignant images)."""
     from skinsynth.classify.metrics import worst_group_sensitivity
@@ -267,12 +282,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         # seeded per epoch and worker: a resumed run draws the augmentations the uninterrupted one would have
         augment = DermoscopyAugmentation(config["image_size"], seed=(tc.seed, epoch, rank)) if tc.augment else None
-        batches = train_shard.iter_torch_batches(
-            batch_size=tc.batch_size,
-            collate_fn=Collate(mean, std, augment),
+        batches = collated_batches(
+            train_shard,
+            Collate(mean, std, augment),
             # on a GPU, decoding the next batch in a background thread overlaps the step; on CPU that thread takes
             # a core from the model's threads mid-step and costs more than it hides, so batches come in-line
-            prefetch_batches=prefetch,
+            prefetch,
+            batch_size=tc.batch_size,
             # mixes many shards, so no batch is dominated by one shard's lesions
             local_shuffle_buffer_size=max(tc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=tc.seed + epoch,
@@ -315,8 +331,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             unlabelled.close()  # ends the pool's pass now rather than when the generator is collected
         train_s = time.perf_counter() - t0
 
-        val_batches = val_shard.iter_torch_batches(
-            batch_size=tc.batch_size * 2, collate_fn=Collate(mean, std, with_tones=True), prefetch_batches=prefetch
+        val_batches = collated_batches(
+            val_shard, Collate(mean, std, with_tones=True), prefetch, batch_size=tc.batch_size * 2
         )
         evaluated = ema.module if ema is not None else model
         probs, labels, tones = _predict(evaluated, val_batches, device, amp_dtype, memory_format)
@@ -384,10 +400,11 @@ def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, st
         seed = (tc.seed, epoch, rank, round_)
         strong = StrongAugmentation(ssl.randaugment_magnitude, ssl.cutout, seed) if ssl.method == "fixmatch" else None
         empty = True
-        for views in shard.iter_torch_batches(
+        for views in collated_batches(
+            shard,
+            UnlabelledCollate(mean, std, image_size, seed, strong),
+            prefetch,
             batch_size=batch_size,
-            collate_fn=UnlabelledCollate(mean, std, image_size, seed, strong),
-            prefetch_batches=prefetch,
             local_shuffle_buffer_size=max(batch_size * 4, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=hash(seed) % (2**31),
             drop_last=True,
