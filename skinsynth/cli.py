@@ -479,9 +479,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``skinsynth`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from skinsynth.runtime import keep_freed_memory
+    from skinsynth.allocator import keep_freed_memory
 
-    keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (see skinsynth.runtime)
+    keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (see skinsynth.allocator)
     try:
         return COMMANDS[args.command](args)
     except SkinsynthError as err:

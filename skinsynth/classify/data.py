@@ -22,6 +22,7 @@ from skinsynth.data.schema import TONES
 from skinsynth.errors import SkinsynthError
 
 TRAIN_COLUMNS = ["image_id", "image", "label", "group_id"]
+TONE_INDEX = {tone: i for i, tone in enumerate(TONES)}  # Collate(with_tones=True): tone name -> tensor value
 # floor of the training loops' local shuffle buffer: a few thousand PNG rows (tens of MB) mix many shards
 SHUFFLE_BUFFER_ROWS = 2048
 
@@ -267,5 +268,4 @@ class Collate:
             images = normalise(self.augment(decode_png_arrays(batch["image"])), self.mean, self.std)
         if not self.with_tones:
             return images, labels
-        index = {tone: i for i, tone in enumerate(TONES)}
-        return images, labels, torch.tensor([index.get(tone, -1) for tone in batch["tone"]], dtype=torch.int64)
+        return images, labels, torch.tensor([TONE_INDEX.get(tone, -1) for tone in batch["tone"]], dtype=torch.int64)

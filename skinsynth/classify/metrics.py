@@ -355,14 +355,14 @@ def worst_group_sensitivity(
     if min_malignant < 1:
         raise ValueError(f"min_malignant must be >= 1, got {min_malignant}")
     scores = malignant_scores(probs)
-    positive = is_malignant_label(labels)
+    positive = is_malignant_label(labels).numpy()
     if len(groups) != len(positive):
         raise ValueError(f"groups has {len(groups)} entries for {len(positive)} images")
     names = np.array([UNKNOWN_GROUP if pd.isna(g) else str(g) for g in groups], dtype=object)
     found = (scores >= threshold).numpy()
     worst: tuple[float | None, str | None] = (None, None)
     for group in sorted(set(names) - {UNKNOWN_GROUP}):
-        members = (names == group) & positive.numpy()
+        members = (names == group) & positive
         if members.sum() < min_malignant:
             continue
         sensitivity = float(found[members].mean())

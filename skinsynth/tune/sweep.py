@@ -206,10 +206,10 @@ def _check_tone_groups(cfg: ExperimentConfig, run_dir: Path) -> None:
     """With the tone objective, validation must hold a tone group with ``train.tone_min_malignant`` malignant
     images, or every trial would report NaN for it."""
     from skinsynth.classify.data import load_split_table, read_rows, split_ids
-    from skinsynth.data.schema import CLASSES, MALIGNANT
+    from skinsynth.classify.metrics import is_malignant_label
 
     rows = read_rows(run_dir, split_ids(load_split_table(run_dir), "val"), ["image_id", "tone", "label"])
-    malignant = rows[rows["label"].isin([CLASSES.index(c) for c in MALIGNANT])]
+    malignant = rows[is_malignant_label(rows["label"].to_numpy(np.int64)).numpy()]
     counts = malignant["tone"].dropna().value_counts()
     needed = cfg.train.tone_min_malignant
     if counts.empty or counts.max() < needed:
