@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from skinsynth import DISCLAIMER
-from skinsynth.config import ExperimentConfig, config_to_dict, dump_config
+from skinsynth.config import ExperimentConfig, changed_settings, dump_config
 from skinsynth.data.card import format_data_card
 from skinsynth.data.prepare import prepare_images, read_manifest
 from skinsynth.errors import SkinsynthError
@@ -93,7 +93,7 @@ def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
         grid = result.generator_dir / "grid.png"
         return result.generator_dir, f"generator {result.generator_id}, {result.steps} steps -> {grid}"
 
-    expected = _manifest_hash(config_to_dict(cfg.generator), _file_hash(run_dir / "data" / "manifest.json"))
+    expected = _manifest_hash(changed_settings(cfg.generator), _file_hash(run_dir / "data" / "manifest.json"))
     return _unless_up_to_date("generate", run_dir / "generator", expected, force, progress, work)
 
 
@@ -116,7 +116,7 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
         best = result.best_val_balanced_accuracy
         return result.model_dir, f"best val balanced accuracy {best:.3f} -> {result.model_dir}"
 
-    expected = _manifest_hash(config_to_dict(cfg.train), _file_hash(run_dir / "data" / "manifest.json"))
+    expected = _manifest_hash(changed_settings(cfg.train), _file_hash(run_dir / "data" / "manifest.json"))
     return _unless_up_to_date("train", run_dir / "models" / cfg.train.name, expected, force, progress, work)
 
 
@@ -134,7 +134,7 @@ def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
         return audit_dir, f"{detail} -> {audit_dir}"
 
     expected = _manifest_hash(
-        config_to_dict(cfg.audit),
+        changed_settings(cfg.audit),
         _file_hash(run_dir / "synthetic" / "manifest.json"),
         _file_hash(run_dir / "models" / cfg.train.name / "manifest.json"),  # its features are one extractor
     )
@@ -159,8 +159,8 @@ def _stage_tune(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pro
         return sweep_dir, detail
 
     expected = _manifest_hash(
-        config_to_dict(cfg.tune),
-        config_to_dict(cfg.train),
+        changed_settings(cfg.tune),
+        changed_settings(cfg.train),
         _file_hash(run_dir / "data" / "manifest.json"),
         _file_hash(run_dir / "synthetic" / "manifest.json"),
     )

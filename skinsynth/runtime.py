@@ -70,8 +70,25 @@ def torch_worker_runtime_env(threads: int) -> dict:
     2 cores ran at 71 images/s in a thread of such a process against 88 without the variable (``skinsynth bench
     train`` on the HAM10000 128 px recipe: 0.68x of the plain loop before, 0.78x after). The training loop runs in
     a thread Ray starts, which without the allocator settings pays glibc's per-thread arena as well.
+
+    ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: Ray Train 2.60 routes a worker's ``print`` to its logger *and*, because Ray
+    has replaced the worker's ``sys.stdout``, to that stream as well, so every progress line reached the driver twice.
     """
-    return {"env_vars": {"OMP_NUM_THREADS": str(threads), **allocator_env()}}
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **allocator_env()}}
+
+
+def quiet_training_data() -> None:
+    """No Ray Data progress bars or per-pass execution notices for the datasets of a training run.
+
+    A training loop's own lines (loss, images/s) are its progress report; Ray Data would add a bar and three
+    "Starting execution of Dataset ..." lines for every pass over the training set (every few seconds for a small
+    generator training set).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def resolve_use_gpu(setting: bool | str, key: str) -> bool:
@@ -170,14 +187,18 @@ def read_run_checkpoint(checkpoint) -> dict:
 
 
 def resumable_run_name(
-    prefix: str, section: str, settings: dict, ignore: Collection[str], data_hash: str | None
+    prefix: str, section: str, settings: object, ignore: Collection[str], data_hash: str | None
 ) -> str:
     """A Ray Train run name: ``prefix`` plus a hash of the settings that define the run and of its data.
 
     Ray Train resumes from the latest checkpoint under the same storage path and name, so the same command (or
     one that only changes ``ignore``d keys: length, logging) continues a run, while any other change (model,
-    learning rate, data, ...) starts a fresh run instead of silently resuming a different one.
+    learning rate, data, ...) starts a fresh run instead of silently resuming a different one. ``settings`` is the
+    config section; only its :func:`~skinsynth.config.changed_settings` count, so a setting added by an upgrade
+    does not orphan an interrupted run.
     """
-    identity = {k: v for k, v in settings.items() if k not in ignore}
+    from skinsynth.config import changed_settings
+
+    identity = {k: v for k, v in changed_settings(settings).items() if k not in ignore}
     payload = json.dumps({section: identity, "data": data_hash}, sort_keys=True)
     return f"{prefix}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"

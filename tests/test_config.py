@@ -2,11 +2,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 import yaml
 
-from skinsynth.config import ConfigError, ExperimentConfig, dump_config, load_config, parse_override
+from skinsynth.config import (
+    ConfigError,
+    ExperimentConfig,
+    changed_settings,
+    config_hash,
+    dump_config,
+    load_config,
+    parse_override,
+)
+from skinsynth.runtime import resumable_run_name
 
 
 def test_defaults_are_the_phantom_demo():
@@ -139,3 +149,41 @@ def test_cli_config_errors_are_one_line_without_traceback(tmp_path):
         "valid keys here: batch_size, num_cpus, path, phantom, preprocess, source, split"
     ]
     assert "Traceback" not in proc.stderr
+
+
+@dataclass
+class _InnerV1:
+    depth: int = 3
+
+
+@dataclass
+class _SectionV1:
+    lr: float = 1e-3
+    inner: _InnerV1 = field(default_factory=_InnerV1)
+
+
+@dataclass
+class _InnerV2:  # a later version adds a setting whose default keeps the old behaviour
+    depth: int = 3
+    dropout: float = 0.0
+
+
+@dataclass
+class _SectionV2:
+    lr: float = 1e-3
+    inner: _InnerV2 = field(default_factory=_InnerV2)
+    cpu_amp: bool = False
+
+
+def test_identity_hashes_ignore_settings_added_at_their_default():
+    old, new = _SectionV1(lr=0.01, inner=_InnerV1(depth=5)), _SectionV2(lr=0.01, inner=_InnerV2(depth=5))
+    assert changed_settings(old) == changed_settings(new) == {"lr": 0.01, "inner": {"depth": 5}}
+    assert config_hash(old) == config_hash(new)
+    assert resumable_run_name("m", "train", old, {"lr"}, "d") == resumable_run_name("m", "train", new, {"lr"}, "d")
+    # ... while a change of any setting, old or new, changes them
+    assert config_hash(_SectionV2(lr=0.01, inner=_InnerV2(depth=5, dropout=0.1))) != config_hash(new)
+    assert resumable_run_name("m", "train", _SectionV2(cpu_amp=True), (), "d") != resumable_run_name(
+        "m", "train", _SectionV2(), (), "d"
+    )
+    assert resumable_run_name("m", "train", new, (), "d") != resumable_run_name("m", "train", new, (), "other data")
+    assert changed_settings(ExperimentConfig()) == {}

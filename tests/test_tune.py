@@ -26,7 +26,16 @@ from skinsynth.tune.sweep import (
     read_trial_log,
     run_sweep,
     summarise_over_seeds,
+    sweep_identity,
 )
+
+
+def test_sweep_identity_ignores_where_it_runs_and_external_sets_but_not_settings(tmp_path):
+    base = sweep_identity(load_config(None, ["train.lr=0.002"]), tmp_path)
+    elsewhere = load_config(None, ["train.lr=0.002", f"run.out={tmp_path / 'other'}", "tune.external=[runs/isic]"])
+    assert sweep_identity(elsewhere, tmp_path) == base
+    assert sweep_identity(load_config(None, ["train.lr=0.003"]), tmp_path) != base
+    assert sweep_identity(load_config(None, ["train.lr=0.002", "tune.num_samples=3"]), tmp_path) != base
 
 
 def _write(tmp_path: Path, tune: dict, **sections) -> Path:

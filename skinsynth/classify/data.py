@@ -7,6 +7,7 @@ store only ever carries compressed images.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,18 @@ class Collate:
         if not self.with_tones:
             return images, labels
         return images, labels, torch.tensor([TONE_INDEX.get(tone, -1) for tone in batch["tone"]], dtype=torch.int64)
+
+
+def collated_batches(shard, collate: Callable[[dict[str, np.ndarray]], Any], prefetch: int, **iter_kwargs):
+    """The batches of a Ray Data shard, each passed through ``collate`` (PNG decoding, augmentation, tensors).
+
+    On a GPU (``prefetch`` > 0) Ray Data collates in its own iteration thread, overlapping the step. On a CPU that
+    thread competes with the model's threads mid-step - it does even with ``prefetch_batches=0``: a py-spy profile
+    of a HAM10000 epoch found the decoding and augmentation there - so numpy batches come from Ray and are
+    collated here, in the training thread, between steps, as a plain PyTorch loop does.
+    """
+    if prefetch > 0:
+        yield from shard.iter_torch_batches(collate_fn=collate, prefetch_batches=prefetch, **iter_kwargs)
+        return
+    for batch in shard.iter_batches(batch_format="numpy", prefetch_batches=0, **iter_kwargs):
+        yield collate(batch)

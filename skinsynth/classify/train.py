@@ -133,21 +133,6 @@ def _predict(
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(tones).numpy()
 
 
-def collated_batches(shard, collate: Callable[[dict[str, np.ndarray]], Any], prefetch: int, **iter_kwargs):
-    """The batches of a Ray Data shard, each passed through ``collate`` (PNG decoding, augmentation, tensors).
-
-    On a GPU (``prefetch`` > 0) Ray Data collates in its own iteration thread, overlapping the step. On a CPU that
-    thread competes with the model's threads mid-step - it does even with ``prefetch_batches=0``: a py-spy profile
-    of a HAM10000 epoch found the decoding and augmentation there - so numpy batches come from Ray and are
-    collated here, in the training thread, between steps, as a plain PyTorch loop does.
-    """
-    if prefetch > 0:
-        yield from shard.iter_torch_batches(collate_fn=collate, prefetch_batches=prefetch, **iter_kwargs)
-        return
-    for batch in shard.iter_batches(batch_format="numpy", prefetch_batches=0, **iter_kwargs):
-        yield collate(batch)
-
-
 def _worst_tone_sensitivity(probs: np.ndarray, labels: np.ndarray, tones: np.ndarray, min_malignant: int) -> float:
     """Validation's worst-tone-group malignant sensitivity (NaN when no tone group has enough malignant images)."""
     from skinsynth.classify.metrics import worst_group_sensitivity
@@ -204,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, Collate, DermoscopyAugmentation
+    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, Collate, DermoscopyAugmentation, collated_batches
     from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, report_with_checkpoint, unwrap_model
 
     tc = section_from_dict(TrainConfig, config["train"])
@@ -391,7 +376,7 @@ def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, st
 
     The labelled set sets the epoch's length; the pool (usually larger) is read on in passes, each reshuffled.
     """
-    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS
+    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, collated_batches
     from skinsynth.classify.ssl import StrongAugmentation, UnlabelledCollate
 
     ssl, image_size = tc.ssl, config["image_size"]
@@ -547,7 +532,7 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
     if tc.mix.ratio > 0:  # a re-sampled synthetic set is different data
         data_hash = f"{data_hash}+{(read_manifest(run_dir / 'synthetic') or {}).get('input_hash')}"
-    return resumable_run_name(tc.name, "train", config_to_dict(tc), RUN_LENGTH_KEYS, data_hash)
+    return resumable_run_name(tc.name, "train", tc, RUN_LENGTH_KEYS, data_hash)
 
 
 @dataclass
@@ -591,6 +576,7 @@ def train_classifier(
 
     from skinsynth.runtime import (
         ensure_ray,
+        quiet_training_data,
         read_run_checkpoint,
         resolve_use_gpu,
         threads_per_worker,
@@ -639,8 +625,7 @@ def train_classifier(
             + ", ".join(f"{code} {n}" for code, n in zip(CLASSES, per_class, strict=True) if n)
             + ")"
         )
-    # the per-epoch lines of the loop are the progress report; Ray Data's bars would repeat every epoch in logs
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_training_data()
     datasets = training_datasets(run_dir, inputs, tc)
     storage_path, storage_filesystem = storage or store.ray_storage("ray_train")
     threads = tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu)

@@ -63,11 +63,25 @@ def training_noise_scheduler(num_train_timesteps: int) -> DDPMScheduler:
 
 
 def sampling_scheduler(train_scheduler_config: Any, sampler: str):
-    """A fresh DDIM or DPM-Solver++ scheduler over the training noise schedule (schedulers hold per-run state)."""
+    """A fresh DDIM or DPM-Solver++ scheduler over the training noise schedule (schedulers hold per-run state).
+
+    DPM-Solver++ is set up as DDIM is: its steps start one stride below the last noise level ("leading" spacing,
+    not diffusers' default "linspace", which starts at level 999) and its data estimate is clipped to the pixel range
+    (static thresholding at 1, Lu et al. 2022's advice for pixel-space models). The cosine schedule leaves
+    alpha_bar below 1e-4 at its last levels (2e-9 at 999), and the data estimate there divides the network's error by
+    its square root: unclipped and started at 999, most samples of a trained phantom generator came out as saturated
+    colour noise.
+    """
     if sampler == "ddim":
-        return DDIMScheduler.from_config(train_scheduler_config)
+        return DDIMScheduler.from_config(train_scheduler_config)  # clip_sample (to [-1, 1]) from the DDPM config
     if sampler == "dpm":
-        return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(
+            train_scheduler_config,
+            algorithm_type="dpmsolver++",
+            timestep_spacing="leading",
+            thresholding=True,
+            sample_max_value=1.0,  # with a maximum of 1, dynamic thresholding is clipping to [-1, 1]
+        )
     raise SkinsynthError(f"unknown sampler '{sampler}' (known: ddim, dpm)")
 
 

@@ -125,7 +125,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS
+    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, collated_batches
     from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, unwrap_model
 
     gc = GeneratorConfig(**config["generator"])
@@ -140,7 +140,13 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(unet)
     device = ray.train.torch.get_device()
     ema.to(device)
-    amp_dtype = mixed_precision_dtype(gc.amp, device)
+    amp_dtype = mixed_precision_dtype(gc.amp, device, cpu_bf16=gc.cpu_amp)
+    if rank == 0 and gc.cpu_amp and device.type == "cpu":
+        print(
+            "generate train: bf16 autocast on CPU"
+            if amp_dtype
+            else "generate train: cpu_amp is on, but this CPU lacks native bf16"
+        )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr, weight_decay=0.0)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=gc.warmup_steps)
@@ -166,9 +172,11 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     micro = 0
     epoch = 0
     while state["step"] < gc.train_steps:
-        batches = shard.iter_torch_batches(
+        batches = collated_batches(
+            shard,
+            collate,
+            1 if device.type == "cuda" else 0,  # on CPU, decode in this thread between steps (see collated_batches)
             batch_size=gc.batch_size,
-            collate_fn=collate,
             local_shuffle_buffer_size=max(gc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=gc.seed + 1000 * rank + epoch,
             drop_last=True,
@@ -243,7 +251,8 @@ def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> Non
 def _report(model, ema, optimizer, lr_schedule, scaler, state, rank) -> None:
     from skinsynth.runtime import report_with_checkpoint, unwrap_model
 
-    metrics = {"step": state["step"], **(state["history"][-1] if state["history"] else {})}
+    # the checkpoint's step, not that of the last progress line (which may be earlier)
+    metrics = {**(state["history"][-1] if state["history"] else {}), "step": state["step"]}
     saved = {
         "model": unwrap_model(model).state_dict(),
         "ema": ema.state_dict(),
@@ -275,7 +284,7 @@ def generator_run_name(gc: GeneratorConfig, data_hash: str | None) -> str:
     from skinsynth.runtime import resumable_run_name
 
     skip = {"train_steps", "checkpoint_every", "grid_every", "log_every", "cache_rows"}
-    return resumable_run_name("generator", "generator", config_to_dict(gc), skip, data_hash)
+    return resumable_run_name("generator", "generator", gc, skip, data_hash)
 
 
 @dataclass
@@ -305,6 +314,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     from skinsynth.generate.model import check_image_size
     from skinsynth.runtime import (
         ensure_ray,
+        quiet_training_data,
         read_run_checkpoint,
         resolve_use_gpu,
         threads_per_worker,
@@ -340,7 +350,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     name = generator_run_name(gc, data_hash)
     storage = run_dir / "ray_train"  # the grids (checkpoints go to the run's storage, on its URI when remote)
     storage_path, storage_filesystem = store.ray_storage("ray_train")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_training_data()
     t0 = time.perf_counter()
     if gc.cache_rows:
         # a pass over a small training set is a few seconds of compute; re-reading and filtering every shard for it

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skinsynth.config import ExperimentConfig, config_to_dict
+from skinsynth.config import ExperimentConfig, changed_settings, config_to_dict
 from skinsynth.errors import SkinsynthError
 from skinsynth.storage import RunStore, open_run_store
 from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config, tune_param_space
@@ -147,10 +147,11 @@ def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
     """Hash of what defines a sweep: its config (bar where the best model is evaluated) and its input data."""
     from skinsynth.data.prepare import read_manifest
 
-    settings = config_to_dict(cfg)
-    settings["tune"].pop("external", None)
-    settings["run"].pop("out", None)
-    settings["run"].pop("cache_dir", None)
+    settings = changed_settings(cfg)  # a setting added by an upgrade, at its default, keeps the sweep resumable
+    for section, key in (("tune", "external"), ("run", "out"), ("run", "cache_dir")):
+        settings.get(section, {}).pop(key, None)
+        if settings.get(section) == {}:
+            del settings[section]
     inputs = [(read_manifest(run_dir / stage) or {}).get("input_hash") for stage in ("data", "synthetic")]
     payload = json.dumps({"config": settings, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
