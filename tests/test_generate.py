@@ -249,6 +249,48 @@ def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run
     assert list(rows3["image"]) == list(rows["image"])
 
 
+def test_a_sampler_replica_given_two_plan_batches_at_once_samples_each_as_cut(generator_run, tmp_path):
+    """Ray Data may hand a GPU replica several plan batches in one call (it needs a batch size on GPUs): each is
+    still sampled as its own model batch into its own shard, byte for byte as when they come one at a time."""
+    from skinsynth.generate.sample import (
+        SamplerActor,
+        SamplerSettings,
+        build_plan,
+        plan_batches,
+        training_scheduler_config,
+    )
+
+    cfg, _ = generator_run
+    generator_dir = Path(cfg.run.out) / "generator"
+    plan_cfg = SampleConfig(plan="counts", counts={"mel": 2, "nv": 1}, steps=2, batch_size=2, seed=3)
+    actor_settings = SamplerSettings(
+        "ddim", 2, 2.0, _generator_id(cfg), dict(training_scheduler_config(generator_dir))
+    )
+    one_at_a_time, together = tmp_path / "one", tmp_path / "together"
+    one_at_a_time.mkdir(), together.mkdir()
+    actor = SamplerActor(str(generator_dir), actor_settings, str(one_at_a_time))
+    tones = list(actor.conditioning.tones[:1]) * 2 if actor.conditioning.tones else [None, None]
+    plan = build_plan(plan_cfg, pd.DataFrame({"dx": ["mel", "nv"], "tone": tones}), actor.conditioning)
+    batches = [b.assign(plan_batch=i) for i, b in enumerate(plan_batches(plan, 2))]
+    assert [len(b) for b in batches] == [2, 1]
+    for batch in batches:
+        actor(batch)
+    actor.shard_dir = str(together)
+    made = actor(pd.concat(batches))
+    assert made.num_rows == 3
+    for shard in ("part-0000000.parquet", "part-0000002.parquet"):
+        assert pq.read_table(together / shard).equals(pq.read_table(one_at_a_time / shard))
+    assert sorted(p.name for p in together.iterdir()) == ["part-0000000.parquet", "part-0000002.parquet"]
+
+
+def test_sampler_replicas_share_gpus_when_there_are_more_replicas_than_gpus():
+    from skinsynth.generate.sample import sampler_resources
+
+    assert sampler_resources(0, 2) == {"num_cpus": 1}
+    assert sampler_resources(4, 2) == {"num_gpus": 1.0}
+    assert sampler_resources(1, 2) == {"num_gpus": 0.5}  # two replicas on one GPU, rather than one waiting for ever
+
+
 def test_export_writes_pngs_that_say_they_are_synthetic(generator_run, tmp_path):
     from skinsynth.generate.export import export_synthetic
     from skinsynth.generate.sample import sample_synthetic

@@ -272,16 +272,31 @@ class Collate:
         return images, labels, torch.tensor([TONE_INDEX.get(tone, -1) for tone in batch["tone"]], dtype=torch.int64)
 
 
-def collated_batches(shard, collate: Callable[[dict[str, np.ndarray]], Any], prefetch: int, **iter_kwargs):
+def collated_batches(shard, collate: Callable[[dict[str, np.ndarray]], Any], device, **iter_kwargs):
     """The batches of a Ray Data shard, each passed through ``collate`` (PNG decoding, augmentation, tensors).
 
-    On a GPU (``prefetch`` > 0) Ray Data collates in its own iteration thread, overlapping the step. On a CPU that
-    thread competes with the model's threads mid-step - it does even with ``prefetch_batches=0``: a py-spy profile
-    of a HAM10000 epoch found the decoding and augmentation there - so numpy batches come from Ray and are
-    collated here, in the training thread, between steps, as a plain PyTorch loop does.
+    On a GPU Ray Data collates one batch ahead in its own iteration thread (overlapping the step) and moves it to
+    ``device`` from pinned memory. On a CPU that thread competes with the model's threads mid-step - it does even
+    with ``prefetch_batches=0``: a py-spy profile of a HAM10000 epoch found the decoding and augmentation there - so
+    numpy batches come from Ray and are collated here, in the training thread, between steps, as a plain PyTorch
+    loop does; the caller moves them.
     """
-    if prefetch > 0:
-        yield from shard.iter_torch_batches(collate_fn=collate, prefetch_batches=prefetch, **iter_kwargs)
+    if device.type == "cuda":
+        yield from shard.iter_torch_batches(
+            collate_fn=_ray_numpy_collate(collate), prefetch_batches=1, device=device, pin_memory=True, **iter_kwargs
+        )
         return
     for batch in shard.iter_batches(batch_format="numpy", prefetch_batches=0, **iter_kwargs):
         yield collate(batch)
+
+
+def _ray_numpy_collate(collate: Callable[[dict[str, np.ndarray]], Any]):
+    """``collate`` as Ray Data's class-based collate function for numpy batches (Ray 2.47 deprecated plain
+    functions). Built on call so that importing this module does not import Ray (the server uses it too)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class NumpyCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+            return collate(batch)
+
+    return NumpyCollate()

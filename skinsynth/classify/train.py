@@ -206,9 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mean, std, memory_format = setup.mean, setup.std, setup.memory_format
     model = ray.train.torch.prepare_model(setup.model)
     device = ray.train.torch.get_device()
-    amp_dtype = mixed_precision_dtype(tc.amp, device, cpu_bf16=tc.cpu_amp)
-    if rank == 0 and tc.cpu_amp and device.type == "cpu":
-        print("train: bf16 autocast on CPU" if amp_dtype else "train: cpu_amp is on, but this CPU lacks native bf16")
+    amp_dtype = mixed_precision_dtype(tc.amp, device, cpu_bf16=tc.cpu_amp, announce="train" if rank == 0 else None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     optimizer = make_optimizer(model, tc)
@@ -252,7 +250,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})")
 
     train_shard = ray.train.get_dataset_shard("train")
-    prefetch = 1 if device.type == "cuda" else 0
     val_shard = ray.train.get_dataset_shard("val")
     unlabelled_shard = ray.train.get_dataset_shard("unlabelled") if ssl.method != "none" else None
     finished = state["epoch"] >= tc.epochs or state["stale_epochs"] >= tc.early_stopping_patience
@@ -272,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Collate(mean, std, augment),
             # on a GPU, decoding the next batch in a background thread overlaps the step; on CPU that thread takes
             # a core from the model's threads mid-step and costs more than it hides, so batches come in-line
-            prefetch,
+            device,
             batch_size=tc.batch_size,
             # mixes many shards, so no batch is dominated by one shard's lesions
             local_shuffle_buffer_size=max(tc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
@@ -280,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             drop_last=False,
         )
         unlabelled = (
-            _unlabelled_batches(unlabelled_shard, tc, config, mean, std, epoch, rank, prefetch)
+            _unlabelled_batches(unlabelled_shard, tc, config, mean, std, epoch, rank, device)
             if unlabelled_shard is not None
             else None
         )
@@ -317,7 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
 
         val_batches = collated_batches(
-            val_shard, Collate(mean, std, with_tones=True), prefetch, batch_size=tc.batch_size * 2
+            val_shard, Collate(mean, std, with_tones=True), device, batch_size=tc.batch_size * 2
         )
         evaluated = ema.module if ema is not None else model
         probs, labels, tones = _predict(evaluated, val_batches, device, amp_dtype, memory_format)
@@ -371,7 +368,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_with_checkpoint(metrics, saved, rank)
 
 
-def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, std, epoch: int, rank: int, prefetch):
+def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, std, epoch: int, rank: int, device):
     """Endless batches of ``unlabelled_ratio x batch_size`` unlabelled images (as weak, or weak and strong, views).
 
     The labelled set sets the epoch's length; the pool (usually larger) is read on in passes, each reshuffled.
@@ -388,7 +385,7 @@ def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, st
         for views in collated_batches(
             shard,
             UnlabelledCollate(mean, std, image_size, seed, strong),
-            prefetch,
+            device,
             batch_size=batch_size,
             local_shuffle_buffer_size=max(batch_size * 4, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=hash(seed) % (2**31),

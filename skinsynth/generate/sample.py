@@ -310,16 +310,24 @@ class SamplerActor:
         self.shard_dir = shard_dir
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
-        rows = sample_rows(self.unet, self.conditioning, batch, self.settings)
-        write_shard(rows, self.shard_dir, int(batch["plan_index"].iloc[0]))
-        return pa.Table.from_pylist(
-            [{"image_id": r["image_id"], "dx": r["dx"], "tone": r["tone"]} for r in rows], schema=RESULT_SCHEMA
-        )
+        made = []
+        # one model batch and one shard per plan batch, exactly as cut, whatever rows Ray Data hands over at once
+        for _, plan_batch in batch.groupby("plan_batch", sort=True):
+            rows = sample_rows(self.unet, self.conditioning, plan_batch.drop(columns="plan_batch"), self.settings)
+            write_shard(rows, self.shard_dir, int(plan_batch["plan_index"].iloc[0]))
+            made += [{"image_id": r["image_id"], "dx": r["dx"], "tone": r["tone"]} for r in rows]
+        return pa.Table.from_pylist(made, schema=RESULT_SCHEMA)
 
 
 def plan_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     """The plan cut into model batches, in order (the cut is part of what makes sampling reproducible)."""
     return [plan.iloc[i : i + batch_size] for i in range(0, len(plan), batch_size)]
+
+
+def sampler_resources(gpus: float, num_actors: int) -> dict[str, float]:
+    """What each sampler replica asks Ray for: one GPU, or a share of one when there are more replicas than GPUs
+    (a replica asking for a whole GPU that is not there would wait for ever), or one CPU core without GPUs."""
+    return {"num_gpus": min(1.0, gpus / num_actors)} if gpus > 0 else {"num_cpus": 1}
 
 
 def run_actor_pool(
@@ -328,14 +336,14 @@ def run_actor_pool(
     """Sample ``batches`` with a Ray Data actor pool of ``num_actors`` replicas; returns the images made."""
     import ray.data
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    resources = sampler_resources(ray.cluster_resources().get("GPU", 0), num_actors)
     done = (
-        ray.data.from_pandas(batches)
+        ray.data.from_pandas([b.assign(plan_batch=i) for i, b in enumerate(batches)])
         .map_batches(
             SamplerActor,
             batch_format="pandas",
-            batch_size=None,  # one plan batch per call, exactly as cut
+            # the plan's cut (Ray Data asks GPU work for a batch size; the actor re-splits by plan_batch regardless)
+            batch_size=max(len(b) for b in batches),
             fn_constructor_kwargs={
                 "generator_dir": str(generator_dir),
                 "settings": settings,

@@ -140,13 +140,9 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(unet)
     device = ray.train.torch.get_device()
     ema.to(device)
-    amp_dtype = mixed_precision_dtype(gc.amp, device, cpu_bf16=gc.cpu_amp)
-    if rank == 0 and gc.cpu_amp and device.type == "cpu":
-        print(
-            "generate train: bf16 autocast on CPU"
-            if amp_dtype
-            else "generate train: cpu_amp is on, but this CPU lacks native bf16"
-        )
+    amp_dtype = mixed_precision_dtype(
+        gc.amp, device, cpu_bf16=gc.cpu_amp, announce="generate train" if rank == 0 else None
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr, weight_decay=0.0)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=gc.warmup_steps)
@@ -175,7 +171,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
         batches = collated_batches(
             shard,
             collate,
-            1 if device.type == "cuda" else 0,  # on CPU, decode in this thread between steps (see collated_batches)
+            device,  # on CPU, decode in this thread between steps (see collated_batches)
             batch_size=gc.batch_size,
             local_shuffle_buffer_size=max(gc.batch_size * 8, SHUFFLE_BUFFER_ROWS),
             local_shuffle_seed=gc.seed + 1000 * rank + epoch,
