@@ -77,12 +77,12 @@ def torch_worker_runtime_env(threads: int) -> dict:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **allocator_env()}}
 
 
-def quiet_training_data() -> None:
-    """No Ray Data progress bars or per-pass execution notices for the datasets of a training run.
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars or per-pass execution notices in this process (training runs, sampling).
 
-    A training loop's own lines (loss, images/s) are its progress report; Ray Data would add a bar and three
-    "Starting execution of Dataset ..." lines for every pass over the training set (every few seconds for a small
-    generator training set).
+    Their own lines (loss and images/s, images sampled) are the progress report; Ray Data would add a bar, or on a
+    non-interactive terminal a block of log lines every few seconds, and three "Starting execution of Dataset ..."
+    lines for every pass over a training set (every few seconds for a small generator training set).
     """
     import ray.data
 

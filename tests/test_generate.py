@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -216,7 +217,8 @@ def _generator_id(cfg) -> str:
     return json.loads((Path(cfg.run.out) / "generator" / "generator_card.json").read_text())["generator_id"]
 
 
-def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run, capsys):
+def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run, capsys, monkeypatch):
+    from skinsynth.generate import sample
     from skinsynth.generate.sample import sample_synthetic
 
     cfg, _ = generator_run
@@ -232,9 +234,15 @@ def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run
     assert set(rows["sampler"]) == {"ddim"} and set(rows["steps"]) == {3} and set(rows["guidance"]) == {2.0}
     assert (rows["group_id"] == rows["image_id"]).all()
     assert decode_png(rows["image"][0]).shape == (32, 32, 3)
-    # the same plan again: skipped; forced: byte-identical images
+    # the same plan again: skipped; forced: byte-identical images, with a progress line per batch when they are due
     assert sample_synthetic(cfg.sample, cfg.run.out, progress=print).skipped
+    monkeypatch.setattr(sample, "PROGRESS_EVERY_S", 0.0)
+    capsys.readouterr()
     again = sample_synthetic(cfg.sample, cfg.run.out, force=True, progress=print)
+    said = capsys.readouterr().out
+    # (Ray Data may hand back two batches' rows at once, so which counts appear is not fixed)
+    assert re.search(r"sample: [24]/6 images, [\d.]+/s so far", said), said
+    monkeypatch.undo()
     rows2 = pq.read_table(again.synthetic_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     assert list(rows2["image"]) == list(rows["image"])
     # an interrupted run keeps its finished shards: plant one and watch the rest being sampled

@@ -573,7 +573,7 @@ def train_classifier(
 
     from skinsynth.runtime import (
         ensure_ray,
-        quiet_training_data,
+        quiet_ray_data,
         read_run_checkpoint,
         resolve_use_gpu,
         threads_per_worker,
@@ -622,7 +622,7 @@ def train_classifier(
             + ", ".join(f"{code} {n}" for code, n in zip(CLASSES, per_class, strict=True) if n)
             + ")"
         )
-    quiet_training_data()
+    quiet_ray_data()
     datasets = training_datasets(run_dir, inputs, tc)
     storage_path, storage_filesystem = storage or store.ray_storage("ray_train")
     threads = tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu)

@@ -310,7 +310,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     from skinsynth.generate.model import check_image_size
     from skinsynth.runtime import (
         ensure_ray,
-        quiet_training_data,
+        quiet_ray_data,
         read_run_checkpoint,
         resolve_use_gpu,
         threads_per_worker,
@@ -346,7 +346,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     name = generator_run_name(gc, data_hash)
     storage = run_dir / "ray_train"  # the grids (checkpoints go to the run's storage, on its URI when remote)
     storage_path, storage_filesystem = store.ray_storage("ray_train")
-    quiet_training_data()
+    quiet_ray_data()
     t0 = time.perf_counter()
     if gc.cache_rows:
         # a pass over a small training set is a few seconds of compute; re-reading and filtering every shard for it
