@@ -291,6 +291,24 @@ def test_a_sampler_replica_given_two_plan_batches_at_once_samples_each_as_cut(ge
     assert sorted(p.name for p in together.iterdir()) == ["part-0000000.parquet", "part-0000002.parquet"]
 
 
+def test_bench_sample_times_the_loop_and_both_pools_on_identical_images(generator_run, capsys):
+    from skinsynth.bench import bench_sample
+
+    cfg, _ = generator_run
+    cfg.sample = SampleConfig(steps=2, batch_size=2)
+    record = bench_sample(cfg, images=14, progress=print)
+    assert record["images"] == 14 and record["identical_images_1_vs_2_actors"]
+    for run in ("single_process", "actors_1", "actors_2"):
+        rates = record[run]
+        assert 0 < rates["seconds_to_first_batch"] < rates["seconds"]
+        assert rates["images_per_s"] > 0 and rates["images_per_s_after_first_batch"] > 0
+    assert record["ratio_2_vs_1_actor"] == round(
+        record["actors_2"]["images_per_s"] / record["actors_1"]["images_per_s"], 3
+    )
+    assert record["ratio_2_actors_vs_single_process_after_first_batch"] > 0
+    assert "after the first batch" in capsys.readouterr().out
+
+
 def test_sampler_replicas_share_gpus_when_there_are_more_replicas_than_gpus():
     from skinsynth.generate.sample import sampler_resources
 

@@ -333,6 +333,15 @@ def sampler_resources(gpus: float, num_actors: int) -> dict[str, float]:
 PROGRESS_EVERY_S = 15.0  # how often a long sampling run says how far it got
 
 
+@dataclass(frozen=True)
+class PoolRun:
+    """What an actor-pool run made, and when its first results came back (the pool's start-up shows there)."""
+
+    images: int
+    seconds_to_first_result: float
+    first_result_images: int
+
+
 def run_actor_pool(
     generator_dir: Path,
     settings: SamplerSettings,
@@ -340,8 +349,8 @@ def run_actor_pool(
     shard_dir: Path,
     num_actors: int,
     progress: Callable[[str], None] | None = None,
-) -> int:
-    """Sample ``batches`` with a Ray Data actor pool of ``num_actors`` replicas; returns the images made.
+) -> PoolRun:
+    """Sample ``batches`` with a Ray Data actor pool of ``num_actors`` replicas.
 
     ``progress`` gets a line every :data:`PROGRESS_EVERY_S` seconds (images done, rate) in place of Ray Data's own
     progress blocks, which are off for this dataset.
@@ -367,15 +376,17 @@ def run_actor_pool(
     )
     total = sum(len(b) for b in batches)
     made, start = 0, time.perf_counter()
-    last = start
+    last, first = start, None
     # the results are the small per-image rows; the images themselves are in the shards
     for block in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         made += block.num_rows
         now = time.perf_counter()
+        if first is None:
+            first = PoolRun(0, now - start, block.num_rows)
         if progress is not None and now - last >= PROGRESS_EVERY_S and made < total:
             progress(f"sample: {made}/{total} images, {made / (now - start):.2f}/s so far")
             last = now
-    return made
+    return PoolRun(made, first.seconds_to_first_result if first else 0.0, first.first_result_images if first else 0)
 
 
 def default_num_actors(requested: int) -> int:
