@@ -376,17 +376,17 @@ def run_actor_pool(
     )
     total = sum(len(b) for b in batches)
     made, start = 0, time.perf_counter()
-    last, first = start, None
+    last, first_s, first_images = start, 0.0, 0
     # the results are the small per-image rows; the images themselves are in the shards
     for block in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         made += block.num_rows
         now = time.perf_counter()
-        if first is None:
-            first = PoolRun(0, now - start, block.num_rows)
+        if not first_images:
+            first_s, first_images = now - start, block.num_rows
         if progress is not None and now - last >= PROGRESS_EVERY_S and made < total:
             progress(f"sample: {made}/{total} images, {made / (now - start):.2f}/s so far")
             last = now
-    return PoolRun(made, first.seconds_to_first_result if first else 0.0, first.first_result_images if first else 0)
+    return PoolRun(made, first_s, first_images)
 
 
 def default_num_actors(requested: int) -> int:
@@ -477,10 +477,8 @@ def sample_synthetic(
         f"{cfg.guidance}; {len(batches) - len(todo)} of {len(batches)} batches already done; {actors} actor(s)"
     )
     t0 = time.perf_counter()
-    if todo:
-        run_actor_pool(generator_dir, settings, todo, shard_dir, actors, progress)
+    made = run_actor_pool(generator_dir, settings, todo, shard_dir, actors, progress).images if todo else 0
     seconds = time.perf_counter() - t0
-    made = sum(len(b) for b in todo)
     progress(f"sample: {made} images in {seconds:.1f} s ({made / max(seconds, 1e-9):.2f}/s)")
 
     pq.write_table(pa.Table.from_pandas(plan, preserve_index=False), partial / "plan.parquet")
