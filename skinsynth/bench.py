@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from skinsynth.config import DataConfig, config_to_dict
+from skinsynth.core.ray import ensure_ray, machine_info
+from skinsynth.core.storage import local_run_dir
 from skinsynth.data.prepare import prepare_images, read_original
 from skinsynth.data.sources import list_source
-from skinsynth.runtime import ensure_ray, machine_info
-from skinsynth.storage import local_run_dir
 
 Progress = Callable[[str], None]
 
@@ -148,7 +148,7 @@ def _plain_training_epoch(cfg, rows, weights) -> float:
 
     from skinsynth.classify.data import Collate, DermoscopyAugmentation
     from skinsynth.classify.train import build_training_model, make_optimizer
-    from skinsynth.runtime import mixed_precision_dtype
+    from skinsynth.core.raytrain import mixed_precision_dtype
 
     tc = cfg.train
     amp_dtype = mixed_precision_dtype(tc.amp, torch.device("cpu"), cpu_bf16=tc.cpu_amp)  # as the Ray Train worker
@@ -191,8 +191,8 @@ def bench_train(cfg, *, progress: Progress = print) -> dict[str, Any]:
 
     import torch
 
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.classify.train import class_weights, train_classifier, training_run_name
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     run_dir = local_run_dir(cfg.run)
     ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
@@ -257,6 +257,7 @@ def bench_sample(cfg, *, images: int = 64, progress: Progress = print) -> dict[s
     import torch
 
     from skinsynth.data.schema import CLASSES
+    from skinsynth.generate.diffusion import training_scheduler_config
     from skinsynth.generate.model import load_generator
     from skinsynth.generate.sample import (
         SamplerSettings,
@@ -265,7 +266,6 @@ def bench_sample(cfg, *, images: int = 64, progress: Progress = print) -> dict[s
         plan_batches,
         run_actor_pool,
         sample_rows,
-        training_scheduler_config,
         write_shard,
     )
 

@@ -250,15 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _synced(cfg):
     """The run's storage for one command: a remote ``run.out`` is pulled into its local copy first and pushed back
     however the command ends (see skinsynth/storage.py); a local one is used as it is."""
-    from skinsynth.storage import synced_run
+    from skinsynth.core.storage import synced_run
 
     return synced_run(cfg.run)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from skinsynth.config import DEMO_SETTINGS, load_config
+    from skinsynth.core.storage import local_run_dir
     from skinsynth.pipeline import data_summary_text, format_run_summary, run_experiment
-    from skinsynth.storage import local_run_dir
 
     cfg = load_config(None, _data_overrides(args), base=DEMO_SETTINGS)
     outcomes = run_experiment(cfg, force=args.force)
@@ -330,7 +330,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.generate_command == "export":
-        from skinsynth.generate.export import export_synthetic
+        from skinsynth.audit.export import export_synthetic
 
         written = export_synthetic(args.run_dir, args.to, limit=args.limit, force=args.force)
         print(f"exported {written} synthetic PNGs to {args.to} (provenance in their text chunks, audit in AUDIT.json)")
@@ -357,7 +357,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from skinsynth.audit.report import run_audit
     from skinsynth.config import RunConfig, load_config
-    from skinsynth.storage import synced_run
+    from skinsynth.core.storage import synced_run
 
     # RUN_DIR may be a storage URI: audited in a pulled local copy, and its audit/ pushed back however it ends
     with synced_run(RunConfig(out=args.run_dir)) as store:
@@ -479,9 +479,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``skinsynth`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from skinsynth.allocator import keep_freed_memory
+    from skinsynth.core.allocator import keep_freed_memory
 
-    keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (see skinsynth.allocator)
+    keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (see skinsynth.core.allocator)
     try:
         return COMMANDS[args.command](args)
     except SkinsynthError as err:

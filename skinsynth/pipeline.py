@@ -19,10 +19,11 @@ from typing import Any
 
 from skinsynth import DISCLAIMER
 from skinsynth.config import ExperimentConfig, changed_settings, dump_config
+from skinsynth.core.rundir import read_manifest
+from skinsynth.core.storage import display_uri, local_run_dir, synced_run
 from skinsynth.data.card import format_data_card
-from skinsynth.data.prepare import prepare_images, read_manifest
+from skinsynth.data.prepare import prepare_images
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import display_uri, local_run_dir, synced_run
 
 Progress = Callable[[str], None]
 

@@ -18,7 +18,7 @@ def ray_local():
     """One embedded Ray with 2 CPUs for every test that needs it (start-up costs seconds)."""
     import ray
 
-    from skinsynth.runtime import ensure_ray
+    from skinsynth.core.ray import ensure_ray
 
     ensure_ray(2)
     yield ray

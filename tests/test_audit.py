@@ -111,8 +111,8 @@ def test_nearest_neighbour_search_sees_through_flips_and_turns():
 
 def _overfit_generator(images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0):
     """A small UNet trained on ``images`` alone for many passes: a generator that memorises."""
+    from skinsynth.generate.diffusion import from_uint8_images, training_noise_scheduler
     from skinsynth.generate.model import create_generator, predict_noise
-    from skinsynth.generate.sample import from_uint8_images, training_noise_scheduler
 
     torch.manual_seed(seed)
     unet, conditioning = create_generator(GeneratorConfig(size="small"), image_size=images.shape[1])
@@ -276,8 +276,8 @@ def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
 
 
 def test_export_follows_the_audit_gate(audited_run, tmp_path):
+    from skinsynth.audit.export import ExportRefused, export_synthetic
     from skinsynth.audit.report import run_audit
-    from skinsynth.generate.export import ExportRefused, export_synthetic
 
     cfg, _ = audited_run
     # a gate nothing can pass: refused, nothing written; forced: written, with the verdict recorded

@@ -16,7 +16,7 @@ from skinsynth.config import (
     load_config,
     parse_override,
 )
-from skinsynth.runtime import resumable_run_name
+from skinsynth.core.raytrain import resumable_run_name
 
 
 def test_defaults_are_the_phantom_demo():

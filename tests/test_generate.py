@@ -20,6 +20,7 @@ from skinsynth.config import GeneratorConfig, SampleConfig, load_config
 from skinsynth.data.preprocess import decode_png
 from skinsynth.data.schema import CLASSES, TONES
 from skinsynth.errors import SkinsynthError
+from skinsynth.generate.diffusion import denoise, initial_noise, sampling_scheduler, training_noise_scheduler
 from skinsynth.generate.model import (
     Conditioning,
     GeneratorError,
@@ -28,14 +29,7 @@ from skinsynth.generate.model import (
     load_generator,
     predict_noise,
 )
-from skinsynth.generate.sample import (
-    build_plan,
-    class_counts_for_plan,
-    denoise,
-    initial_noise,
-    sampling_scheduler,
-    training_noise_scheduler,
-)
+from skinsynth.generate.sample import build_plan, class_counts_for_plan
 
 GENERATOR_SMALL = [
     "generator.size=tiny",
@@ -260,13 +254,8 @@ def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run
 def test_a_sampler_replica_given_two_plan_batches_at_once_samples_each_as_cut(generator_run, tmp_path):
     """Ray Data may hand a GPU replica several plan batches in one call (it needs a batch size on GPUs): each is
     still sampled as its own model batch into its own shard, byte for byte as when they come one at a time."""
-    from skinsynth.generate.sample import (
-        SamplerActor,
-        SamplerSettings,
-        build_plan,
-        plan_batches,
-        training_scheduler_config,
-    )
+    from skinsynth.generate.diffusion import training_scheduler_config
+    from skinsynth.generate.sample import SamplerActor, SamplerSettings, build_plan, plan_batches
 
     cfg, _ = generator_run
     generator_dir = Path(cfg.run.out) / "generator"
@@ -318,7 +307,7 @@ def test_sampler_replicas_share_gpus_when_there_are_more_replicas_than_gpus():
 
 
 def test_export_writes_pngs_that_say_they_are_synthetic(generator_run, tmp_path):
-    from skinsynth.generate.export import export_synthetic
+    from skinsynth.audit.export import export_synthetic
     from skinsynth.generate.sample import sample_synthetic
 
     cfg, _ = generator_run
@@ -345,7 +334,7 @@ def test_export_writes_pngs_that_say_they_are_synthetic(generator_run, tmp_path)
 
 
 def test_export_without_samples_says_what_to_run(tmp_path):
-    from skinsynth.generate.export import export_synthetic
+    from skinsynth.audit.export import export_synthetic
 
     with pytest.raises(SkinsynthError, match="generate sample"):
         export_synthetic(tmp_path, tmp_path / "png")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from skinsynth.allocator import MALLOC_ENV, allocator_env
-from skinsynth.runtime import torch_worker_runtime_env
+from skinsynth.core.allocator import MALLOC_ENV, allocator_env
+from skinsynth.core.raytrain import torch_worker_runtime_env
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="glibc malloc settings only apply on Linux")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="glibc mall
 FAULTS = """
 import resource, sys, threading, torch
 if sys.argv[2] == "keep":
-    from skinsynth.allocator import keep_freed_memory
+    from skinsynth.core.allocator import keep_freed_memory
     keep_freed_memory()
 def work(out):
     conv = torch.nn.Conv2d(3, 32, 3, padding=1)

@@ -199,8 +199,8 @@ def mixed_run(tmp_path_factory):
 def test_training_datasets_keep_labels_out_of_the_pool_and_synthetic_out_of_validation(
     ray_local, mixed_run, cache_rows
 ):
-    from skinsynth.classify.data import load_split_table
     from skinsynth.classify.train import training_datasets, training_inputs
+    from skinsynth.core.shards import load_split_table
 
     cfg, out = mixed_run
     # the run was prepared with 30% labelled

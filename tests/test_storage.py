@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from skinsynth.core.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
 from tests.conftest import BAD_EXPECTED
 from tests.test_cli import DEMO_SMALL
 
@@ -128,7 +128,7 @@ def test_a_source_folder_on_s3_prepares_like_the_same_folder_on_disk(
     the files' URIs, and the shards equal those of the same folder prepared from disk."""
     import pandas as pd
 
-    import skinsynth.storage as storage
+    import skinsynth.core.storage as storage
     from skinsynth.config import DataConfig
     from skinsynth.data.prepare import prepare_images
 
@@ -223,7 +223,7 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
 
     # the audit and an external set by URI: the audit of the run on S3 is redone and pushed back, and the demo's
     # own prepared set on S3 serves as an external set of its best model
-    monkeypatch.setattr("skinsynth.storage.DEFAULT_CACHE", str(tmp_path / "machine-c"))
+    monkeypatch.setattr("skinsynth.core.storage.DEFAULT_CACHE", str(tmp_path / "machine-c"))
     before = filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns
     time.sleep(1.1)  # S3 times have one-second resolution
     assert main(["audit", out]) == 0

@@ -296,8 +296,8 @@ def test_synthetic_conditioning_check_scores_the_conditioning_class(trained_phan
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.classify.evaluate import predict_probs, synthetic_conditioning
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     cfg, result = trained_phantom
     model, _ = load_trained_model(result.model_dir)
@@ -362,7 +362,7 @@ def test_killed_training_resumes_with_the_same_command(tmp_path):
 
 
 def test_cpu_autocast_is_bf16_only_when_asked_and_the_cpu_has_native_bf16():
-    from skinsynth.runtime import cpu_has_native_bf16, mixed_precision_dtype
+    from skinsynth.core.raytrain import cpu_has_native_bf16, mixed_precision_dtype
 
     cpu = torch.device("cpu")
     assert mixed_precision_dtype(True, cpu) is None  # the default: CPU training stays fp32

@@ -105,7 +105,7 @@ class ClassifierFeatures:
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         import timm.data
 
-        from skinsynth.classify.data import to_model_input
+        from skinsynth.core.shards import to_model_input
 
         cfg = timm.data.resolve_data_config({}, model=self.model)
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])

@@ -190,8 +190,8 @@ def denoising_errors(
     """Mean squared noise-prediction error of each image, over ``timesteps`` noise levels in the first half of the
     schedule, conditioned on its true class; the noise is seeded per image, so members and non-members get the same
     draws."""
+    from skinsynth.generate.diffusion import from_uint8_images
     from skinsynth.generate.model import predict_noise
-    from skinsynth.generate.sample import from_uint8_images
 
     total = scheduler.config.num_train_timesteps
     levels = np.unique(np.linspace(total * 0.02, total * 0.5, timesteps).astype(np.int64))

@@ -27,7 +27,7 @@ from skinsynth.audit import fidelity, privacy
 from skinsynth.audit.features import AuditError, choose_extractors, imagenet_features
 from skinsynth.audit.utility import utility_report
 from skinsynth.config import AuditConfig, ExperimentConfig, config_to_dict
-from skinsynth.data.prepare import read_manifest, replace_dir
+from skinsynth.core.rundir import read_manifest, replace_dir
 
 Progress = Callable[[str], None]
 REPORT_FILE = "report.json"
@@ -54,7 +54,7 @@ class AuditImages:
 
 
 def _decode(frame: pd.DataFrame) -> AuditImages:
-    from skinsynth.classify.data import decode_png_arrays
+    from skinsynth.core.shards import decode_png_arrays
 
     images = np.stack(decode_png_arrays(frame["image"])) if len(frame) else np.zeros((0, 1, 1, 3), np.uint8)
     return AuditImages(images, frame["label"].to_numpy(np.int64), list(frame["image_id"]))
@@ -66,7 +66,7 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
     Raises:
         AuditError: no synthetic set, or no held-out real images to compare with.
     """
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     shards = run_dir / "synthetic" / "images"
     if not shards.is_dir():
@@ -87,8 +87,8 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
 def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: AuditConfig, progress) -> dict:
     from diffusers import DDPMScheduler
 
+    from skinsynth.generate.diffusion import training_scheduler_config
     from skinsynth.generate.model import load_generator
-    from skinsynth.generate.sample import training_scheduler_config
 
     generator_dir = run_dir / "generator"
     unet, conditioning = load_generator(generator_dir)

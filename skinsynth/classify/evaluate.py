@@ -20,12 +20,12 @@ import torch
 
 from skinsynth import DISCLAIMER, __version__
 from skinsynth.classify import metrics as M
-from skinsynth.classify.data import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
 from skinsynth.config import ExperimentConfig
+from skinsynth.core.ray import git_commit
+from skinsynth.core.shards import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
+from skinsynth.core.storage import display_uri, local_prepared_copy, local_run_dir
 from skinsynth.data.schema import CLASSES, age_band
 from skinsynth.errors import SkinsynthError
-from skinsynth.runtime import git_commit
-from skinsynth.storage import display_uri, local_prepared_copy, local_run_dir
 
 Progress = Callable[[str], None]
 EVAL_COLUMNS = ["image_id", "image", "label", "group_id", "tone", "tone_true", "sex", "age", "localization"]

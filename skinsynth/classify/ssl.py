@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skinsynth.classify.data import DermoscopyAugmentation, decode_png_arrays, normalise
+from skinsynth.classify.data import DermoscopyAugmentation
+from skinsynth.core.shards import decode_png_arrays, normalise
 
 
 def fixmatch_loss(

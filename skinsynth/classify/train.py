@@ -189,8 +189,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, Collate, DermoscopyAugmentation, collated_batches
-    from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, report_with_checkpoint, unwrap_model
+    from skinsynth.classify.data import Collate, DermoscopyAugmentation
+    from skinsynth.core.raytrain import (
+        load_train_checkpoint,
+        mixed_precision_dtype,
+        report_with_checkpoint,
+        unwrap_model,
+    )
+    from skinsynth.core.shards import SHUFFLE_BUFFER_ROWS, collated_batches
 
     tc = section_from_dict(TrainConfig, config["train"])
     context = ray.train.get_context()
@@ -373,8 +379,8 @@ def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, st
 
     The labelled set sets the epoch's length; the pool (usually larger) is read on in passes, each reshuffled.
     """
-    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, collated_batches
     from skinsynth.classify.ssl import StrongAugmentation, UnlabelledCollate
+    from skinsynth.core.shards import SHUFFLE_BUFFER_ROWS, collated_batches
 
     ssl, image_size = tc.ssl, config["image_size"]
     batch_size = config["unlabelled_batch_size"]
@@ -437,13 +443,13 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
         SkinsynthError: no prepared data, no labelled image, no synthetic set when a mix is asked for, or too few
             synthetic images of a class.
     """
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.classify.mixing import (
         check_generator_labels,
         labelled_partition,
         select_synthetic,
         synthetic_counts,
     )
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     splits = load_split_table(run_dir)
     train_splits = splits[splits["split"] == "train"]
@@ -487,7 +493,7 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
     Class-balanced sampling's copies (``train.sampling``) are in the train set, shuffled once with a seed so the
     copies of one rare image spread over the epoch.
     """
-    from skinsynth.classify.data import TRAIN_COLUMNS, cached_dataset, repeat_rows, shard_dataset
+    from skinsynth.core.shards import TRAIN_COLUMNS, cached_dataset, repeat_rows, shard_dataset
 
     # the estimated tone: validation reports the worst tone group's sensitivity
     val_columns = [*TRAIN_COLUMNS, "tone"]
@@ -523,8 +529,8 @@ def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
     the same command with more epochs or patience) continues it, while any other change (model, learning rate,
     data, ...) starts a fresh run instead of silently resuming a different one.
     """
-    from skinsynth.data.prepare import read_manifest
-    from skinsynth.runtime import resumable_run_name
+    from skinsynth.core.raytrain import resumable_run_name
+    from skinsynth.core.rundir import read_manifest
 
     data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
     if tc.mix.ratio > 0:  # a re-sampled synthetic set is different data
@@ -571,15 +577,9 @@ def train_classifier(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skinsynth.runtime import (
-        ensure_ray,
-        quiet_ray_data,
-        read_run_checkpoint,
-        resolve_use_gpu,
-        threads_per_worker,
-        torch_worker_runtime_env,
-    )
-    from skinsynth.storage import open_run_store
+    from skinsynth.core.ray import ensure_ray, quiet_ray_data, resolve_use_gpu
+    from skinsynth.core.raytrain import read_run_checkpoint, threads_per_worker, torch_worker_runtime_env
+    from skinsynth.core.storage import open_run_store
 
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
     run_dir = store.local.resolve()

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skinsynth.config import DataConfig, PreprocessConfig, config_hash, config_to_dict
+from skinsynth.core.rundir import read_manifest, replace_dir
+from skinsynth.core.storage import read_source_bytes
 from skinsynth.data.card import build_data_card
 from skinsynth.data.preprocess import BadImage, encode_png, preprocess_image
 from skinsynth.data.schema import (
@@ -47,7 +49,6 @@ from skinsynth.data.schema import (
 )
 from skinsynth.data.sources import SourceListing, list_source
 from skinsynth.data.splits import lesion_grouped_split, merge_duplicate_groups
-from skinsynth.storage import read_source_bytes
 
 # What each batch returns to the driver: one row per image, ``error`` set for refused images.
 RESULT_SCHEMA = pa.schema(
@@ -170,7 +171,7 @@ def _run_ray(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.Data
     import ray
     import ray.data
 
-    from skinsynth.runtime import ensure_ray
+    from skinsynth.core.ray import ensure_ray
 
     ensure_ray(cfg.num_cpus)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # results in record order
@@ -247,14 +248,6 @@ def input_fingerprint(records: pd.DataFrame, quarantine: list[dict[str, Any]]) -
     for item in quarantine:
         digest.update(f"q|{item['image_id']}|{item['uri']}|{item['reason']}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
-    """The stage manifest, or None when absent or unreadable."""
-    try:
-        return json.loads((stage_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def prepare_images(
@@ -380,14 +373,3 @@ def prepare_images(
         f"({time.perf_counter() - started:.1f} s)"
     )
     return PrepareResult(data_dir, card)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap a finished temp folder into place; the old one is removed only after the new one is in."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

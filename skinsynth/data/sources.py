@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from skinsynth.config import DataConfig
+from skinsynth.core.storage import is_uri, mirror_source, remote_uri_of
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import is_uri, mirror_source, remote_uri_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -396,7 +396,7 @@ def list_phantom(cfg: DataConfig) -> SourceListing:
 
 def list_source(cfg: DataConfig, progress: Callable[[str], None] = print) -> SourceListing:
     """Dispatch on ``cfg.source``. A ``data.path`` that is a storage URI (``s3://``, ``gs://``, ...) is pulled into a
-    local copy first (``skinsynth.storage.mirror_source``) and listed there; its records keep the files' URIs, which
+    local copy first (``skinsynth.core.storage.mirror_source``) and listed there; its records keep the files' URIs, which
     prepare tasks read from the copy where it exists and from the URI on other nodes.
 
     Raises:

@@ -21,9 +21,9 @@ import torch
 from diffusers import UNet2DModel
 
 from skinsynth.config import GeneratorConfig
+from skinsynth.core.raytrain import unwrap_model
 from skinsynth.data.schema import CLASSES, TONES
 from skinsynth.errors import SkinsynthError
-from skinsynth.runtime import unwrap_model
 
 # UNet sizes. tiny: tests and CPU smoke runs (a few seconds per hundred steps); small: CPU runs worth looking at;
 # base/large: GPU-sized, attention at the two lowest resolutions as in the DDPM paper's 32-64 px models.

@@ -38,107 +38,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from skinsynth.config import SampleConfig, config_hash, config_to_dict
-from skinsynth.data.prepare import read_manifest, replace_dir
+from skinsynth.core.rundir import read_manifest, replace_dir
 from skinsynth.data.preprocess import encode_png
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES, IMAGE_SCHEMA
 from skinsynth.data.tone import estimate_tone
 from skinsynth.errors import SkinsynthError
-from skinsynth.generate.model import Conditioning, load_generator, predict_noise
+from skinsynth.generate.diffusion import (
+    denoise,
+    initial_noise,
+    sampling_scheduler,
+    to_uint8_images,
+    training_scheduler_config,
+)
+from skinsynth.generate.model import Conditioning, load_generator
 
 Progress = Callable[[str], None]
-SCHEDULER_DIR = "scheduler"
 PLAN_COLUMNS = ["plan_index", "dx", "label", "tone", "seed"]
 RESULT_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string()), pa.field("dx", pa.string()), pa.field("tone", pa.string())]
 )
-
-
-def training_noise_scheduler(num_train_timesteps: int) -> DDPMScheduler:
-    """The DDPM forward process the generator is trained with: cosine schedule (Nichol & Dhariwal 2021,
-    "Improved denoising diffusion probabilistic models"), better than linear at 32-128 px."""
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2")
-
-
-def sampling_scheduler(train_scheduler_config: Any, sampler: str):
-    """A fresh DDIM or DPM-Solver++ scheduler over the training noise schedule (schedulers hold per-run state).
-
-    DPM-Solver++ is set up as DDIM is: its steps start one stride below the last noise level ("leading" spacing,
-    not diffusers' default "linspace", which starts at level 999) and its data estimate is clipped to the pixel range
-    (static thresholding at 1, Lu et al. 2022's advice for pixel-space models). The cosine schedule leaves
-    alpha_bar below 1e-4 at its last levels (2e-9 at 999), and the data estimate there divides the network's error by
-    its square root: unclipped and started at 999, most samples of a trained phantom generator came out as saturated
-    colour noise.
-    """
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(train_scheduler_config)  # clip_sample (to [-1, 1]) from the DDPM config
-    if sampler == "dpm":
-        return DPMSolverMultistepScheduler.from_config(
-            train_scheduler_config,
-            algorithm_type="dpmsolver++",
-            timestep_spacing="leading",
-            thresholding=True,
-            sample_max_value=1.0,  # with a maximum of 1, dynamic thresholding is clipping to [-1, 1]
-        )
-    raise SkinsynthError(f"unknown sampler '{sampler}' (known: ddim, dpm)")
-
-
-def initial_noise(seeds: list[int], image_size: int) -> torch.Tensor:
-    """One N(0, I) image per seed, each drawn from its own generator (so an image never depends on its batch)."""
-    return torch.stack(
-        [torch.randn(3, image_size, image_size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    )
-
-
-@torch.no_grad()
-def denoise(
-    unet: torch.nn.Module,
-    scheduler: Any,
-    noise: torch.Tensor,
-    labels: torch.Tensor,
-    null_label: int,
-    steps: int,
-    guidance: float,
-) -> torch.Tensor:
-    """Run the reverse process from ``noise`` for ``steps`` steps with classifier-free guidance.
-
-    Args:
-        unet: the conditional UNet (eval mode).
-        scheduler: a fresh sampling scheduler (:func:`sampling_scheduler`).
-        noise: (N, 3, H, W) starting noise on the UNet's device.
-        labels: (N,) joint conditioning indices (:class:`Conditioning`).
-        null_label: the unconditional index.
-        steps: denoising steps.
-        guidance: guidance scale ``w``; 1 is the conditional model alone (half the work).
-
-    Returns:
-        Images in [-1, 1], (N, 3, H, W).
-    """
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    guided = guidance != 1.0
-    uncond = torch.full_like(labels, null_label)
-    for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        timestep = torch.full((model_in.shape[0],), int(t), device=x.device, dtype=torch.long)
-        eps = predict_noise(unet, model_in, timestep, torch.cat([labels, uncond]) if guided else labels)
-        if guided:
-            eps_cond, eps_uncond = eps.float().chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        x = scheduler.step(eps.float(), t, x).prev_sample
-    return x.clamp(-1.0, 1.0)
-
-
-def from_uint8_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float [-1, 1], the pixel range the generator is trained and scored in."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3)."""
-    return ((x.float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -357,7 +277,7 @@ def run_actor_pool(
     """
     import ray.data
 
-    from skinsynth.runtime import quiet_ray_data
+    from skinsynth.core.ray import quiet_ray_data
 
     quiet_ray_data()
     resources = sampler_resources(ray.cluster_resources().get("GPU", 0), num_actors)
@@ -437,8 +357,8 @@ def sample_synthetic(
     Raises:
         SkinsynthError: no generator or data, or a plan that asks for nothing.
     """
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
-    from skinsynth.runtime import ensure_ray
+    from skinsynth.core.ray import ensure_ray
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     run_dir = Path(run_dir)
     generator_dir = run_dir / "generator"
@@ -514,8 +434,3 @@ def _counts_text(plan: pd.DataFrame) -> str:
 def _conditioning_args(generator_dir: Path) -> dict[str, Any]:
     info = json.loads((generator_dir / "conditioning.json").read_text())
     return {"classes": tuple(info["classes"]), "tones": tuple(info["tones"]), "image_size": int(info["image_size"])}
-
-
-def training_scheduler_config(generator_dir: Path) -> Any:
-    """The DDPM noise schedule a saved generator was trained with (what its samplers must use)."""
-    return DDPMScheduler.from_pretrained(generator_dir / SCHEDULER_DIR, local_files_only=True).config

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 
 from skinsynth.config import ExperimentConfig, GeneratorConfig, config_to_dict
 from skinsynth.errors import SkinsynthError
-from skinsynth.generate.model import Conditioning, create_generator, predict_noise, save_generator
-from skinsynth.generate.sample import (
+from skinsynth.generate.diffusion import (
     SCHEDULER_DIR,
     denoise,
     from_uint8_images,
@@ -46,6 +45,7 @@ from skinsynth.generate.sample import (
     to_uint8_images,
     training_noise_scheduler,
 )
+from skinsynth.generate.model import Conditioning, create_generator, predict_noise, save_generator
 
 Progress = Callable[[str], None]
 GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
@@ -64,7 +64,7 @@ class GeneratorCollate:
         self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        from skinsynth.classify.data import decode_pngs
+        from skinsynth.core.shards import decode_pngs
 
         images = from_uint8_images(decode_pngs(batch["image"]))
         if self.augment:
@@ -125,8 +125,8 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from skinsynth.classify.data import SHUFFLE_BUFFER_ROWS, collated_batches
-    from skinsynth.runtime import load_train_checkpoint, mixed_precision_dtype, unwrap_model
+    from skinsynth.core.raytrain import load_train_checkpoint, mixed_precision_dtype, unwrap_model
+    from skinsynth.core.shards import SHUFFLE_BUFFER_ROWS, collated_batches
 
     gc = GeneratorConfig(**config["generator"])
     context = ray.train.get_context()
@@ -245,7 +245,7 @@ def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> Non
 
 
 def _report(model, ema, optimizer, lr_schedule, scaler, state, rank) -> None:
-    from skinsynth.runtime import report_with_checkpoint, unwrap_model
+    from skinsynth.core.raytrain import report_with_checkpoint, unwrap_model
 
     # the checkpoint's step, not that of the last progress line (which may be earlier)
     metrics = {**(state["history"][-1] if state["history"] else {}), "step": state["step"]}
@@ -262,7 +262,7 @@ def _report(model, ema, optimizer, lr_schedule, scaler, state, rank) -> None:
 
 def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
     """Model-collapse guard: refuse if any training row is marked synthetic (or comes from a synthetic source)."""
-    from skinsynth.classify.data import read_rows
+    from skinsynth.core.shards import read_rows
 
     rows = read_rows(run_dir, image_ids, columns=["image_id", "synthetic", "source"])
     bad = rows[rows["synthetic"] | (rows["source"] == "synthetic")]
@@ -277,7 +277,7 @@ def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
 def generator_run_name(gc: GeneratorConfig, data_hash: str | None) -> str:
     """Ray Train run name: a hash of everything that defines the run except how long it is and how it reports,
     so the same command (or one with more steps) resumes, and any other change starts afresh."""
-    from skinsynth.runtime import resumable_run_name
+    from skinsynth.core.raytrain import resumable_run_name
 
     skip = {"train_steps", "checkpoint_every", "grid_every", "log_every", "cache_rows"}
     return resumable_run_name("generator", "generator", gc, skip, data_hash)
@@ -305,18 +305,12 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skinsynth.classify.data import cached_dataset, load_split_table, shard_dataset, split_ids
-    from skinsynth.data.prepare import read_manifest
+    from skinsynth.core.ray import ensure_ray, quiet_ray_data, resolve_use_gpu
+    from skinsynth.core.raytrain import read_run_checkpoint, threads_per_worker, torch_worker_runtime_env
+    from skinsynth.core.rundir import read_manifest
+    from skinsynth.core.shards import cached_dataset, load_split_table, shard_dataset, split_ids
+    from skinsynth.core.storage import open_run_store
     from skinsynth.generate.model import check_image_size
-    from skinsynth.runtime import (
-        ensure_ray,
-        quiet_ray_data,
-        read_run_checkpoint,
-        resolve_use_gpu,
-        threads_per_worker,
-        torch_worker_runtime_env,
-    )
-    from skinsynth.storage import open_run_store
 
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
     run_dir = store.local.resolve()
@@ -404,7 +398,7 @@ def export_generator(
     """Write the EMA weights, noise schedule, a final grid and the generator card to ``RUN_DIR/generator/``."""
     from diffusers.training_utils import EMAModel
 
-    from skinsynth.data.prepare import replace_dir
+    from skinsynth.core.rundir import replace_dir
 
     unet, conditioning = create_generator(gc, image_size)
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
@@ -423,7 +417,7 @@ def export_generator(
     generator_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     state = saved["state"]
     (tmp / "training.json").write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
-    from skinsynth.classify.data import read_rows
+    from skinsynth.core.shards import read_rows
 
     # the images it learnt from (the labelled train images), not the whole train split of the data card
     learnt = read_rows(run_dir, train_ids, columns=["image_id", "dx"])["dx"].value_counts()
@@ -449,7 +443,7 @@ def generator_card(
     import diffusers
 
     from skinsynth import __version__
-    from skinsynth.runtime import git_commit
+    from skinsynth.core.ray import git_commit
 
     ids_hash = hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()[:16]
     return {

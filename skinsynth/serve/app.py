@@ -308,7 +308,7 @@ def start_endpoint(model_dir: str, sc: ServeConfig, loader: Loader = load_served
     """Start (or update) the endpoint on ``sc.host:sc.port`` and return its base URL once it answers."""
     from ray import serve
 
-    from skinsynth.runtime import ensure_ray
+    from skinsynth.core.ray import ensure_ray
 
     ensure_ray()
     serve.start(http_options={"host": sc.host, "port": sc.port})

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from skinsynth.config import ServeConfig, config_to_dict
-from skinsynth.runtime import machine_info
+from skinsynth.core.ray import machine_info
 
 CONCURRENCIES = (1, 8, 32, 64)
 

@@ -38,8 +38,8 @@ import torch
 
 from skinsynth import DISCLAIMER
 from skinsynth.config import PreprocessConfig, ServeConfig, section_from_dict
+from skinsynth.core.storage import local_run_dir
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import local_run_dir
 
 CALIBRATION_JSON = "serving.json"
 CALIBRATION_ARRAYS = "serving.npz"
@@ -122,7 +122,7 @@ def prepare_upload(data: bytes, preprocess: PreprocessConfig) -> np.ndarray:
 
 
 def _model_input(served: ServedModel, images: list[np.ndarray]) -> torch.Tensor:
-    from skinsynth.classify.data import to_model_input
+    from skinsynth.core.shards import to_model_input
 
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     return to_model_input(batch, served.mean, served.std).contiguous(memory_format=torch.channels_last)
@@ -251,7 +251,7 @@ def _run_dir_of(model_dir: Path, card: dict[str, Any]) -> Path | None:
 
 def _split_features(model, run_dir: Path, split: str, mean, std) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Pre-logits features, probabilities and labels of one split (train: its labelled images only)."""
-    from skinsynth.classify.data import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
+    from skinsynth.core.shards import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
 
     ids = split_ids(load_split_table(run_dir), split, labelled_only=split == "train")
     rows = read_rows(run_dir, ids, ["image_id", "image", "label"])

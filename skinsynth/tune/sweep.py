@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 from skinsynth.config import ExperimentConfig, changed_settings, config_to_dict
+from skinsynth.core.storage import RunStore, open_run_store
 from skinsynth.errors import SkinsynthError
-from skinsynth.storage import RunStore, open_run_store
 from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config, tune_param_space
 
 Progress = Callable[[str], None]
@@ -93,7 +93,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from skinsynth.classify.train import train_classifier
-    from skinsynth.storage import synced_run
+    from skinsynth.core.storage import synced_run
 
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
@@ -145,7 +145,7 @@ def trial_log_callback(sweep_dir: Path):
 
 def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
     """Hash of what defines a sweep: its config (bar where the best model is evaluated) and its input data."""
-    from skinsynth.data.prepare import read_manifest
+    from skinsynth.core.rundir import read_manifest
 
     settings = changed_settings(cfg)  # a setting added by an upgrade, at its default, keeps the sweep resumable
     for section, key in (("tune", "external"), ("run", "out"), ("run", "cache_dir")):
@@ -206,8 +206,8 @@ def pareto_front(values: pd.DataFrame) -> pd.Series:
 def _check_tone_groups(cfg: ExperimentConfig, run_dir: Path) -> None:
     """With the tone objective, validation must hold a tone group with ``train.tone_min_malignant`` malignant
     images, or every trial would report NaN for it."""
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.classify.metrics import is_malignant_label
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     rows = read_rows(run_dir, split_ids(load_split_table(run_dir), "val"), ["image_id", "tone", "label"])
     malignant = rows[is_malignant_label(rows["label"].to_numpy(np.int64)).numpy()]
@@ -338,7 +338,7 @@ def run_sweep(
     """
     import ray.tune
 
-    from skinsynth.runtime import ensure_ray
+    from skinsynth.core.ray import ensure_ray
 
     check_space(cfg)
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
@@ -450,7 +450,7 @@ def _best_state(checkpoint_path: str, cfg: ExperimentConfig) -> dict[str, Any]:
     run's URI for a remote run."""
     import ray.train
 
-    from skinsynth.runtime import read_run_checkpoint
+    from skinsynth.core.raytrain import read_run_checkpoint
 
     filesystem = open_run_store(cfg.run.out, cfg.run.cache_dir).filesystem
     return read_run_checkpoint(ray.train.Checkpoint(checkpoint_path, filesystem=filesystem))["state"]
@@ -463,9 +463,9 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
     cell does not leak test into a selection. Each trial's best-on-validation weights are scored.
     """
     from skinsynth.classify import metrics as M
-    from skinsynth.classify.data import load_split_table, read_rows, split_ids
     from skinsynth.classify.evaluate import predict_probs
     from skinsynth.classify.models import create_classifier
+    from skinsynth.core.shards import load_split_table, read_rows, split_ids
     from skinsynth.data.schema import CLASSES
 
     test = read_rows(run_dir, split_ids(load_split_table(run_dir), "test"), ["image", "label"])

@@ -1,4 +1,4 @@
-"""glibc allocator settings for processes that run torch on the CPU (kept apart from ``skinsynth.runtime`` so that
+"""glibc allocator settings for processes that run torch on the CPU (kept apart from ``skinsynth.core.ray`` so that
 the CLI can apply them at start-up without importing Ray)."""
 
 from __future__ import annotations

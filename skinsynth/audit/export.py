@@ -52,7 +52,7 @@ def audit_gate(run_dir: str | Path) -> dict:
         ``{"share_ok": bool, "reasons": [...], ...}``; a set never audited, or changed since its audit, is not ok.
     """
     from skinsynth.audit.report import read_audit
-    from skinsynth.data.prepare import read_manifest
+    from skinsynth.core.rundir import read_manifest
 
     report = read_audit(run_dir)
     if report is None:

@@ -1,0 +1,91 @@
+"""Ray start-up shared by every stage (local by default, a cluster when ``RAY_ADDRESS`` is set), GPU resolution,
+quiet Ray Data, and the machine and commit recorded next to results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+
+import ray
+
+from skinsynth.errors import SkinsynthError
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start (or join) Ray once per process.
+
+    Locally it starts an embedded Ray with ``num_cpus`` cores (all when None), even if another Ray runs on the
+    machine; with ``RAY_ADDRESS`` set or under ``ray job submit`` it joins that cluster, where a CPU count cannot be
+    imposed.
+    """
+    if ray.is_initialized():
+        return
+    # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner needs: without it the
+    # cleaner cannot tell that a finished run's controller has gone, and a sweep of many training runs in one
+    # driver piles up their placement groups until no CPU is left for the next trial (seen on Ray 2.60).
+    kwargs: dict = {"include_dashboard": True, "logging_level": logging.WARNING}
+    if not os.environ.get("RAY_ADDRESS"):
+        # "local": always an embedded Ray of our own, even when `ray start` left a cluster running on this machine
+        # (ray.init() would join it, and refuse num_cpus); RAY_ADDRESS is how to use that cluster instead
+        kwargs.update(address="local", num_cpus=num_cpus)
+    ray.init(**kwargs)
+
+
+def machine_info() -> dict:
+    """Cores, GPUs and library versions, recorded next to every measurement."""
+    import torch
+
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "gpus": gpus,
+    }
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars or per-pass execution notices in this process (training runs, sampling).
+
+    Their own lines (loss and images/s, images sampled) are the progress report; Ray Data would add a bar, or on a
+    non-interactive terminal a block of log lines every few seconds, and three "Starting execution of Dataset ..."
+    lines for every pass over a training set (every few seconds for a small generator training set).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def resolve_use_gpu(setting: bool | str, key: str) -> bool:
+    """``auto`` means: use GPUs when the Ray cluster has them (never ask for one that is absent: Ray would wait).
+
+    Args:
+        setting: the config value (true, false or "auto").
+        key: the config key, named in the error.
+    """
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    if setting and ray.cluster_resources().get("GPU", 0) == 0:
+        raise SkinsynthError(f"{key} is true but the Ray cluster has no GPU (use 'auto' or false)")
+    return bool(setting)
+
+
+def git_commit() -> str | None:
+    """The commit of the skinsynth checkout in use (None outside a git checkout), for cards and reports."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
