@@ -382,26 +382,28 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from skinsynth import bench
+    from skinsynth.bench import write_record
     from skinsynth.config import load_config
 
     cfg = load_config(args.config, _data_overrides(args))
     if args.bench_command == "prepare":  # a data.path URI is mirrored by the source listing, as in prepare
-        record = bench.bench_prepare(cfg.data, limit=args.limit)
+        from skinsynth.bench.prepare import bench_prepare
+
+        record = bench_prepare(cfg.data, limit=args.limit)
     else:
         with _synced(cfg):  # a remote run.out is benchmarked from its pulled local copy
             record = _bench_on_run(args, cfg)
-    print(f"record written to {bench.write_record(record, args.json)}")
+    print(f"record written to {write_record(record, args.json)}")
     return 0
 
 
 def _bench_on_run(args: argparse.Namespace, cfg) -> dict:
-    from skinsynth import bench
-
     if args.bench_command == "train":
-        return bench.bench_train(cfg)
+        from skinsynth.bench.train import bench_train
+
+        return bench_train(cfg)
     if args.bench_command == "serve":
-        from skinsynth.serve.load import bench_serve
+        from skinsynth.bench.serve import bench_serve
         from skinsynth.serve.model import default_model_dir, load_served_model
 
         if args.model:
@@ -409,7 +411,9 @@ def _bench_on_run(args: argparse.Namespace, cfg) -> dict:
         model_dir = default_model_dir(cfg)
         load_served_model(model_dir, cfg.serve)  # fails early with its reason; writes the calibration once
         return bench_serve(cfg, model_dir, seconds=args.seconds, rate=args.rate)
-    return bench.bench_sample(cfg, images=args.images)
+    from skinsynth.bench.sample import bench_sample
+
+    return bench_sample(cfg, images=args.images)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -71,12 +71,24 @@ def test_kuberay_cluster_and_job_hold_head_gpu_workers_runtime_env_and_entrypoin
 def test_runtime_env_leaves_history_runs_and_data_behind_and_lists_the_dependencies():
     runtime_env = _load("runtime_env.yaml")
     assert runtime_env["working_dir"] == "."
-    assert {".git", "runs/", "data/", ".venv"} <= set(runtime_env["excludes"])
+    assert {".git", "/runs/", "/data/", "/bench/", ".venv"} <= set(runtime_env["excludes"])
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     # everything the project needs except what the cluster image brings (ray and a CUDA build of torch)
     needed = _requirement_names(project["dependencies"]) - {"ray", "torch", "torchvision"}
     assert _requirement_names(runtime_env["pip"]) == needed
+
+
+def test_runtime_env_uploads_every_file_of_the_package():
+    """The excludes are gitignore-style: an unanchored ``data/`` or ``bench/`` would also leave ``skinsynth/data/`` or
+    ``skinsynth/bench/`` behind, which the editable install here hides and a cluster job would not survive."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(REPO, _load("runtime_env.yaml")["excludes"])
+    package = [p for p in (REPO / "skinsynth").rglob("*.py") if "__pycache__" not in p.parts]
+    assert package and not [str(p.relative_to(REPO)) for p in package if excluded(p)]
+    for left_behind in ("runs/demo/x.parquet", "data/ham10000/x.jpg", "bench/train.json", ".git/HEAD"):
+        assert excluded(REPO / left_behind), left_behind
 
 
 def test_submit_script_checks_its_argument_and_submits_a_ray_job():

@@ -281,7 +281,7 @@ def test_a_sampler_replica_given_two_plan_batches_at_once_samples_each_as_cut(ge
 
 
 def test_bench_sample_times_the_loop_and_both_pools_on_identical_images(generator_run, capsys):
-    from skinsynth.bench import bench_sample
+    from skinsynth.bench.sample import bench_sample
 
     cfg, _ = generator_run
     cfg.sample = SampleConfig(steps=2, batch_size=2)

@@ -166,7 +166,7 @@ def test_shards_mix_classes_even_when_the_listing_is_sorted_by_class(tmp_path):
 
 
 def test_bench_prepare_times_every_engine_on_the_same_images(ray_local):
-    from skinsynth.bench import bench_prepare
+    from skinsynth.bench.prepare import bench_prepare
 
     messages: list[str] = []
     cfg = DataConfig(source="phantom", phantom=PhantomConfig(n_images=200, seed=5), batch_size=8)

@@ -355,3 +355,48 @@ def test_viewer_try_it_page_in_headless_chromium_shows_the_endpoint_prediction(e
             driver.quit()
         viewer.terminate()
         viewer.wait(timeout=30)
+
+
+def test_bench_serve_load_generator_counts_answers_errors_and_the_open_loop_schedule():
+    """``skinsynth bench serve``'s load generator against a stub server (no model, no Ray): closed-loop requests
+    answered or failed are all counted, and the open loop sends ``rate x seconds`` requests on its schedule."""
+    import http.server
+    import time
+
+    from skinsynth.bench.serve import closed_loop, open_loop
+
+    served = []
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the generator's connections expect
+
+        def do_POST(self):  # noqa: N802 - the name http.server dispatches to
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            served.append(body)
+            time.sleep(0.005)
+            status = 500 if body == b"bad" else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        level = closed_loop(url, [b"ok", b"bad"], concurrency=2, seconds=0.5)
+        assert level["concurrency"] == 2 and level["requests"] == level["ok"] + level["errors"]
+        assert level["ok"] > 0 and level["errors"] > 0  # client 0 sends b"ok" every time, client 1 b"bad"
+        assert level["p50_ms"] >= 5.0 and level["throughput_rps"] == pytest.approx(
+            level["ok"] / level["seconds"], 0.01
+        )
+        served.clear()
+        paced = open_loop(url, [b"ok"], rate=20.0, seconds=0.5)
+        assert paced["rate_rps"] == 20.0 and paced["requests"] == paced["ok"] == len(served) == 10
+        assert paced["errors"] == 0 and paced["p50_ms"] >= 5.0
+    finally:
+        server.shutdown()
+        server.server_close()

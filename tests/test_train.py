@@ -369,3 +369,59 @@ def test_cpu_autocast_is_bf16_only_when_asked_and_the_cpu_has_native_bf16():
     assert mixed_precision_dtype(False, cpu, cpu_bf16=True) is None  # amp off wins
     expected = torch.bfloat16 if cpu_has_native_bf16() else None
     assert mixed_precision_dtype(True, cpu, cpu_bf16=True) is expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.imbalance=focal", "train.focal_gamma=2.0"], ["train.mixup_alpha=0.4", "train.mixup_prob=1.0"]],
+    ids=["focal", "mixup"],
+)
+def test_bench_train_plain_loop_trains_with_the_training_loss(overrides, monkeypatch):
+    """The baseline of ``skinsynth bench train`` computes every batch's loss with training's own ``labelled_loss``
+    (focal, or the mixer's soft targets), not a plain cross-entropy: both arms must do the same work."""
+    import cv2
+    import pandas as pd
+
+    import skinsynth.classify.train as train_module
+    from skinsynth.bench.train import _plain_training_epoch
+
+    cfg = load_config(
+        None,
+        [
+            "data.preprocess.size=32",
+            "train.model=test_efficientnet",
+            "train.pretrained=none",
+            "train.batch_size=4",
+            "train.imbalance=weighted_loss",
+            *overrides,
+        ],
+    )
+    rng = np.random.default_rng(0)
+    labels = [0, 1, 4, 5, 5, 5, 5, 2, 3, 5]  # batches of 4, 4 and 2: all even, so the mixer mixes each
+    images = [cv2.imencode(".png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))[1].tobytes() for _ in labels]
+    rows = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(labels))], "image": images, "label": labels})
+    weights = class_weights(np.asarray(labels))
+
+    calls = []
+    real = train_module.labelled_loss
+
+    def recording_loss(logits, targets, tc, weight):
+        loss = real(logits, targets, tc, weight)
+        calls.append((logits.detach().clone(), targets.detach().clone(), tc, weight, loss.detach()))
+        return loss
+
+    monkeypatch.setattr(train_module, "labelled_loss", recording_loss)
+    assert _plain_training_epoch(cfg, rows, weights) > 0
+    assert len(calls) == 3  # every batch, none left to a loss of the bench's own
+    for logits, targets, tc, weight, loss in calls:
+        assert tc is cfg.train and weight is weights and logits.dtype == torch.float32
+        if cfg.train.imbalance == "focal":
+            assert targets.dtype == torch.long
+            expected = focal_loss(logits, targets, 2.0, weights)
+            assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+            assert float(loss) != pytest.approx(
+                float(torch.nn.functional.cross_entropy(logits, targets, weight=weights)), rel=1e-3
+            )
+        else:  # the mixer's soft targets: each row a blend of two labels, summing to 1
+            assert targets.shape == (len(logits), 7) and targets.dtype.is_floating_point
+            assert torch.allclose(targets.sum(1), torch.ones(len(logits)))

@@ -1,7 +1,8 @@
 """``skinsynth bench serve``: the Serve endpoint against a plain single-process FastAPI/uvicorn server, same run.
 
-Both serve the same model with the same routes and preprocessing (``skinsynth.serve.app``); the plain server runs
-every request on its own, the Serve replica batches them (``@serve.batch``). Load is generated on 127.0.0.1:
+The endpoint itself lives in ``skinsynth.serve``; this module is only the load generator and the comparison. Both
+servers serve the same model with the same routes and preprocessing (``skinsynth.serve.app``); the plain server
+runs every request on its own, the Serve replica batches them (``@serve.batch``). Load is generated on 127.0.0.1:
 
 - closed loop: ``c`` clients each send the next request as soon as the last one answered, for a fixed time, at
   each concurrency; throughput, p50/p95/p99 latency and errors per level;
@@ -27,8 +28,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from skinsynth.bench import Progress, ratio, with_machine
 from skinsynth.config import ServeConfig, config_to_dict
-from skinsynth.core.ray import machine_info
 
 CONCURRENCIES = (1, 8, 32, 64)
 
@@ -167,7 +168,7 @@ def bench_serve(
     seconds: float = 10.0,
     rate: float = 50.0,
     concurrencies: tuple[int, ...] = CONCURRENCIES,
-    progress=print,
+    progress: Progress = print,
 ) -> dict[str, Any]:
     """Closed-loop levels and an open-loop rate against the Serve endpoint and the plain server; ratios.
 
@@ -226,10 +227,10 @@ def bench_serve(
             else:
                 serve.shutdown()
     ratios = {
-        f"c{p['concurrency']}": round(s["throughput_rps"] / p["throughput_rps"], 2) if p["throughput_rps"] else None
+        f"c{p['concurrency']}": ratio(s["throughput_rps"], p["throughput_rps"], 2)
         for p, s in zip(record["plain"]["closed_loop"], record["serve"]["closed_loop"], strict=True)
     }
     record["throughput_ratio_serve_vs_plain"] = ratios
-    record["machine"] = machine_info()
+    with_machine(record)
     progress("bench serve: throughput ratio Serve / plain: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
     return record
