@@ -123,6 +123,41 @@ def messy_ham_dir(tmp_path) -> Path:
     return root
 
 
+def latest_checkpoint(out: Path | str) -> dict:
+    """What the newest Ray Train checkpoint under ``out/ray_train`` saved (``save_training_state``'s dict).
+
+    The newest by time: a killed run can leave a checkpoint folder behind that Ray Train never registered.
+    """
+    import torch
+
+    paths = list(Path(out, "ray_train").glob("*/checkpoint_*/state.pt"))
+    assert paths, f"no checkpoint under {out}/ray_train"
+    return torch.load(max(paths, key=lambda p: p.stat().st_mtime), map_location="cpu", weights_only=False)
+
+
+def same_state(a, b) -> bool:
+    """Whether two state dicts (nested dicts, lists, tensors, numbers) are equal, tensor by tensor."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same_state(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def optimiser_steps(saved_optimizer: dict) -> set[int]:
+    """The step counts an Adam(W) ``state_dict`` holds for its parameters (one value when all trained alike)."""
+    return {int(param["step"]) for param in saved_optimizer["state"].values()}
+
+
 def kill_after_first_checkpoint_then_rerun(
     command: list[str], checkpoint_glob: str, out: Path, finished: Path, log: Path, timeout_s: float = 240
 ):

@@ -178,6 +178,7 @@ def test_generator_training_writes_weights_grid_and_card(generator_run):
     assert card["training"]["steps"] == 6 and "never a diagnosis" in card["intended_use"]
 
 
+@pytest.mark.slow
 def test_generator_training_resumes_with_more_steps(generator_run, capsys):
     from skinsynth.generate.train import train_generator
 
@@ -187,6 +188,13 @@ def test_generator_training_resumes_with_more_steps(generator_run, capsys):
     # once: Ray Train's print patch used to deliver every worker line to the driver twice
     assert capsys.readouterr().out.count("resuming from the checkpoint of step 6") == 1
     assert resumed.steps == 9 and resumed.history[:2] == first.history
+    # optimiser, schedule and weight average came back: they counted all 9 steps, not the 3 after the resume
+    from tests.conftest import latest_checkpoint, optimiser_steps
+
+    saved = latest_checkpoint(cfg.run.out)
+    assert optimiser_steps(saved["optimizer"]) == {9} and saved["lr_schedule"]["last_epoch"] == 9
+    assert saved["ema"]["optimization_step"] == 9
+    assert saved["scaler"] == {}  # off on CPU (fp32 or bf16); an fp16 run saves its scale
     cfg.generator.train_steps = 6
 
 
@@ -340,6 +348,7 @@ def test_export_without_samples_says_what_to_run(tmp_path):
         export_synthetic(tmp_path, tmp_path / "png")
 
 
+@pytest.mark.slow
 def test_killed_generator_training_resumes_with_the_same_command(tmp_path):
     """SIGKILL ``skinsynth generate train`` (the whole process group) after a checkpoint; the same command resumes."""
     import subprocess
@@ -371,3 +380,9 @@ def test_killed_generator_training_resumes_with_the_same_command(tmp_path):
     assert info["steps"] == 40
     # logged every 3 steps and at the last: none lost or repeated across the kill
     assert [h["step"] for h in info["history"]] == [*range(3, 40, 3), 40]
+    # optimiser, schedule and weight average came back across the kill: they counted all 40 steps
+    from tests.conftest import latest_checkpoint, optimiser_steps
+
+    saved = latest_checkpoint(out)
+    assert optimiser_steps(saved["optimizer"]) == {40} and saved["lr_schedule"]["last_epoch"] == 40
+    assert saved["ema"]["optimization_step"] == 40 and "scaler" in saved

@@ -318,10 +318,13 @@ def test_synthetic_conditioning_check_scores_the_conditioning_class(trained_phan
     assert check["chance_balanced_accuracy"] == pytest.approx(1 / len(present))
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
     from skinsynth.classify.train import train_classifier
+    from tests.conftest import latest_checkpoint, optimiser_steps, same_state
 
     cfg, first = trained_phantom
+    before = latest_checkpoint(cfg.run.out)
     cfg.train.epochs = 2  # the same command, asked for one more epoch
     resumed = train_classifier(cfg, progress=print)
     out = capsys.readouterr().out
@@ -329,8 +332,36 @@ def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
     assert resumed.epochs_run == 2
     assert [h["epoch"] for h in resumed.history] == [0, 1]
     assert resumed.history[:1] == first.history
+    # the optimiser and the schedule came back: they go on counting from the first epoch's steps (fresh ones would
+    # stop at one epoch's); so did the early-stopping state
+    after = latest_checkpoint(cfg.run.out)
+    epoch_steps = before["scheduler"]["last_epoch"]
+    assert epoch_steps > 0 and optimiser_steps(before["optimizer"]) == {epoch_steps}
+    assert after["scheduler"]["last_epoch"] == 2 * epoch_steps
+    assert optimiser_steps(after["optimizer"]) == {2 * epoch_steps}
+    second = resumed.history[1]["val_balanced_accuracy"]
+    improved = second > before["state"]["best_score"]
+    assert after["state"]["best_score"] == max(before["state"]["best_score"], second)
+    assert after["state"]["stale_epochs"] == (0 if improved else before["state"]["stale_epochs"] + 1)
+    assert after["state"]["best_epoch"] == (1 if improved else before["state"]["best_epoch"])
+    # a CPU run's loss scaler is off (fp32): the checkpoint keeps its empty state (an fp16 one its scale)
+    assert after["scaler"] == {} and after["ema"] is not None and after["alignment"] is None
+
+    # the same command once more: the run is complete, so the loop restores every object, trains nothing and reports
+    # its last result again with a checkpoint saved from the restored objects: the one it resumed from
+    ray_train = Path(cfg.run.out, "ray_train")
+    resumed_from = set(ray_train.glob("*/checkpoint_*/state.pt"))
+    again = train_classifier(cfg, progress=print)
+    assert "resuming from the checkpoint of epoch 2" in capsys.readouterr().out
+    assert again.epochs_run == 2 and again.history == resumed.history
+    assert set(ray_train.glob("*/checkpoint_*/state.pt")).isdisjoint(resumed_from)  # a checkpoint written by this run
+    final = latest_checkpoint(cfg.run.out)
+    assert set(final) == set(after)
+    for key in after:
+        assert same_state(final[key], after[key]), key  # a fresh EMA, say, would hold the initial weights
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_with_the_same_command(tmp_path):
     """Kill ``skinsynth train`` (the whole process group) after its first checkpoint, run it again, see it resume."""
     import subprocess
@@ -359,6 +390,15 @@ def test_killed_training_resumes_with_the_same_command(tmp_path):
     assert resumed, second.stdout[-3000:]
     info = json.loads((out / "models" / "classifier" / "training.json").read_text())
     assert [h["epoch"] for h in info["history"]] == list(range(6))
+    # the optimiser and the schedule came back across the kill: they counted every epoch's steps, not only those
+    # after the resume
+    from skinsynth.core.shards import load_split_table, split_ids
+    from tests.conftest import latest_checkpoint, optimiser_steps
+
+    saved = latest_checkpoint(out)
+    steps = 6 * -(-len(split_ids(load_split_table(out), "train", labelled_only=True)) // 16)
+    assert saved["scheduler"]["last_epoch"] == steps and optimiser_steps(saved["optimizer"]) == {steps}
+    assert "scaler" in saved
 
 
 def test_cpu_autocast_is_bf16_only_when_asked_and_the_cpu_has_native_bf16():

@@ -5,7 +5,8 @@ warm-up then cosine schedule (Loshchilov & Hutter 2017, "SGDR" / 2019, "Decouple
 or focal loss (Lin et al. 2017) for HAM10000's 58:1 imbalance, early stopping on validation balanced accuracy, and
 a checkpoint through ``ray.train.report`` after every epoch. Re-running the same command continues from the last
 checkpoint: Ray Train finds the run's snapshot under the same storage path and name, and the loop restores model,
-optimiser, schedule, epoch and early-stopping state from it.
+optimiser, schedule, weight average, loss scale, epoch and early-stopping state from it (the driver, checkpoint
+save/restore and optimiser step are those of the generator too: ``skinsynth.core.raytrain``).
 """
 
 from __future__ import annotations
@@ -190,33 +191,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from skinsynth.classify.data import Collate, DermoscopyAugmentation
-    from skinsynth.core.raytrain import (
-        load_train_checkpoint,
-        mixed_precision_dtype,
-        report_with_checkpoint,
-        unwrap_model,
-    )
+    from skinsynth.core import raytrain
     from skinsynth.core.shards import SHUFFLE_BUFFER_ROWS, collated_batches
 
     tc = section_from_dict(TrainConfig, config["train"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    # Ray gives each worker one logical CPU and sets OMP_NUM_THREADS=1; on a CPU-only node the worker should still
-    # use the cores it shares with no other trainer (data decoding is light next to the model's work).
-    torch.set_num_threads(config["torch_threads"])
-    torch.manual_seed(tc.seed + rank)
-    np.random.seed(tc.seed + rank)
+    rank, world = raytrain.start_worker(config, tc.seed)
     setup = build_training_model(tc)
     if setup.frozen and rank == 0:
         print(f"train: kept at pretrained values: {', '.join(setup.frozen)}")
     mean, std, memory_format = setup.mean, setup.std, setup.memory_format
     model = ray.train.torch.prepare_model(setup.model)
     device = ray.train.torch.get_device()
-    amp_dtype = mixed_precision_dtype(tc.amp, device, cpu_bf16=tc.cpu_amp, announce="train" if rank == 0 else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype = raytrain.mixed_precision_dtype(
+        tc.amp, device, cpu_bf16=tc.cpu_amp, announce="train" if rank == 0 else None
+    )
+    scaler = raytrain.grad_scaler(amp_dtype)
 
     optimizer = make_optimizer(model, tc)
-    steps_per_epoch = max(1, math.ceil(config["train_images"] / (tc.batch_size * context.get_world_size())))
+    steps_per_epoch = max(1, math.ceil(config["train_images"] / (tc.batch_size * world)))
     total_steps = steps_per_epoch * tc.epochs
     warmup_steps = int(tc.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -231,7 +223,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tc.ema_decay > 0:
         import timm.utils
 
-        ema = timm.utils.ModelEmaV3(unwrap_model(model), decay=tc.ema_decay, use_warmup=True, warmup_power=3 / 4)
+        ema = timm.utils.ModelEmaV3(
+            raytrain.unwrap_model(model), decay=tc.ema_decay, use_warmup=True, warmup_power=3 / 4
+        )
 
     ssl = tc.ssl
     alignment = None
@@ -241,28 +235,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         counts = torch.tensor(config["class_counts"], dtype=torch.float32)
         alignment = DistributionAlignment(counts / counts.sum())
 
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "stale_epochs": 0, "history": [], "best_model": None}
-    saved = load_train_checkpoint()
-    if saved:
-        unwrap_model(model).load_state_dict(saved["model"])
-        if ema is not None:
-            ema.module.load_state_dict(saved["ema"])
-        if alignment is not None and saved.get("alignment"):
-            alignment.load_state_dict(saved["alignment"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        if rank == 0:
-            print(f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})")
+    # what a checkpoint saves and a resumed run restores, by the keys checkpoints have always used (None: off)
+    stateful = {
+        "model": model,
+        "ema": ema.module if ema is not None else None,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "alignment": alignment,
+        "scaler": scaler,
+    }
+    state = raytrain.restore_training_state(stateful, raytrain.load_train_checkpoint())
+    resumed = state is not None
+    if not resumed:
+        state = {
+            "epoch": 0,
+            "best_score": -1.0,
+            "best_epoch": -1,
+            "stale_epochs": 0,
+            "history": [],
+            "best_model": None,
+        }
+    elif rank == 0:
+        print(f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     unlabelled_shard = ray.train.get_dataset_shard("unlabelled") if ssl.method != "none" else None
     finished = state["epoch"] >= tc.epochs or state["stale_epochs"] >= tc.early_stopping_patience
-    if saved and state["history"] and finished:
+    if resumed and state["history"] and finished:
         # the run had finished before an interruption (a sweep killed between a trial's last epoch and recording
         # it): report the last result again, from the same weights, so the caller gets it without training again
-        report_with_checkpoint(state["history"][-1], saved, rank)
+        raytrain.save_training_state(stateful, state, state["history"][-1], rank)
     for epoch in range(state["epoch"], tc.epochs):
         if state["stale_epochs"] >= tc.early_stopping_patience:
             break
@@ -306,13 +309,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     unlabelled_loss, mask = _unlabelled_loss(all_logits[len(y) :], ssl, alignment)
                     loss = loss + ssl.unlabelled_weight * unlabelled_loss
                     mask_sum, mask_n = mask_sum + float(mask.sum()), mask_n + len(mask)
-            optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            raytrain.optimizer_step(model, optimizer, scaler, scheduler)
             if ema is not None:
-                ema.update(unwrap_model(model), step=scheduler.last_epoch)
+                ema.update(raytrain.unwrap_model(model), step=scheduler.last_epoch)
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
         if unlabelled is not None:
@@ -330,7 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if improved:
             # the best epoch's figure: a sweep's second objective describes the weights the trial exports
             state.update(best_score=val_bacc, best_epoch=epoch, stale_epochs=0, best_worst_tone=worst_tone)
-            best = unwrap_model(evaluated).state_dict()
+            best = raytrain.unwrap_model(evaluated).state_dict()
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in best.items()}
             # what export needs to choose a logit adjustment on validation without predicting it again
             state["best_val"] = {
@@ -348,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "best_val_balanced_accuracy": state["best_score"],
             "val_worst_tone_sensitivity": worst_tone,
             "best_val_worst_tone_sensitivity": state.get("best_worst_tone", float("nan")),
-            "train_images_per_s": seen * context.get_world_size() / max(train_s, 1e-9),
+            "train_images_per_s": seen * world / max(train_s, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }
         if mask_n:  # share of unlabelled images confident enough to be trained on (FixMatch's "mask rate")
@@ -363,15 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1}){tone}  "
                 f"{metrics['train_images_per_s']:.0f} img/s{pseudo}"
             )
-        saved = {
-            "model": unwrap_model(model).state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "alignment": alignment.state_dict() if alignment is not None else None,
-            "state": state,
-        }
-        report_with_checkpoint(metrics, saved, rank)
+        raytrain.save_training_state(stateful, state, metrics, rank)
 
 
 def _unlabelled_batches(shard, tc: TrainConfig, config: dict[str, Any], mean, std, epoch: int, rank: int, device):
@@ -573,12 +565,10 @@ def train_classifier(
     Raises:
         SkinsynthError: no prepared data, no labelled training image, or a GPU asked for that is not there.
     """
-    import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from skinsynth.core.ray import ensure_ray, quiet_ray_data, resolve_use_gpu
-    from skinsynth.core.raytrain import read_run_checkpoint, threads_per_worker, torch_worker_runtime_env
+    from skinsynth.core.raytrain import fit_torch_run
     from skinsynth.core.storage import open_run_store
 
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
@@ -624,38 +614,29 @@ def train_classifier(
         )
     quiet_ray_data()
     datasets = training_datasets(run_dir, inputs, tc)
-    storage_path, storage_filesystem = storage or store.ray_storage("ray_train")
-    threads = tc.torch_threads or threads_per_worker(tc.num_workers, use_gpu)
-    trainer = TorchTrainer(
+    saved = fit_torch_run(
         train_loop_per_worker,
-        train_loop_config={
+        {
             "train": config_to_dict(tc),
             "class_weights": weights.tolist(),
             "class_counts": labelled_counts.tolist(),
             "train_images": int(inputs.repeats.sum()),
             "unlabelled_batch_size": unlabelled_batch,
             "image_size": card["image_size"],
-            "torch_threads": threads,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=training_run_name(tc, run_dir),
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=callbacks,
-            worker_runtime_env=torch_worker_runtime_env(threads),
-        ),
+        name=training_run_name(tc, run_dir),
+        storage=storage or store.ray_storage("ray_train"),
+        num_workers=tc.num_workers,
+        use_gpu=use_gpu,
+        torch_threads=tc.torch_threads,
         datasets=datasets,
+        callbacks=callbacks,
         # the unlabelled pool is not split: its batches are drawn in lock-step with the labelled ones and abandoned
         # mid-pass at each epoch's end, which a split (a barrier across workers) does not allow; every worker reads
         # the whole pool in its own seeded order instead
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise SkinsynthError(f"training of '{tc.name}' reported no checkpoint; see the log above")
-    state = read_run_checkpoint(result.checkpoint)["state"]
+    state = saved["state"]
     model_dir = None
     if export:
         extra = {

@@ -6,7 +6,8 @@ so one network is both the conditional and the unconditional model of classifier
 2022), an exponential moving average of the weights (what sampling uses; Song & Ermon 2020 found it essential for
 sample quality), and gradient accumulation for large effective batches on small devices. DDP across
 ``generator.num_workers`` workers, bf16/fp16 autocast on GPU, a checkpoint through ``ray.train.report`` every
-``checkpoint_every`` steps; re-running the same command resumes from the last one.
+``checkpoint_every`` steps; re-running the same command resumes from the last one (the driver, checkpoint
+save/restore and optimiser step are those of the classifier too: ``skinsynth.core.raytrain``).
 
 The generator never trains on synthetic rows (model-collapse guard, Shumailov et al. 2024, "AI models collapse when
 trained on recursively generated data"): ``train_generator`` refuses with a clear error if any input row is
@@ -125,39 +126,31 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from skinsynth.core.raytrain import load_train_checkpoint, mixed_precision_dtype, unwrap_model
+    from skinsynth.core import raytrain
     from skinsynth.core.shards import SHUFFLE_BUFFER_ROWS, collated_batches
 
     gc = GeneratorConfig(**config["generator"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    torch.manual_seed(gc.seed + rank)
-    np.random.seed(gc.seed + rank)
-
+    rank, world = raytrain.start_worker(config, gc.seed)
     unet, conditioning = create_generator(gc, config["image_size"])
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
     model = ray.train.torch.prepare_model(unet)
     device = ray.train.torch.get_device()
     ema.to(device)
-    amp_dtype = mixed_precision_dtype(
+    amp_dtype = raytrain.mixed_precision_dtype(
         gc.amp, device, cpu_bf16=gc.cpu_amp, announce="generate train" if rank == 0 else None
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = raytrain.grad_scaler(amp_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr, weight_decay=0.0)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=gc.warmup_steps)
     noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
 
-    state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
-    saved = load_train_checkpoint()
-    if saved:
-        unwrap_model(model).load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        ema.to(device)
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_schedule.load_state_dict(saved["lr_schedule"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
+    # what a checkpoint saves and a resumed run restores, by the keys checkpoints have always used
+    stateful = {"model": model, "ema": ema, "optimizer": optimizer, "lr_schedule": lr_schedule, "scaler": scaler}
+    state: dict[str, Any] | None = raytrain.restore_training_state(stateful, raytrain.load_train_checkpoint())
+    if state is None:
+        state = {"step": 0, "history": [], "seconds": 0.0}
+    else:
+        ema.to(device)  # the checkpoint's averages were loaded onto the CPU
         if rank == 0:
             print(f"generate train: resuming from the checkpoint of step {state['step']}")
 
@@ -196,13 +189,8 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             micro += 1
             if micro % gc.grad_accum:
                 continue
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr_schedule.step()
-            ema.step(unwrap_model(model).parameters())
+            raytrain.optimizer_step(model, optimizer, scaler, lr_schedule)
+            ema.step(raytrain.unwrap_model(model).parameters())
             state["step"] += 1
             step = state["step"]
             last = step >= gc.train_steps
@@ -224,11 +212,12 @@ def generator_train_loop(config: dict[str, Any]) -> None:
                 window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
             paused = time.perf_counter()  # grids and checkpoints are not training time
             if rank == 0 and gc.grid_every and step % gc.grid_every == 0 and not last:
-                _grid_with_ema(
-                    unwrap_model(model), ema, conditioning, noise_scheduler.config, grid_dir / f"step-{step:07d}.png"
-                )
+                grid = grid_dir / f"step-{step:07d}.png"
+                _grid_with_ema(raytrain.unwrap_model(model), ema, conditioning, noise_scheduler.config, grid)
             if step % gc.checkpoint_every == 0 or last:
-                _report(model, ema, optimizer, lr_schedule, scaler, state, rank)
+                # the checkpoint's step, not that of the last progress line (which may be earlier)
+                metrics = {**(state["history"][-1] if state["history"] else {}), "step": step}
+                raytrain.save_training_state(stateful, state, metrics, rank)
             window_start += time.perf_counter() - paused
             if last:
                 break
@@ -242,22 +231,6 @@ def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> Non
     unet.eval()
     save_png(sample_grid(unet, conditioning, scheduler_config), path)
     ema.restore(unet.parameters())
-
-
-def _report(model, ema, optimizer, lr_schedule, scaler, state, rank) -> None:
-    from skinsynth.core.raytrain import report_with_checkpoint, unwrap_model
-
-    # the checkpoint's step, not that of the last progress line (which may be earlier)
-    metrics = {**(state["history"][-1] if state["history"] else {}), "step": state["step"]}
-    saved = {
-        "model": unwrap_model(model).state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_schedule": lr_schedule.state_dict(),
-        "scaler": scaler.state_dict(),
-        "state": state,
-    }
-    report_with_checkpoint(metrics, saved, rank)
 
 
 def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
@@ -301,12 +274,8 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         SkinsynthError: no prepared data, synthetic rows among the inputs, an image size the preset cannot take,
             or a GPU asked for that is not there.
     """
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from skinsynth.core.ray import ensure_ray, quiet_ray_data, resolve_use_gpu
-    from skinsynth.core.raytrain import read_run_checkpoint, threads_per_worker, torch_worker_runtime_env
+    from skinsynth.core.raytrain import fit_torch_run
     from skinsynth.core.rundir import read_manifest
     from skinsynth.core.shards import cached_dataset, load_split_table, shard_dataset, split_ids
     from skinsynth.core.storage import open_run_store
@@ -339,7 +308,6 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     )
     name = generator_run_name(gc, data_hash)
     storage = run_dir / "ray_train"  # the grids (checkpoints go to the run's storage, on its URI when remote)
-    storage_path, storage_filesystem = store.ray_storage("ray_train")
     quiet_ray_data()
     t0 = time.perf_counter()
     if gc.cache_rows:
@@ -348,29 +316,16 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         train_images = cached_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
     else:
         train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
-    threads = gc.torch_threads or threads_per_worker(gc.num_workers, use_gpu)
-    trainer = TorchTrainer(
+    saved = fit_torch_run(
         generator_train_loop,
-        train_loop_config={
-            "generator": config_to_dict(gc),
-            "image_size": image_size,
-            "grid_dir": str(storage / name / "grids"),
-            "torch_threads": threads,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=gc.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            worker_runtime_env=torch_worker_runtime_env(threads),
-        ),
+        {"generator": config_to_dict(gc), "image_size": image_size, "grid_dir": str(storage / name / "grids")},
+        name=name,
+        storage=store.ray_storage("ray_train"),
+        num_workers=gc.num_workers,
+        use_gpu=use_gpu,
+        torch_threads=gc.torch_threads,
         datasets={"train": train_images},
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise SkinsynthError("generator training reported no checkpoint; see the log above")
-    saved = read_run_checkpoint(result.checkpoint)
     generator_dir = export_generator(
         run_dir, gc, saved, image_size=image_size, train_ids=train_ids, data_card=card, grids=storage / name / "grids"
     )
