@@ -485,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from skinsynth.core.allocator import keep_freed_memory
 
-    keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (see skinsynth.core.allocator)
+    keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (skinsynth.core.allocator)
     try:
         return COMMANDS[args.command](args)
     except SkinsynthError as err:

@@ -9,7 +9,6 @@ a change upstream re-runs everything downstream of it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from skinsynth import DISCLAIMER
-from skinsynth.config import ExperimentConfig, changed_settings, dump_config
-from skinsynth.core.rundir import read_manifest
+from skinsynth.config import ExperimentConfig, dump_config
+from skinsynth.core.rundir import StageIdentity, layout, stale_stages, why_rerun
 from skinsynth.core.storage import display_uri, local_run_dir, synced_run
 from skinsynth.data.card import format_data_card
 from skinsynth.data.prepare import prepare_images
@@ -46,143 +45,107 @@ def _stage_prepare(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: 
     return StageOutcome("prepare", time.perf_counter() - t0, result.skipped, detail)
 
 
-def _manifest_hash(*parts: Any) -> str:
-    payload = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-
-
-def _up_to_date(stage_dir: Path, expected: str) -> bool:
-    return (read_manifest(stage_dir) or {}).get("input_hash") == expected
-
-
-def _write_manifest(stage_dir: Path, stage: str, expected: str) -> None:
-    payload = {"stage": stage, "input_hash": expected, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (stage_dir / "manifest.json").write_text(json.dumps(payload, indent=2))
-
-
 def _unless_up_to_date(
     stage: str,
-    stage_dir: Path,
-    expected: str,
+    run_dir: Path,
+    expected: StageIdentity,
     force: bool,
     progress: Progress,
-    work: Callable[[], tuple[Path, str]],
+    work: Callable[[], str],
 ) -> StageOutcome:
-    """Skip ``stage`` when ``stage_dir``'s manifest records the same inputs; else run ``work`` (which returns the
-    directory it wrote and a one-line detail) and record the inputs in that directory's manifest."""
+    """Skip ``stage`` when its manifest records ``expected`` (the identity the stage itself computes and writes);
+    else say why and run ``work``, which writes the stage's outputs and manifest and returns a one-line detail."""
     t0 = time.perf_counter()
-    if not force and _up_to_date(stage_dir, expected):
+    stage_dir = layout(run_dir).stage_dir(expected.stage)
+    reason = "--force" if force else why_rerun(run_dir, expected)
+    if reason is None:
         progress(f"{stage}: {stage_dir} is up to date; skipping")
         return StageOutcome(stage, time.perf_counter() - t0, True, str(stage_dir))
-    written, detail = work()
-    _write_manifest(written, stage, expected)
+    progress(f"{stage}: running ({reason})")
+    detail = work()
     return StageOutcome(stage, time.perf_counter() - t0, False, detail)
 
 
 def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.generate.train import train_generator
+    from skinsynth.generate.train import generator_identity, train_generator
 
     if not cfg.generator.enabled:
         return StageOutcome("generate", 0.0, True, "disabled (generator.enabled: false)")
 
-    def work() -> tuple[Path, str]:
+    def work() -> str:
         result = train_generator(cfg, progress=progress)
         grid = result.generator_dir / "grid.png"
-        return result.generator_dir, f"generator {result.generator_id}, {result.steps} steps -> {grid}"
+        return f"generator {result.generator_id}, {result.steps} steps -> {grid}"
 
-    expected = _manifest_hash(changed_settings(cfg.generator), _file_hash(run_dir / "data" / "manifest.json"))
-    return _unless_up_to_date("generate", run_dir / "generator", expected, force, progress, work)
+    return _unless_up_to_date("generate", run_dir, generator_identity(cfg, run_dir), force, progress, work)
 
 
 def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.generate.sample import sample_synthetic
+    from skinsynth.generate.sample import sample_synthetic, synthetic_identity
 
     if not cfg.generator.enabled:
         return StageOutcome("sample", 0.0, True, "disabled (generator.enabled: false)")
-    t0 = time.perf_counter()
-    result = sample_synthetic(cfg.sample, run_dir, force=force, progress=progress)
-    detail = f"{result.card['images']} synthetic images -> {result.synthetic_dir}"
-    return StageOutcome("sample", time.perf_counter() - t0, result.skipped, detail)
+
+    def work() -> str:
+        result = sample_synthetic(cfg.sample, run_dir, force=True, progress=progress)
+        return f"{result.card['images']} synthetic images -> {result.synthetic_dir}"
+
+    return _unless_up_to_date("sample", run_dir, synthetic_identity(cfg.sample, run_dir), force, progress, work)
 
 
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.classify.train import train_classifier
+    from skinsynth.classify.train import model_identity, train_classifier
 
-    def work() -> tuple[Path, str]:
+    def work() -> str:
         result = train_classifier(cfg, progress=progress)
         best = result.best_val_balanced_accuracy
-        return result.model_dir, f"best val balanced accuracy {best:.3f} -> {result.model_dir}"
+        return f"best val balanced accuracy {best:.3f} -> {result.model_dir}"
 
-    expected = _manifest_hash(changed_settings(cfg.train), _file_hash(run_dir / "data" / "manifest.json"))
-    return _unless_up_to_date("train", run_dir / "models" / cfg.train.name, expected, force, progress, work)
+    return _unless_up_to_date("train", run_dir, model_identity(cfg.train, run_dir), force, progress, work)
 
 
 def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.audit.report import run_audit
+    from skinsynth.audit.report import audit_identity, run_audit
 
     if not cfg.generator.enabled:
         return StageOutcome("audit", 0.0, True, "disabled (generator.enabled: false)")
-    audit_dir = run_dir / "audit"
 
-    def work() -> tuple[Path, str]:
+    def work() -> str:
         gate = run_audit(cfg, run_dir, progress=progress)["gate"]
         verdict = "share_ok" if gate["share_ok"] else "NOT share_ok"
         detail = f"memorised {gate['memorised_share']:.1%}, attack AUC {gate['attack_auc']:.2f}: {verdict}"
-        return audit_dir, f"{detail} -> {audit_dir}"
+        return f"{detail} -> {layout(run_dir).audit}"
 
-    expected = _manifest_hash(
-        changed_settings(cfg.audit),
-        _file_hash(run_dir / "synthetic" / "manifest.json"),
-        _file_hash(run_dir / "models" / cfg.train.name / "manifest.json"),  # its features are one extractor
-    )
-    return _unless_up_to_date("audit", audit_dir, expected, force, progress, work)
+    return _unless_up_to_date("audit", run_dir, audit_identity(cfg, run_dir), force, progress, work)
 
 
 def _stage_tune(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.tune.sweep import run_sweep
+    from skinsynth.tune.sweep import run_sweep, sweep_stage
 
     if not cfg.tune.space:
         return StageOutcome("tune", 0.0, True, "no sweep (tune.space is empty)")
-    sweep_dir = run_dir / "tune" / cfg.tune.name
 
-    def work() -> tuple[Path, str]:
+    def work() -> str:
         # an interrupted sweep resumes; one made with other settings or data starts again
         best = run_sweep(cfg, fresh=force, restart_if_changed=True, progress=progress).best or {}
         val, test = best.get("best_val_balanced_accuracy", 0.0), best.get("test_balanced_accuracy", 0.0)
-        detail = (
+        return (
             f"best trial {best.get('trial_id')}: val balanced accuracy {val:.3f}, test {test:.3f} "
-            f"-> {run_dir / 'models' / 'best'}"
+            f"-> {layout(run_dir).model('best')}"
         )
-        return sweep_dir, detail
 
-    expected = _manifest_hash(
-        changed_settings(cfg.tune),
-        changed_settings(cfg.train),
-        _file_hash(run_dir / "data" / "manifest.json"),
-        _file_hash(run_dir / "synthetic" / "manifest.json"),
-    )
-    return _unless_up_to_date("tune", sweep_dir, expected, force, progress, work)
+    return _unless_up_to_date("tune", run_dir, sweep_stage(cfg, run_dir), force, progress, work)
 
 
 def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.classify.evaluate import evaluate_model
+    from skinsynth.classify.evaluate import evaluate_model, evaluation_identity
 
-    eval_dir = run_dir / "eval" / cfg.train.name
-
-    def work() -> tuple[Path, str]:
+    def work() -> str:
         test = evaluate_model(cfg, progress=progress)["test"]
         detail = f"test balanced accuracy {test['balanced_accuracy']:.3f}, macro AUROC {test['macro_auroc']:.3f}"
-        return eval_dir, f"{detail} -> {eval_dir}"
+        return f"{detail} -> {layout(run_dir).evaluation(cfg.train.name)}"
 
-    expected = _manifest_hash(
-        _file_hash(run_dir / "models" / cfg.train.name / "manifest.json"),
-        _file_hash(run_dir / "synthetic" / "manifest.json"),  # the report scores the synthetic set too
-    )
-    return _unless_up_to_date("evaluate", eval_dir, expected, force, progress, work)
+    return _unless_up_to_date("evaluate", run_dir, evaluation_identity(cfg, run_dir), force, progress, work)
 
 
 STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], StageOutcome]]] = [
@@ -233,6 +196,7 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     for o in outcomes:
         state = "skipped" if o.skipped else f"{o.seconds:6.1f} s"
         lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
+    lines.extend(stale_lines(run_dir))
     lines.append(f"next: skinsynth data summary {run_dir}")
     lines.append(f"      open {run_dir / 'eval' / cfg.train.name / 'report.json'} and its figures")
     if cfg.generator.enabled:
@@ -246,6 +210,16 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     return "\n".join(lines)
 
 
+def stale_lines(run_dir: str | Path) -> list[str]:
+    """Lines naming the stages of ``run_dir`` made from inputs that have since been replaced (none: no lines)."""
+    stale = stale_stages(run_dir)
+    if not stale:
+        return []
+    lines = [f"STALE: {len(stale)} stage(s) were made from inputs that have since been replaced:"]
+    lines += [f"  {s.describe()}" for s in stale]
+    return lines
+
+
 def data_summary_text(run_dir: str | Path) -> str:
     """Readable data card of ``RUN_DIR/data``; raises SkinsynthError naming what is missing or broken."""
     card_path = Path(run_dir) / "data" / "data_card.json"
@@ -255,4 +229,4 @@ def data_summary_text(run_dir: str | Path) -> str:
         card: dict[str, Any] = json.loads(card_path.read_text())
     except ValueError as err:
         raise SkinsynthError(f"data card {card_path} is not valid JSON ({err}); re-run prepare with --force") from None
-    return format_data_card(card)
+    return "\n".join([format_data_card(card), *stale_lines(run_dir)])

@@ -187,3 +187,39 @@ def kill_after_first_checkpoint_then_rerun(
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return second
+
+
+# the demo at test size: every stage runs, none trained to quality
+DEMO_SMALL = [
+    "--set",
+    "data.phantom.n_images=70",
+    "--set",
+    "train.model=test_efficientnet",
+    "--set",
+    "train.pretrained=none",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "generator.train_steps=4",
+    "--set",
+    "generator.checkpoint_every=2",
+    "--set",
+    "generator.batch_size=8",  # the demo labels 30%: 14 of these 70 images
+    "--set",
+    "sample.steps=3",
+    "--set",
+    "sample.ratio=3",  # enough synthetic images of every class for the sweep's mix, even at 70 images
+    "--set",
+    "tune.num_samples=1",  # the sweep itself is tested in test_tune.py
+]
+
+
+def logit_adjustment_case() -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Validation predictions whose rare classes lose to the common class 0 by 0.5 to 0.4, training counts 100:10."""
+    labels = np.repeat(np.arange(7), 10)
+    probs = np.full((70, 7), 0.1 / 5)
+    probs[labels == 0] = [0.9] + [0.1 / 6] * 6
+    for c in range(1, 7):
+        rows = np.flatnonzero(labels == c)
+        probs[rows, 0], probs[rows, c] = 0.5, 0.4
+    return probs / probs.sum(1, keepdims=True), labels, [100] + [10] * 6

@@ -8,6 +8,28 @@ import sys
 import pandas as pd
 
 from skinsynth.cli import main
+from tests.conftest import DEMO_SMALL
+
+
+def _trained_outputs(run_dir) -> dict:
+    """What a re-split must change: the split table, the Ray Train runs, and the exported weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    def model(name: str) -> dict:
+        return torch.load(run_dir / "models" / name / "model.pt", map_location="cpu", weights_only=True)
+
+    return {
+        "splits": (run_dir / "data" / "splits.parquet").read_bytes(),
+        "runs": {p: {d.name for d in (run_dir / "ray_train").glob(f"{p}-*")} for p in ("classifier", "generator")},
+        "classifier": model("classifier"),
+        "best": model("best"),
+        "generator": load_file(next((run_dir / "generator" / "unet").glob("*.safetensors"))),
+    }
+
+
+def _weights_differ(a: dict, b: dict) -> bool:
+    return any(not a[k].equal(b[k]) for k in a if a[k].is_floating_point())
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -63,30 +85,6 @@ def test_prepare_then_summary_on_messy_folder(messy_ham_dir, tmp_path, capsys):
     assert "research tool, not a medical device" in summary
 
 
-DEMO_SMALL = [
-    "--set",
-    "data.phantom.n_images=70",
-    "--set",
-    "train.model=test_efficientnet",
-    "--set",
-    "train.pretrained=none",
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "generator.train_steps=4",
-    "--set",
-    "generator.checkpoint_every=2",
-    "--set",
-    "generator.batch_size=8",  # the demo labels 30%: 14 of these 70 images
-    "--set",
-    "sample.steps=3",
-    "--set",
-    "sample.ratio=3",  # enough synthetic images of every class for the sweep's mix, even at 70 images
-    "--set",
-    "tune.num_samples=1",  # the sweep itself is tested in test_tune.py
-]
-
-
 def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *DEMO_SMALL]) == 0
@@ -121,3 +119,26 @@ def test_demo_runs_end_to_end_on_phantom(ray_local, tmp_path, capsys):
     assert not re.search(r"^  audit\s+skipped", summary, re.MULTILINE)  # the classifier is one of its extractors
     assert not re.search(r"^  evaluate\s+skipped", summary, re.MULTILINE)
     assert not re.search(r"^  tune\s+skipped", summary, re.MULTILINE)  # its trials' base config changed
+    # the classifier's own manifest records the --set value it ran with (config.yaml is the run's, not the stage's)
+    assert json.loads((out / "models" / "classifier" / "manifest.json").read_text())["config"]["lr"] == 0.002
+
+    # Regression: a re-split once resumed the finished Ray Train runs of the old split (their names hashed only the
+    # source files) and exported their weights, whose training lesions could now be test lesions. A re-split is a
+    # new data identity: every stage downstream re-runs, saying why, in new Ray Train runs with new weights.
+    before = _trained_outputs(out)
+    assert main(["demo", "--out", str(out), *DEMO_SMALL, "--set", "train.lr=0.002", "--set", "data.split.seed=7"]) == 0
+    summary = capsys.readouterr().out
+    assert not re.search(r"^  prepare\s+skipped", summary, re.MULTILINE)
+    for stage in ("generate", "sample", "train", "audit", "evaluate", "tune"):
+        assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", summary, re.MULTILINE) or (
+            stage in ("sample", "audit")
+            and re.search(rf"^{stage}: running \(generator changed", summary, re.MULTILINE)
+        ), stage
+        assert not re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
+    after = _trained_outputs(out)
+    assert before["splits"] != after["splits"]
+    for prefix in ("classifier", "generator"):
+        assert len(after["runs"][prefix] - before["runs"][prefix]) == 1, f"no new Ray Train run of {prefix}"
+    for weights in ("classifier", "generator", "best"):
+        assert _weights_differ(before[weights], after[weights]), weights
+    assert "STALE" not in summary

@@ -189,7 +189,7 @@ def _wait(client, job_id: str, timeout_s: float, until=None) -> str:
 def test_demo_submitted_as_a_ray_job_killed_during_tuning_resumes_on_resubmission(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
-    from tests.test_cli import DEMO_SMALL
+    from tests.conftest import DEMO_SMALL
 
     client = ray_head
     out = tmp_path / "demo"

@@ -16,7 +16,11 @@ from skinsynth.config import (
     load_config,
     parse_override,
 )
-from skinsynth.core.raytrain import resumable_run_name
+from skinsynth.core.rundir import StageIdentity
+
+
+def _run_name(section, run_length=(), data="d") -> str:
+    return StageIdentity("model:m", changed_settings(section), {"data": data}, {}, frozenset(run_length)).run_name("m")
 
 
 def test_defaults_are_the_phantom_demo():
@@ -179,11 +183,14 @@ def test_identity_hashes_ignore_settings_added_at_their_default():
     old, new = _SectionV1(lr=0.01, inner=_InnerV1(depth=5)), _SectionV2(lr=0.01, inner=_InnerV2(depth=5))
     assert changed_settings(old) == changed_settings(new) == {"lr": 0.01, "inner": {"depth": 5}}
     assert config_hash(old) == config_hash(new)
-    assert resumable_run_name("m", "train", old, {"lr"}, "d") == resumable_run_name("m", "train", new, {"lr"}, "d")
+    assert _run_name(old, {"lr"}) == _run_name(new, {"lr"})
     # ... while a change of any setting, old or new, changes them
     assert config_hash(_SectionV2(lr=0.01, inner=_InnerV2(depth=5, dropout=0.1))) != config_hash(new)
-    assert resumable_run_name("m", "train", _SectionV2(cpu_amp=True), (), "d") != resumable_run_name(
-        "m", "train", _SectionV2(), (), "d"
-    )
-    assert resumable_run_name("m", "train", new, (), "d") != resumable_run_name("m", "train", new, (), "other data")
+    assert _run_name(_SectionV2(cpu_amp=True)) != _run_name(_SectionV2())
+    assert _run_name(new) != _run_name(new, data="other data")
+    # run-length settings leave the run name alone (a longer run resumes) but not the stage identity
+    longer = _SectionV2(lr=0.02, inner=_InnerV2(depth=5))
+    assert _run_name(longer, {"lr"}) == _run_name(new, {"lr"})
+    identity = StageIdentity("model:m", changed_settings(longer), {"data": "d"}).identity
+    assert identity != StageIdentity("model:m", changed_settings(new), {"data": "d"}).identity
     assert changed_settings(ExperimentConfig()) == {}

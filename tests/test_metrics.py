@@ -35,6 +35,7 @@ from skinsynth.classify.metrics import (
     worst_group_sensitivity,
 )
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES
+from tests.conftest import logit_adjustment_case
 
 TOL = 1e-6
 
@@ -406,17 +407,6 @@ def test_metric_drop_is_internal_minus_external():
     assert drop["malignant_auroc"] is None
     with pytest.raises(ValueError, match="lacks"):
         metric_drop({}, external)
-
-
-def logit_adjustment_case() -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Validation predictions whose rare classes lose to the common class 0 by 0.5 to 0.4, training counts 100:10."""
-    labels = np.repeat(np.arange(7), 10)
-    probs = np.full((70, 7), 0.1 / 5)
-    probs[labels == 0] = [0.9] + [0.1 / 6] * 6
-    for c in range(1, 7):
-        rows = np.flatnonzero(labels == c)
-        probs[rows, 0], probs[rows, c] = 0.5, 0.4
-    return probs / probs.sum(1, keepdims=True), labels, [100] + [10] * 6
 
 
 def test_logit_adjustment_is_softmax_of_shifted_logits_and_its_scale_is_chosen_by_balanced_accuracy():

@@ -11,8 +11,7 @@ import pytest
 
 from skinsynth.core.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
 from skinsynth.errors import SkinsynthError
-from tests.conftest import BAD_EXPECTED
-from tests.test_cli import DEMO_SMALL
+from tests.conftest import BAD_EXPECTED, DEMO_SMALL
 
 BUCKET = "skinsynth-test"
 

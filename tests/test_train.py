@@ -158,7 +158,7 @@ def test_training_writes_the_best_model(trained_phantom):
 def test_logit_adjustment_is_folded_into_the_head_bias_and_evaluation_can_take_it_out(trained_phantom):
     from skinsynth.classify.evaluate import without_logit_adjustment
     from skinsynth.classify.metrics import adjust_probs
-    from tests.test_metrics import logit_adjustment_case
+    from tests.conftest import logit_adjustment_case
 
     cfg, result = trained_phantom
     (checkpoint,) = Path(cfg.run.out, "ray_train").glob("*/checkpoint_*/state.pt")

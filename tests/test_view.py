@@ -127,6 +127,41 @@ def test_overview_shows_every_stage_done_with_manifest_times_and_the_config(view
     assert app.code[0].value == config_text.rstrip("\n") and "name: viewer_fixture" in config_text
 
 
+def test_sampling_again_after_the_audit_marks_the_audit_stale_in_the_overview_and_the_run_summary(
+    viewer_run, tmp_path, monkeypatch
+):
+    import shutil
+
+    from skinsynth.config import load_config
+    from skinsynth.generate.sample import sample_synthetic
+    from skinsynth.pipeline import StageOutcome, format_run_summary
+
+    run = tmp_path / "runs" / "resampled"
+    shutil.copytree(viewer_run, run, ignore=shutil.ignore_patterns("ray_train"))
+    app = _page(_app(run.parent, monkeypatch), "Overview")
+    assert "STALE" not in set(app.dataframe[0].value["status"]) and not app.warning[1:]
+    audited = _json(run / "audit" / "manifest.json")["inputs"]["synthetic"]
+    cfg = load_config(None, [f"run.out={run}", "sample.plan=counts", "sample.counts={nv: 3}", "sample.steps=2"])
+    sample_synthetic(cfg.sample, run, progress=lambda _m: None)  # another synthetic set: the audit no longer holds
+    assert _json(run / "synthetic" / "manifest.json")["identity"] != audited
+
+    app = _page(_app(run.parent, monkeypatch), "Overview")
+    status = app.dataframe[0].value.set_index("stage")["status"]
+    assert status["audit"] == "STALE" and status["synthetic"] == "done" and status["data"] == "done"
+    warnings = [w for w in _texts(app.warning) if w.startswith("Stale:")]
+    # the audit, and eval/best (its report scores the synthetic set too); models/best when its trial mixed synthetic
+    assert any(w.startswith("Stale: eval:best is stale") for w in warnings), warnings
+    audit_warning = next(w for w in warnings if w.startswith("Stale: audit is stale"))
+    assert f"made from synthetic {audited}" in audit_warning and f"skinsynth audit {run}" in audit_warning
+    # each stage's own resolved config is on the page, from its manifest
+    assert _json(run / "synthetic" / "manifest.json")["config"]["counts"] == {"nv": 3}
+    assert any(e.label == "synthetic: synthetic" for e in app.expander)
+
+    summary = format_run_summary(cfg, [StageOutcome("sample", 1.0, False, "3 synthetic images")])
+    assert f"STALE: {len(warnings)} stage(s)" in summary
+    assert f"audit is stale: made from synthetic {audited}" in summary and f"skinsynth audit {run}" in summary
+
+
 def test_data_page_shows_the_card_splits_and_images_of_every_class(viewer_run, monkeypatch):
     card = _json(viewer_run / "data" / "data_card.json")
     app = _page(_app(viewer_run, monkeypatch), "Data")  # --runs may also name one run directory

@@ -52,13 +52,13 @@ def audit_gate(run_dir: str | Path) -> dict:
         ``{"share_ok": bool, "reasons": [...], ...}``; a set never audited, or changed since its audit, is not ok.
     """
     from skinsynth.audit.report import read_audit
-    from skinsynth.core.rundir import read_manifest
+    from skinsynth.core.rundir import current_identity
 
     report = read_audit(run_dir)
     if report is None:
         return {"share_ok": False, "reasons": [f"{run_dir} has no audit: run 'skinsynth audit {run_dir}'"]}
-    current = (read_manifest(Path(run_dir) / "synthetic") or {}).get("input_hash")
-    if report.get("synthetic_input_hash") != current:
+    current = current_identity(run_dir, "synthetic")
+    if current is None or (report.get("inputs") or {}).get("synthetic") != current:
         return {"share_ok": False, "reasons": ["the synthetic set changed after its audit: audit it again"]}
     return report["gate"]
 

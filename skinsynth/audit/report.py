@@ -26,8 +26,8 @@ from skinsynth import DISCLAIMER
 from skinsynth.audit import fidelity, privacy
 from skinsynth.audit.features import AuditError, choose_extractors, imagenet_features
 from skinsynth.audit.utility import utility_report
-from skinsynth.config import AuditConfig, ExperimentConfig, config_to_dict
-from skinsynth.core.rundir import read_manifest, replace_dir
+from skinsynth.config import AuditConfig, ExperimentConfig, changed_settings, config_to_dict
+from skinsynth.core.rundir import StageIdentity, current_identity, layout, replace_dir, write_manifest
 
 Progress = Callable[[str], None]
 REPORT_FILE = "report.json"
@@ -153,6 +153,14 @@ def similarity_figure(calibration: np.ndarray, synthetic: np.ndarray, held_out: 
     return save_figure(fig, path)
 
 
+def audit_identity(cfg: ExperimentConfig, run_dir: str | Path) -> StageIdentity:
+    """The audit's identity: its settings and the identities of what it reads - the synthetic set, the generator
+    (the membership attack queries it), the prepared set, and the classifier used as a feature extractor."""
+    stages = ("data", "generator", "synthetic", f"model:{cfg.train.name}")
+    inputs = {stage: current_identity(run_dir, stage) for stage in stages}
+    return StageIdentity("audit", changed_settings(cfg.audit), inputs, config_to_dict(cfg.audit))
+
+
 def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress = print) -> dict[str, Any]:
     """Audit ``RUN_DIR/synthetic`` and write ``RUN_DIR/audit/``.
 
@@ -169,6 +177,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
     """
     ac = cfg.audit
     run_dir = Path(run_dir)
+    identity = audit_identity(cfg, run_dir)
     started = time.perf_counter()
     torch.manual_seed(ac.seed)
     train, held_out, synthetic, test_ids = load_audit_images(run_dir)
@@ -282,7 +291,8 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         ]
         report = {
             "disclaimer": DISCLAIMER,
-            "synthetic_input_hash": (read_manifest(run_dir / "synthetic") or {}).get("input_hash"),
+            # what this report was made from (stage identities), so a later sample or re-split shows it stale
+            "inputs": dict(identity.inputs),
             "generator_id": json.loads((run_dir / "synthetic" / "synthetic_card.json").read_text())["generator_id"],
             "images": {
                 "synthetic": len(synthetic.ids),
@@ -305,7 +315,8 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             "seconds": round(time.perf_counter() - started, 1),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        replace_dir(tmp, run_dir / "audit")
+        write_manifest(tmp, identity, share_ok=gate["share_ok"])
+        replace_dir(tmp, layout(run_dir).audit)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     verdict = "share_ok" if gate["share_ok"] else "NOT share_ok: " + "; ".join(reasons)

@@ -22,6 +22,7 @@ from skinsynth import DISCLAIMER, __version__
 from skinsynth.classify import metrics as M
 from skinsynth.config import ExperimentConfig
 from skinsynth.core.ray import git_commit
+from skinsynth.core.rundir import write_manifest
 from skinsynth.core.shards import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
 from skinsynth.core.storage import display_uri, local_prepared_copy, local_run_dir
 from skinsynth.data.schema import CLASSES, age_band
@@ -114,6 +115,17 @@ def evaluate_split(
         fairness = pd.concat([true_tone.assign(attribute="tone_true"), fairness], ignore_index=True)
     report["fairness"] = M.fairness_summary(fairness)
     return report, fairness, probs
+
+
+def evaluation_identity(cfg: ExperimentConfig, run_dir: str | Path, external: list[str] | tuple[str, ...] = ()):
+    """An evaluation's identity: the model's, the prepared set's and the synthetic set's (the report scores the
+    classifier on it too), plus the external sets named."""
+    from skinsynth.core.rundir import StageIdentity, current_identity
+
+    name = cfg.train.name
+    inputs = {stage: current_identity(run_dir, stage) for stage in (f"model:{name}", "data", "synthetic")}
+    settings = {"external": [display_uri(e) for e in external]} if external else {}
+    return StageIdentity(f"eval:{name}", settings, inputs, {"train.name": name, "external": list(external)})
 
 
 def evaluate_model(
@@ -225,7 +237,10 @@ def evaluate_model(
     from skinsynth.classify.figures import write_figures
 
     report["figures"] = write_figures(out_dir, test, test_probs, report, fairness)
+    identity = evaluation_identity(cfg, run_dir, external)
+    report["inputs"] = dict(identity.inputs)  # what this report was made from (stage identities)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    write_manifest(out_dir, identity)
     write_model_card(model_dir, info, report, cfg)
     progress(f"evaluate: report written to {out_dir / 'report.json'}")
     return report

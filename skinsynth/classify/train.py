@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skinsynth.config import ExperimentConfig, TrainConfig, config_to_dict, section_from_dict
+from skinsynth.config import ExperimentConfig, TrainConfig, changed_settings, config_to_dict, section_from_dict
+from skinsynth.core.rundir import StageIdentity, current_identity, layout, replace_dir, write_manifest
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
@@ -514,20 +515,22 @@ def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) ->
     return datasets
 
 
-def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
-    """Ray Train run name: the model name plus a hash of everything that defines the run except its length.
-
-    Ray Train resumes a run from the latest checkpoint under the same name, so re-running the same command (or
-    the same command with more epochs or patience) continues it, while any other change (model, learning rate,
-    data, ...) starts a fresh run instead of silently resuming a different one.
-    """
-    from skinsynth.core.raytrain import resumable_run_name
-    from skinsynth.core.rundir import read_manifest
-
-    data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
+def model_identity(tc: TrainConfig, run_dir: Path, extra_inputs: dict[str, str | None] | None = None) -> StageIdentity:
+    """A classifier's identity: its settings (bar its folder name), the prepared set's identity, and the synthetic
+    set's when it mixes synthetic images in. ``epochs`` and ``early_stopping_patience`` only lengthen a run."""
+    settings = {k: v for k, v in changed_settings(tc).items() if k != "name"}
+    inputs = {"data": current_identity(run_dir, "data")}
     if tc.mix.ratio > 0:  # a re-sampled synthetic set is different data
-        data_hash = f"{data_hash}+{(read_manifest(run_dir / 'synthetic') or {}).get('input_hash')}"
-    return resumable_run_name(tc.name, "train", tc, RUN_LENGTH_KEYS, data_hash)
+        inputs["synthetic"] = current_identity(run_dir, "synthetic")
+    inputs.update(extra_inputs or {})
+    return StageIdentity(f"model:{tc.name}", settings, inputs, config_to_dict(tc), RUN_LENGTH_KEYS)
+
+
+def training_run_name(tc: TrainConfig, run_dir: Path) -> str:
+    """Ray Train run name: the model name plus its identity without the run's length (see
+    :meth:`~skinsynth.core.rundir.StageIdentity.run_name`): the same command, or one with more epochs, resumes; a
+    change of settings or of any input upstream (a re-split data set) starts a fresh run."""
+    return model_identity(tc, run_dir).run_name(tc.name)
 
 
 @dataclass
@@ -686,11 +689,13 @@ def export_model(
     extra: dict[str, Any] | None = None,
     name: str | None = None,
     progress: Progress = print,
+    identity: StageIdentity | None = None,
 ) -> Path:
-    """Write the best weights, the training config and the history to ``RUN_DIR/models/<name>/`` atomically
-    (``name`` defaults to ``train.name``; ``extra`` joins ``training.json``)."""
+    """Write the best weights, the training config, the history and the stage manifest to ``RUN_DIR/models/<name>/``
+    atomically (``name`` defaults to ``train.name``; ``extra`` joins ``training.json``; ``identity`` defaults to
+    :func:`model_identity` of ``tc``)."""
     name = name or tc.name
-    model_dir = run_dir / "models" / name
+    model_dir = layout(run_dir).model(name)
     tmp = model_dir.with_name(f".{name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     weights, adjustment = state["best_model"], None
@@ -714,11 +719,9 @@ def export_model(
         **(extra or {}),
     }
     (tmp / "training.json").write_text(json.dumps(info, indent=2, default=float))
-    if model_dir.exists():
-        import shutil
-
-        shutil.rmtree(model_dir)
-    tmp.rename(model_dir)
+    identity = identity or model_identity(dataclasses.replace(tc, name=name), run_dir)
+    write_manifest(tmp, identity, best_epoch=state["best_epoch"] + 1)
+    replace_dir(tmp, model_dir)
     return model_dir
 
 

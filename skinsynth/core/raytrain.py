@@ -4,11 +4,9 @@ objects through ``ray.train.report``."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,7 @@ def fit_torch_run(
     Args:
         loop: the worker loop; it starts with :func:`start_worker` and reports through :func:`save_training_state`.
         loop_config: plain values for the loop; ``torch_threads`` is added to it.
-        name: the run's name (see :func:`resumable_run_name`).
+        name: the run's name (see :meth:`skinsynth.core.rundir.StageIdentity.run_name`).
         storage: ``(storage_path, storage_filesystem)`` where Ray Train keeps the run's checkpoints.
         num_workers: training workers.
         use_gpu: one GPU per worker.
@@ -285,21 +283,3 @@ def restore_training_state(stateful: Mapping[str, Any], saved: dict | None) -> d
         if obj is not None and saved.get(key):
             _stateful_target(obj).load_state_dict(saved[key])
     return saved["state"]
-
-
-def resumable_run_name(
-    prefix: str, section: str, settings: object, ignore: Collection[str], data_hash: str | None
-) -> str:
-    """A Ray Train run name: ``prefix`` plus a hash of the settings that define the run and of its data.
-
-    Ray Train resumes from the latest checkpoint under the same storage path and name, so the same command (or
-    one that only changes ``ignore``d keys: length, logging) continues a run, while any other change (model,
-    learning rate, data, ...) starts a fresh run instead of silently resuming a different one. ``settings`` is the
-    config section; only its :func:`~skinsynth.config.changed_settings` count, so a setting added by an upgrade
-    does not orphan an interrupted run.
-    """
-    from skinsynth.config import changed_settings
-
-    identity = {k: v for k, v in changed_settings(settings).items() if k not in ignore}
-    payload = json.dumps({section: identity, "data": data_hash}, sort_keys=True)
-    return f"{prefix}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"

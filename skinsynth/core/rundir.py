@@ -1,20 +1,327 @@
-"""The run directory: every stage folder and file named once, stage manifests, and atomic folder replacement."""
+"""The run directory: every stage folder and file named once, stage identity, manifests, staleness, and atomic folder
+replacement.
+
+Layout of ``RUN_DIR/``::
+
+    config.yaml             the resolved config of the last `skinsynth run` / `demo` (each stage keeps its own)
+    data/                   prepared shards, splits, data card, quarantine                  (stage "data")
+    generator/              the diffusion generator: weights, schedule, card, grids           (stage "generator")
+    synthetic/              synthetic shards, plan, card                                     (stage "synthetic")
+    models/<name>/          a classifier: weights, training.json                             (stage "model:<name>")
+    audit/                  fidelity, privacy and the sharing gate of synthetic/             (stage "audit")
+    eval/<name>/            evaluation of models/<name>                                      (stage "eval:<name>")
+    tune/<sweep>/           a sweep: trials, best trial                                      (stage "sweep:<sweep>")
+    ray_train/              Ray Train runs (checkpoints), named by their stage's identity
+    logs/                   full logs
+
+Every stage folder holds ``manifest.json``: the stage's identity, the identities of the stages it read (``inputs``),
+the resolved config it ran with (``--set`` values included) and when it was made.
+
+**Identity.** A stage's identity is a hash of its own settings that differ from their defaults and the identities of
+the stages it reads (the data identity hashes the source fingerprint and the data settings, split and preprocessing
+included). So a re-split data set changes the identity of every stage downstream of it: their Ray Train run names
+change (a new run starts rather than resuming one trained on the old split), and ``skinsynth run`` re-runs them. A
+setting added by an upgrade, left at its default, changes no identity.
+
+**Staleness.** A stage is stale when a stage it read has since been replaced: the identity its manifest recorded
+for that input is no longer the input's current identity. :func:`stale_stages` lists them with the command that
+refreshes each.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+TEST_LEDGER = "test_ledger.jsonl"
 
-def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+# stage kinds -> folder under RUN_DIR; a kind with a name ("model:best") lives in <folder>/<name>
+STAGE_FOLDERS = {
+    "data": "data",
+    "generator": "generator",
+    "synthetic": "synthetic",
+    "audit": "audit",
+    "model": "models",
+    "eval": "eval",
+    "sweep": "tune",
+}
+# the command that makes (or refreshes) each kind of stage; {run} is the run directory, {name} the stage's name
+REFRESH_COMMANDS = {
+    "data": "skinsynth data prepare --out {run} --force",
+    "generator": "skinsynth generate train --out {run}",
+    "synthetic": "skinsynth generate sample --out {run}",
+    "audit": "skinsynth audit {run}",
+    "model": "skinsynth train --out {run}{name_set}",
+    "eval": "skinsynth evaluate --out {run}{name_set}",
+    "sweep": "skinsynth tune --out {run}",
+}
+DEFAULT_MODEL_NAME = "classifier"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each stage's outputs live inside one run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def data_images(self) -> Path:
+        return self.data / "images"
+
+    @property
+    def splits(self) -> Path:
+        return self.data / "splits.parquet"
+
+    @property
+    def data_card(self) -> Path:
+        return self.data / "data_card.json"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.data / "quarantine.csv"
+
+    @property
+    def generator(self) -> Path:
+        return self.root / "generator"
+
+    @property
+    def generator_card(self) -> Path:
+        return self.generator / "generator_card.json"
+
+    @property
+    def synthetic(self) -> Path:
+        return self.root / "synthetic"
+
+    @property
+    def synthetic_card(self) -> Path:
+        return self.synthetic / "synthetic_card.json"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def audit_report(self) -> Path:
+        return self.audit / "report.json"
+
+    @property
+    def ray_train(self) -> Path:
+        return self.root / "ray_train"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def test_ledger(self) -> Path:
+        return self.root / TEST_LEDGER
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def evaluation(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+    def sweep(self, name: str) -> Path:
+        return self.root / "tune" / name
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder of a stage key (``data``, ``model:classifier``, ``sweep:ratio``, ...)."""
+        kind, _, name = stage.partition(":")
+        if kind not in STAGE_FOLDERS:
+            raise ValueError(f"unknown stage '{stage}' (known kinds: {', '.join(STAGE_FOLDERS)})")
+        folder = self.root / STAGE_FOLDERS[kind]
+        return folder / name if name else folder
+
+
+def layout(run_dir: str | Path) -> RunLayout:
+    """The :class:`RunLayout` of ``run_dir``."""
+    return RunLayout(Path(run_dir))
+
+
+# --- identity ---
+
+
+def identity_hash(payload: Any) -> str:
+    """Short, stable hash of a JSON-able payload (sorted keys)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ids_hash(image_ids: list[str]) -> str:
+    """Hash of a set of image ids (order-free): what a generator or model learnt from."""
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageIdentity:
+    """What defines one stage's output: its own non-default settings and the identities of what it read.
+
+    ``run_length`` names settings that only lengthen a run (epochs, steps, logging): they count in the stage's
+    identity (more epochs is another model) but not in its Ray Train run name, so the longer run resumes the shorter.
+    """
+
+    stage: str
+    settings: Mapping[str, Any]
+    inputs: Mapping[str, str | None]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    run_length: frozenset[str] = frozenset()
+
+    @property
+    def identity(self) -> str:
+        return identity_hash({"settings": dict(self.settings), "inputs": dict(self.inputs)})
+
+    def run_name(self, prefix: str) -> str:
+        """A Ray Train run name: ``prefix`` plus the identity without the run-length settings.
+
+        Ray Train resumes from the latest checkpoint under the same storage path and name, so the same command (or
+        one that only lengthens the run) continues it, while any other change - settings or any input upstream,
+        such as a re-split data set - starts a fresh run instead of silently resuming a different one.
+        """
+        settings = {k: v for k, v in self.settings.items() if k not in self.run_length}
+        return f"{prefix}-{identity_hash({'settings': settings, 'inputs': dict(self.inputs)})[:10]}"
+
+
+# --- manifests ---
+
+
+def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
     """The stage manifest, or None when absent or unreadable."""
     try:
-        return json.loads((Path(stage_dir) / "manifest.json").read_text())
+        value = json.loads((Path(stage_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def current_identity(run_dir: str | Path, stage: str) -> str | None:
+    """The identity recorded in a stage's manifest (None: the stage has not run, or ran before identities)."""
+    return (read_manifest(layout(run_dir).stage_dir(stage)) or {}).get("identity")
+
+
+def manifest_payload(identity: StageIdentity, **extra: Any) -> dict[str, Any]:
+    """What a stage writes to its ``manifest.json``."""
+    return {
+        "stage": identity.stage,
+        "identity": identity.identity,
+        "inputs": dict(identity.inputs),
+        "settings": dict(identity.settings),
+        "config": dict(identity.config),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def write_manifest(stage_dir: str | Path, identity: StageIdentity, **extra: Any) -> Path:
+    """Write ``stage_dir/manifest.json`` for ``identity`` (``extra`` keys join it) and return its path."""
+    path = Path(stage_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(manifest_payload(identity, **extra), indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def why_rerun(run_dir: str | Path, expected: StageIdentity) -> str | None:
+    """None when the stage's manifest matches ``expected``; else one line saying why it must run."""
+    manifest = read_manifest(layout(run_dir).stage_dir(expected.stage))
+    if manifest is None:
+        return "no previous output"
+    if manifest.get("identity") == expected.identity:
+        return None
+    if "identity" not in manifest:
+        return "its output predates stage identities"
+    before = manifest.get("inputs") or {}
+    changed = [
+        key for key in sorted(set(before) | set(expected.inputs)) if before.get(key) != expected.inputs.get(key)
+    ]
+    reasons = [f"{key} changed ({before.get(key)} -> {expected.inputs.get(key)})" for key in changed]
+    if manifest.get("settings") != dict(expected.settings):
+        reasons.append("its settings changed")
+    return "; ".join(reasons) or "its identity changed"
+
+
+# --- staleness ---
+
+
+@dataclass(frozen=True)
+class StaleStage:
+    """A stage whose output was made from an input that has since been replaced."""
+
+    stage: str
+    input: str
+    recorded: str | None
+    current: str | None
+    command: str
+
+    def describe(self) -> str:
+        now = self.current or "missing"
+        made = f"made from {self.input} {self.recorded}, which is now {now}"
+        return f"{self.stage} is stale: {made}; refresh: {self.command}"
+
+
+def refresh_command(run_dir: str | Path, stage: str) -> str:
+    """The command that remakes ``stage`` in ``run_dir``."""
+    kind, _, name = stage.partition(":")
+    name_set = (
+        f" --set train.name={name}" if kind in ("model", "eval") and name not in ("", DEFAULT_MODEL_NAME) else ""
+    )
+    return REFRESH_COMMANDS[kind].format(run=run_dir, name_set=name_set)
+
+
+def stage_manifests(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every stage manifest of a run, by stage key."""
+    root = Path(run_dir)
+    found: dict[str, dict[str, Any]] = {}
+    for kind, folder in STAGE_FOLDERS.items():
+        named = kind in ("model", "eval", "sweep")
+        dirs = sorted(p for p in (root / folder).iterdir() if p.is_dir()) if named and (root / folder).is_dir() else []
+        for stage_dir in dirs if named else [root / folder]:
+            manifest = read_manifest(stage_dir)
+            if manifest is not None:
+                found[f"{kind}:{stage_dir.name}" if named else kind] = manifest
+    return found
+
+
+def stale_stages(run_dir: str | Path) -> list[StaleStage]:
+    """The stages of ``run_dir`` whose recorded inputs are no longer the inputs' current identities, and the stages
+    made from those (a synthetic set sampled from a generator trained on a replaced data set is stale too)."""
+    manifests = stage_manifests(run_dir)
+    stale: dict[str, StaleStage] = {}
+    changed = True
+    while changed:  # to a fixed point: staleness flows downstream whatever order the stages are listed in
+        changed = False
+        for stage, manifest in manifests.items():
+            if stage in stale:
+                continue
+            for source, recorded in sorted((manifest.get("inputs") or {}).items()):
+                if source.partition(":")[0] not in STAGE_FOLDERS or recorded is None:
+                    continue  # not a stage (a source fingerprint, a set of image ids), or not read
+                current = (manifests.get(source) or {}).get("identity")
+                if current != recorded or source in stale:
+                    now = current if current != recorded else f"{current} (itself stale)"
+                    stale[stage] = StaleStage(stage, source, recorded, now, refresh_command(run_dir, stage))
+                    changed = True
+                    break
+    return sorted(stale.values(), key=lambda s: list(manifests).index(s.stage))
+
+
+# --- folders ---
 
 
 def replace_dir(new: Path, target: Path) -> None:

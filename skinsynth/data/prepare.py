@@ -36,8 +36,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from skinsynth.config import DataConfig, PreprocessConfig, config_hash, config_to_dict
-from skinsynth.core.rundir import read_manifest, replace_dir
+from skinsynth.config import DataConfig, PreprocessConfig, changed_settings, config_to_dict
+from skinsynth.core.rundir import StageIdentity, layout, read_manifest, replace_dir, write_manifest
 from skinsynth.core.storage import read_source_bytes
 from skinsynth.data.card import build_data_card
 from skinsynth.data.preprocess import BadImage, encode_png, preprocess_image
@@ -250,6 +250,18 @@ def input_fingerprint(records: pd.DataFrame, quarantine: list[dict[str, Any]]) -
     return digest.hexdigest()[:16]
 
 
+# data settings that change how the work is run, not what it makes
+EXECUTION_KEYS = frozenset({"num_cpus"})
+
+
+def data_identity(cfg: DataConfig, fingerprint: str) -> StageIdentity:
+    """The prepared set's identity: the source's content fingerprint plus every data setting that shapes the
+    output - split and preprocessing included, so a re-split set has a new identity (and so does everything
+    trained on it)."""
+    settings = {k: v for k, v in changed_settings(cfg).items() if k not in EXECUTION_KEYS}
+    return StageIdentity("data", settings, {"source": fingerprint}, config_to_dict(cfg))
+
+
 def prepare_images(
     cfg: DataConfig,
     run_dir: str | Path,
@@ -278,7 +290,7 @@ def prepare_images(
         SplitError: impossible split settings or a lesion that would leak between splits.
     """
     run_dir = Path(run_dir)
-    data_dir = run_dir / "data"
+    data_dir = layout(run_dir).data
     started = time.perf_counter()
     listing = listing if listing is not None else list_source(cfg, progress)
     records = listing.records.assign(sha256=hash_files(listing.records))
@@ -286,14 +298,9 @@ def prepare_images(
     merged_groups, duplicates = merge_duplicate_groups(hashed)
     records.loc[hashed.index, "group_id"] = merged_groups
     fingerprint = input_fingerprint(records, listing.quarantine)
-    cfg_hash = config_hash(cfg)
+    identity = data_identity(cfg, fingerprint)
     manifest = read_manifest(data_dir)
-    if (
-        not force
-        and manifest
-        and manifest.get("config_hash") == cfg_hash
-        and manifest.get("input_hash") == fingerprint
-    ):
+    if not force and manifest and manifest.get("identity") == identity.identity:
         progress(f"prepare: {data_dir} is up to date (same config and inputs); skipping")
         return PrepareResult(data_dir, json.loads((data_dir / "data_card.json").read_text()), skipped=True)
 
@@ -353,20 +360,7 @@ def prepare_images(
         engine=engine,
     )
     (tmp_dir / "data_card.json").write_text(json.dumps(card, indent=2, default=str))
-    (tmp_dir / "manifest.json").write_text(
-        json.dumps(
-            {
-                "stage": "prepare",
-                "config_hash": cfg_hash,
-                "input_hash": fingerprint,
-                "config": config_to_dict(cfg),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "rows": int(len(good)),
-                "quarantined": int(len(quarantine)),
-            },
-            indent=2,
-        )
-    )
+    write_manifest(tmp_dir, identity, input_hash=fingerprint, rows=int(len(good)), quarantined=int(len(quarantine)))
     replace_dir(tmp_dir, data_dir)
     progress(
         f"prepare: wrote {len(good)} images to {data_dir / 'images'}, {len(quarantine)} quarantined "

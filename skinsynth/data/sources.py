@@ -396,8 +396,8 @@ def list_phantom(cfg: DataConfig) -> SourceListing:
 
 def list_source(cfg: DataConfig, progress: Callable[[str], None] = print) -> SourceListing:
     """Dispatch on ``cfg.source``. A ``data.path`` that is a storage URI (``s3://``, ``gs://``, ...) is pulled into a
-    local copy first (``skinsynth.core.storage.mirror_source``) and listed there; its records keep the files' URIs, which
-    prepare tasks read from the copy where it exists and from the URI on other nodes.
+    local copy first (``skinsynth.core.storage.mirror_source``) and listed there; its records keep the files' URIs,
+    which prepare tasks read from the copy where it exists and from the URI on other nodes.
 
     Raises:
         SourceError: the source cannot be read (missing path, no metadata, ...).

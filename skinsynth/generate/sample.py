@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from skinsynth.config import SampleConfig, config_hash, config_to_dict
-from skinsynth.core.rundir import read_manifest, replace_dir
+from skinsynth.config import SampleConfig, changed_settings, config_to_dict
+from skinsynth.core.rundir import StageIdentity, current_identity, layout, read_manifest, replace_dir, write_manifest
 from skinsynth.data.preprocess import encode_png
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES, IMAGE_SCHEMA
 from skinsynth.data.tone import estimate_tone
@@ -327,6 +327,22 @@ def generator_id_of(generator_dir: Path) -> str:
     return json.loads(card_path.read_text())["generator_id"]
 
 
+# settings that spread the work, not change it: image i of a plan is the same whatever the number of actors
+EXECUTION_KEYS = frozenset({"num_actors"})
+
+
+def synthetic_identity(cfg: SampleConfig, run_dir: Path, generator_id: str | None = None) -> StageIdentity:
+    """The synthetic set's identity: the sampling settings, the generator's identity and its weights' id (the plan
+    follows from these and the prepared set the generator's identity already holds)."""
+    generator_dir = layout(run_dir).generator
+    inputs = {
+        "generator": current_identity(run_dir, "generator"),
+        "generator_id": generator_id or generator_id_of(generator_dir),
+    }
+    settings = {k: v for k, v in changed_settings(cfg).items() if k not in EXECUTION_KEYS}
+    return StageIdentity("synthetic", settings, inputs, config_to_dict(cfg))
+
+
 @dataclass
 class SampleResult:
     """What ``generate sample`` produced."""
@@ -368,11 +384,10 @@ def sample_synthetic(
     real_train = read_rows(run_dir, labelled, columns=["image_id", "dx", "tone"])
     conditioning = Conditioning(**_conditioning_args(generator_dir))
     plan = build_plan(cfg, real_train, conditioning)
-    expected = hashlib.sha256(
-        json.dumps({"cfg": config_hash(cfg), "generator": generator_id, "plan": len(plan)}).encode()
-    ).hexdigest()[:16]
+    identity = synthetic_identity(cfg, run_dir, generator_id)
+    expected = identity.identity
     manifest = read_manifest(synthetic_dir)
-    if not force and manifest and manifest.get("input_hash") == expected:
+    if not force and manifest and manifest.get("identity") == expected:
         progress(f"sample: {synthetic_dir} is up to date (same plan and generator); skipping")
         return SampleResult(synthetic_dir, json.loads((synthetic_dir / "synthetic_card.json").read_text()), True)
 
@@ -418,9 +433,7 @@ def sample_synthetic(
         "note": "synthetic images from a generative model: not real patients, never a diagnosis",
     }
     (partial / "synthetic_card.json").write_text(json.dumps(card, indent=2))
-    (partial / "manifest.json").write_text(
-        json.dumps({"stage": "sample", "input_hash": expected, "config": config_to_dict(cfg)}, indent=2)
-    )
+    write_manifest(partial, identity, images=len(written))
     replace_dir(partial, synthetic_dir)
     progress(f"sample: wrote {len(written)} synthetic images to {synthetic_dir / 'images'}")
     return SampleResult(synthetic_dir, card)

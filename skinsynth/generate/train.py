@@ -35,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skinsynth.config import ExperimentConfig, GeneratorConfig, config_to_dict
+from skinsynth.config import ExperimentConfig, GeneratorConfig, changed_settings, config_to_dict
+from skinsynth.core.rundir import StageIdentity, current_identity, ids_hash, layout, replace_dir, write_manifest
+from skinsynth.core.shards import load_split_table, read_rows, split_ids
 from skinsynth.errors import SkinsynthError
 from skinsynth.generate.diffusion import (
     SCHEDULER_DIR,
@@ -235,8 +237,6 @@ def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> Non
 
 def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
     """Model-collapse guard: refuse if any training row is marked synthetic (or comes from a synthetic source)."""
-    from skinsynth.core.shards import read_rows
-
     rows = read_rows(run_dir, image_ids, columns=["image_id", "synthetic", "source"])
     bad = rows[rows["synthetic"] | (rows["source"] == "synthetic")]
     if len(bad):
@@ -247,13 +247,18 @@ def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
         )
 
 
-def generator_run_name(gc: GeneratorConfig, data_hash: str | None) -> str:
-    """Ray Train run name: a hash of everything that defines the run except how long it is and how it reports,
-    so the same command (or one with more steps) resumes, and any other change starts afresh."""
-    from skinsynth.core.raytrain import resumable_run_name
+# settings that only say how a run reports or reads its data: they change no weight
+REPORTING_KEYS = frozenset({"checkpoint_every", "grid_every", "log_every", "cache_rows", "enabled"})
 
-    skip = {"train_steps", "checkpoint_every", "grid_every", "log_every", "cache_rows"}
-    return resumable_run_name("generator", "generator", gc, skip, data_hash)
+
+def generator_identity(cfg: ExperimentConfig, run_dir: Path, train_ids: list[str] | None = None) -> StageIdentity:
+    """The generator's identity: its settings, the prepared set's identity and the ids of the images it learns from
+    (the labelled train split). ``train_steps`` only lengthens a run: more steps resume the same Ray Train run."""
+    if train_ids is None:
+        train_ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
+    settings = {k: v for k, v in changed_settings(cfg.generator).items() if k not in REPORTING_KEYS}
+    inputs = {"data": current_identity(run_dir, "data"), "train_ids": ids_hash(train_ids)}
+    return StageIdentity("generator", settings, inputs, config_to_dict(cfg.generator), frozenset({"train_steps"}))
 
 
 @dataclass
@@ -276,8 +281,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     """
     from skinsynth.core.ray import ensure_ray, quiet_ray_data, resolve_use_gpu
     from skinsynth.core.raytrain import fit_torch_run
-    from skinsynth.core.rundir import read_manifest
-    from skinsynth.core.shards import cached_dataset, load_split_table, shard_dataset, split_ids
+    from skinsynth.core.shards import cached_dataset, shard_dataset
     from skinsynth.core.storage import open_run_store
     from skinsynth.generate.model import check_image_size
 
@@ -300,13 +304,13 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     check_image_size(image_size, gc.size)
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(gc.use_gpu, "generator.use_gpu")
-    data_hash = (read_manifest(run_dir / "data") or {}).get("input_hash")
     progress(
         f"generate train: '{gc.size}' UNet at {image_size} px on {len(train_ids)} real training images, "
         f"{gc.train_steps} steps of {gc.batch_size * gc.grad_accum * gc.num_workers} images, "
         f"{gc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
-    name = generator_run_name(gc, data_hash)
+    identity = generator_identity(cfg, run_dir, train_ids)
+    name = identity.run_name("generator")
     storage = run_dir / "ray_train"  # the grids (checkpoints go to the run's storage, on its URI when remote)
     quiet_ray_data()
     t0 = time.perf_counter()
@@ -327,7 +331,14 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         datasets={"train": train_images},
     )
     generator_dir = export_generator(
-        run_dir, gc, saved, image_size=image_size, train_ids=train_ids, data_card=card, grids=storage / name / "grids"
+        run_dir,
+        gc,
+        saved,
+        image_size=image_size,
+        train_ids=train_ids,
+        data_card=card,
+        grids=storage / name / "grids",
+        identity=identity,
     )
     info = json.loads((generator_dir / "generator_card.json").read_text())
     progress(
@@ -349,11 +360,12 @@ def export_generator(
     train_ids: list[str],
     data_card: dict[str, Any],
     grids: Path,
+    identity: StageIdentity,
 ) -> Path:
-    """Write the EMA weights, noise schedule, a final grid and the generator card to ``RUN_DIR/generator/``."""
+    """Write the EMA weights, noise schedule, a final grid, the generator card and the stage manifest (``identity``)
+    to ``RUN_DIR/generator/``."""
     from diffusers.training_utils import EMAModel
 
-    from skinsynth.core.rundir import replace_dir
 
     unet, conditioning = create_generator(gc, image_size)
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
@@ -372,15 +384,14 @@ def export_generator(
     generator_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     state = saved["state"]
     (tmp / "training.json").write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
-    from skinsynth.core.shards import read_rows
-
     # the images it learnt from (the labelled train images), not the whole train split of the data card
     learnt = read_rows(run_dir, train_ids, columns=["image_id", "dx"])["dx"].value_counts()
     class_counts = {dx: int(learnt.get(dx, 0)) for dx in conditioning.classes}
     card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card, class_counts)
     (tmp / "generator_card.json").write_text(json.dumps(card, indent=2, default=str))
-    replace_dir(tmp, run_dir / "generator")
-    return run_dir / "generator"
+    write_manifest(tmp, identity, generator_id=generator_id, steps=state["step"])
+    replace_dir(tmp, layout(run_dir).generator)
+    return layout(run_dir).generator
 
 
 def generator_card(
@@ -400,7 +411,6 @@ def generator_card(
     from skinsynth import __version__
     from skinsynth.core.ray import git_commit
 
-    ids_hash = hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()[:16]
     return {
         "generator_id": generator_id,
         "model": f"diffusers.UNet2DModel, '{gc.size}' preset",
@@ -414,7 +424,7 @@ def generator_card(
             "source": data_card.get("source"),
             "split": "train, labelled real images only",
             "images": len(train_ids),
-            "image_ids_sha256": ids_hash,
+            "image_ids_sha256": ids_hash(train_ids),
             "class_counts": class_counts,
             "licence": data_card.get("licence"),
         },

@@ -19,7 +19,6 @@ and evaluated once, on test and the external sets, into ``RUN_DIR/eval/best/``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from skinsynth.config import ExperimentConfig, changed_settings, config_to_dict
+from skinsynth.core.rundir import StageIdentity, write_manifest
 from skinsynth.core.storage import RunStore, open_run_store
 from skinsynth.errors import SkinsynthError
 from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config, tune_param_space
@@ -143,18 +143,23 @@ def trial_log_callback(sweep_dir: Path):
     return TrialLog()
 
 
-def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
-    """Hash of what defines a sweep: its config (bar where the best model is evaluated) and its input data."""
-    from skinsynth.core.rundir import read_manifest
+def sweep_stage(cfg: ExperimentConfig, run_dir: Path) -> StageIdentity:
+    """What defines a sweep: its config (bar where the best model is evaluated) and the identities of the prepared
+    and synthetic sets its trials read, so a re-split data set starts the sweep again."""
+    from skinsynth.core.rundir import current_identity
 
     settings = changed_settings(cfg)  # a setting added by an upgrade, at its default, keeps the sweep resumable
     for section, key in (("tune", "external"), ("run", "out"), ("run", "cache_dir")):
         settings.get(section, {}).pop(key, None)
         if settings.get(section) == {}:
             del settings[section]
-    inputs = [(read_manifest(run_dir / stage) or {}).get("input_hash") for stage in ("data", "synthetic")]
-    payload = json.dumps({"config": settings, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    inputs = {stage: current_identity(run_dir, stage) for stage in ("data", "synthetic")}
+    return StageIdentity(f"sweep:{cfg.tune.name}", settings, inputs, config_to_dict(cfg))
+
+
+def sweep_identity(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """The sweep's identity hash (:func:`sweep_stage`)."""
+    return sweep_stage(cfg, run_dir).identity
 
 
 def _check_inputs(cfg: ExperimentConfig, run_dir: Path) -> None:
@@ -417,6 +422,7 @@ def run_sweep(
             progress(f"tune: best cell on mean validation balanced accuracy: {cell} (chosen on validation only)")
     best = export_and_evaluate_best(trials, cfg, run_dir, progress)
     (sweep_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
+    write_manifest(sweep_dir, sweep_stage(cfg, run_dir), trials=len(trials), best_trial=best.get("trial_id"))
     return SweepResult(sweep_dir, trials, best, summary)
 
 
@@ -527,7 +533,7 @@ def export_and_evaluate_best(
         SkinsynthError: no trial reported a checkpoint.
     """
     from skinsynth.classify.evaluate import evaluate_model
-    from skinsynth.classify.train import export_model
+    from skinsynth.classify.train import export_model, model_identity
 
     usable = trials[trials["checkpoint_path"].notna() & trials[METRIC].notna()]
     if usable.empty:
@@ -541,6 +547,7 @@ def export_and_evaluate_best(
     best_cfg.train.name = BEST_MODEL
     card = json.loads((run_dir / "data" / "data_card.json").read_text())
     sweep = {"sweep": cfg.tune.name, "trial_id": best["trial_id"], "params": params, "chosen_on": "validation"}
+    sweep_inputs = {f"sweep:{cfg.tune.name}": sweep_identity(cfg, run_dir)}
     export_model(
         run_dir,
         best_cfg.train,
@@ -549,6 +556,7 @@ def export_and_evaluate_best(
         {"sweep": sweep},
         BEST_MODEL,
         progress=progress,
+        identity=model_identity(best_cfg.train, run_dir, sweep_inputs),
     )
     tone = f", worst tone group's malignant sensitivity {best[TONE_METRIC]:.3f}" if pd.notna(best[TONE_METRIC]) else ""
     progress(

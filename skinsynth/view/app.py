@@ -86,7 +86,7 @@ def page_overview(run_dir: Path, endpoint: str) -> None:
     rows = [
         {
             "stage": s.stage.name,
-            "status": "done" if s.done else "missing",
+            "status": ("STALE" if s.stale else "done") if s.done else "missing",
             "created": s.created or "",
             "seconds": s.seconds,
             "contents": s.detail,
@@ -103,6 +103,15 @@ def page_overview(run_dir: Path, endpoint: str) -> None:
     for status in statuses:
         for problem in status.problems:
             st.error(f"Stage {status.stage.name}: {problem}")
+    for status in statuses:
+        for line in status.stale:
+            st.warning(f"Stale: {line}")
+    st.subheader("Each stage's config")
+    st.caption("The resolved config each stage ran with (`--set` values included), from its manifest.json.")
+    for status in statuses:
+        for folder, config in status.configs.items():
+            with st.expander(f"{status.stage.name}: {folder}"):
+                st.json(config, expanded=False)
     st.subheader("config.yaml")
     with reading("config.yaml"):
         text = R.load_yaml_text(run_dir / "config.yaml")

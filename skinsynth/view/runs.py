@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from skinsynth.core.rundir import stale_stages
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
@@ -177,6 +178,8 @@ class StageStatus:
     seconds: float | None = None
     detail: str = ""
     problems: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # why (and how to refresh), one line per stale stage
+    configs: dict[str, Any] = field(default_factory=dict)  # folder name -> the resolved config its manifest holds
 
 
 def _stage_dirs(run_dir: Path, stage: Stage) -> list[Path]:
@@ -207,11 +210,20 @@ def _recorded_seconds(run_dir: Path, stage: Stage) -> float | None:
     return None
 
 
+# the run layout's stage kinds (skinsynth.core.rundir) -> the viewer's stage rows
+_ROW_OF_KIND = {"data": "data", "generator": "generator", "synthetic": "synthetic", "audit": "audit"}
+_ROW_OF_KIND |= {"model": "models", "eval": "eval", "sweep": "tune"}
+
+
 def stage_statuses(run_dir: Path) -> list[StageStatus]:
     """The status of every stage of ``run_dir``; unreadable files become ``problems``, never exceptions."""
+    stale_by_row: dict[str, list[str]] = {}
+    for stale in stale_stages(run_dir):
+        stale_by_row.setdefault(_ROW_OF_KIND[stale.stage.partition(":")[0]], []).append(stale.describe())
     statuses = []
     for stage in STAGES:
         status = StageStatus(stage, done=bool(list(run_dir.glob(stage.done_marker))))
+        status.stale = stale_by_row.get(stage.name, [])
         created = []
         for folder in _stage_dirs(run_dir, stage):
             try:
@@ -221,6 +233,8 @@ def stage_statuses(run_dir: Path) -> list[StageStatus]:
                 continue
             if manifest.get("created"):
                 created.append(manifest["created"])
+            if manifest.get("config"):
+                status.configs[folder.name] = manifest["config"]
         status.created = max(created) if created else None
         try:
             status.seconds = _recorded_seconds(run_dir, stage)

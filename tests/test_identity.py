@@ -1,0 +1,56 @@
+"""Stage identity and staleness (skinsynth.core.rundir). The end-to-end re-split regression - new Ray Train runs and
+new weights for the classifier, the generator and the sweep after `data.split.seed` changes - is in
+tests/test_cli.py's demo test; the stale audit in the viewer and the run summary is in tests/test_view.py."""
+
+from __future__ import annotations
+
+from skinsynth.core.rundir import StageIdentity, layout, stale_stages, why_rerun
+
+
+def test_identity_follows_settings_and_inputs_and_says_why_a_stage_reruns(tmp_path):
+    stage_dir = tmp_path / "models" / "classifier"
+    stage_dir.mkdir(parents=True)
+    made = StageIdentity("model:classifier", {"lr": 0.01}, {"data": "aaa"}, {"lr": 0.01}, frozenset({"epochs"}))
+    from skinsynth.core.rundir import write_manifest
+
+    write_manifest(stage_dir, made)
+    assert why_rerun(tmp_path, made) is None
+    resplit = StageIdentity("model:classifier", {"lr": 0.01}, {"data": "bbb"})
+    assert why_rerun(tmp_path, resplit) == "data changed (aaa -> bbb)"
+    assert why_rerun(tmp_path, StageIdentity("model:classifier", {"lr": 0.02}, {"data": "aaa"})) == (
+        "its settings changed"
+    )
+    assert why_rerun(tmp_path, StageIdentity("audit", {}, {})) == "no previous output"
+    # a longer run keeps its Ray Train run name (it resumes) but is another stage output
+    longer = StageIdentity("model:classifier", {"lr": 0.01, "epochs": 9}, {"data": "aaa"}, {}, frozenset({"epochs"}))
+    assert longer.run_name("classifier") == made.run_name("classifier")
+    assert longer.identity != made.identity
+    assert resplit.run_name("classifier") != made.run_name("classifier")
+
+
+def test_a_replaced_input_marks_every_stage_that_read_it_stale_with_the_refresh_command(tmp_path):
+    from skinsynth.core.rundir import write_manifest
+
+    def make(stage: str, inputs: dict) -> StageIdentity:
+        identity = StageIdentity(stage, {}, inputs)
+        stage_dir = layout(tmp_path).stage_dir(stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(stage_dir, identity)
+        return identity
+
+    data = make("data", {"source": "f1"})
+    generator = make("generator", {"data": data.identity})
+    synthetic = make("synthetic", {"generator": generator.identity})
+    model = make("model:classifier", {"data": data.identity})
+    make("audit", {"synthetic": synthetic.identity, "model:classifier": model.identity})
+    make("eval:classifier", {"model:classifier": model.identity, "data": data.identity})
+    assert stale_stages(tmp_path) == []
+    make("synthetic", {"generator": generator.identity, "settings": "other"})  # sampled again
+    stale = stale_stages(tmp_path)
+    assert [s.stage for s in stale] == ["audit"]
+    assert stale[0].input == "synthetic" and stale[0].command == f"skinsynth audit {tmp_path}"
+    make("data", {"source": "f2"})  # re-prepared: everything made from the data, directly or not, is stale
+    stale = {s.stage: s for s in stale_stages(tmp_path)}
+    assert set(stale) == {"generator", "synthetic", "model:classifier", "eval:classifier", "audit"}
+    assert stale["generator"].input == "data" and "generate train" in stale["generator"].command
+    assert stale["synthetic"].input == "generator" and "(itself stale)" in stale["synthetic"].describe()
