@@ -248,7 +248,7 @@ def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run
     rows2 = pq.read_table(again.synthetic_dir / "images").to_pandas().sort_values("image_id").reset_index(drop=True)
     assert list(rows2["image"]) == list(rows["image"])
     # an interrupted run keeps its finished shards: plant one and watch the rest being sampled
-    expected = json.loads((again.synthetic_dir / "manifest.json").read_text())["input_hash"]
+    expected = json.loads((again.synthetic_dir / "manifest.json").read_text())["identity"]
     partial = Path(cfg.run.out) / f".synthetic.partial-{expected}" / "images"
     partial.mkdir(parents=True)
     shutil.copy(again.synthetic_dir / "images" / "part-0000000.parquet", partial)
