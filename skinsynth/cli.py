@@ -357,12 +357,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from skinsynth.audit.report import run_audit
     from skinsynth.config import RunConfig, load_config
+    from skinsynth.core.rundir import layout
     from skinsynth.core.storage import synced_run
 
     # RUN_DIR may be a storage URI: audited in a pulled local copy, and its audit/ pushed back however it ends
     with synced_run(RunConfig(out=args.run_dir)) as store:
         run_dir = store.local
-        config = args.config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
+        config = args.config or (layout(run_dir).config if layout(run_dir).config.is_file() else None)
         cfg = load_config(config, list(args.overrides))
         run_audit(cfg, run_dir)
     print(DISCLAIMER)

@@ -23,6 +23,9 @@ import yaml
 
 from skinsynth.errors import SkinsynthError
 
+# RUN_DIR/config.yaml, the resolved config (:func:`dump_config`); the run layout (skinsynth.core.rundir) re-exports it
+CONFIG_FILE = "config.yaml"
+
 
 class ConfigError(SkinsynthError, ValueError):
     """A configuration problem, reported to the user as one line."""
@@ -570,10 +573,10 @@ def config_hash(section: Any) -> str:
 
 
 def dump_config(cfg: ExperimentConfig, run_dir: str | Path) -> Path:
-    """Write the fully resolved config to ``RUN_DIR/config.yaml`` and return its path."""
+    """Write the fully resolved config to ``RUN_DIR/config.yaml`` (:data:`CONFIG_FILE`) and return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
+    target = run_dir / CONFIG_FILE
     tmp = target.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     tmp.replace(target)

@@ -18,7 +18,7 @@ from typing import Any
 
 from skinsynth import DISCLAIMER
 from skinsynth.config import ExperimentConfig, dump_config
-from skinsynth.core.rundir import StageIdentity, layout, stale_stages, why_rerun
+from skinsynth.core.rundir import BEST_MODEL, GENERATOR_GRID, StageIdentity, layout, stale_stages, why_rerun
 from skinsynth.core.storage import display_uri, local_run_dir, synced_run
 from skinsynth.data.card import format_data_card
 from skinsynth.data.prepare import prepare_images
@@ -74,7 +74,7 @@ def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
 
     def work() -> str:
         result = train_generator(cfg, progress=progress)
-        grid = result.generator_dir / "grid.png"
+        grid = result.generator_dir / GENERATOR_GRID
         return f"generator {result.generator_id}, {result.steps} steps -> {grid}"
 
     return _unless_up_to_date("generate", run_dir, generator_identity(cfg, run_dir), force, progress, work)
@@ -198,12 +198,12 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
         lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
     lines.extend(stale_lines(run_dir))
     lines.append(f"next: skinsynth data summary {run_dir}")
-    lines.append(f"      open {run_dir / 'eval' / cfg.train.name / 'report.json'} and its figures")
+    run = layout(run_dir)
+    lines.append(f"      open {run.evaluation_report(cfg.train.name)} and its figures")
     if cfg.generator.enabled:
-        lines.append(f"      open {run_dir / 'audit' / 'report.json'} (fidelity, privacy, export gate)")
+        lines.append(f"      open {run.audit_report} (fidelity, privacy, export gate)")
     if cfg.tune.space:
-        trials = run_dir / "tune" / cfg.tune.name / "trials.csv"
-        lines.append(f"      open {trials} and {run_dir / 'eval' / 'best' / 'report.json'}")
+        lines.append(f"      open {run.sweep_trials(cfg.tune.name)} and {run.evaluation_report(BEST_MODEL)}")
     lines.append(f"      skinsynth serve --out {out}      # the classifier over HTTP on 127.0.0.1:8000")
     lines.append(f"      skinsynth view --runs {run_dir.parent}      # the results viewer")
     lines.append(DISCLAIMER)
@@ -222,7 +222,7 @@ def stale_lines(run_dir: str | Path) -> list[str]:
 
 def data_summary_text(run_dir: str | Path) -> str:
     """Readable data card of ``RUN_DIR/data``; raises SkinsynthError naming what is missing or broken."""
-    card_path = Path(run_dir) / "data" / "data_card.json"
+    card_path = layout(run_dir).data_card
     if not card_path.is_file():
         raise SkinsynthError(f"no data card at {card_path}: run 'skinsynth data prepare --out {run_dir}' first")
     try:

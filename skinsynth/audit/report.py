@@ -27,10 +27,18 @@ from skinsynth.audit import fidelity, privacy
 from skinsynth.audit.features import AuditError, choose_extractors, imagenet_features
 from skinsynth.audit.utility import utility_report
 from skinsynth.config import AuditConfig, ExperimentConfig, changed_settings, config_to_dict
-from skinsynth.core.rundir import StageIdentity, current_identity, layout, replace_dir, write_manifest
+from skinsynth.core.rundir import (
+    AUDIT_GALLERY,
+    AUDIT_REPORT,
+    AUDIT_SIMILARITY,
+    StageIdentity,
+    current_identity,
+    layout,
+    replace_dir,
+    write_manifest,
+)
 
 Progress = Callable[[str], None]
-REPORT_FILE = "report.json"
 
 
 @dataclass
@@ -68,7 +76,7 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
     """
     from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
-    shards = run_dir / "synthetic" / "images"
+    shards = layout(run_dir).synthetic_images
     if not shards.is_dir():
         raise AuditError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
     splits = load_split_table(run_dir)
@@ -90,7 +98,7 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
     from skinsynth.generate.diffusion import training_scheduler_config
     from skinsynth.generate.model import load_generator
 
-    generator_dir = run_dir / "generator"
+    generator_dir = layout(run_dir).generator
     unet, conditioning = load_generator(generator_dir)
     scheduler = DDPMScheduler.from_config(training_scheduler_config(generator_dir))
     members = train.subset(ac.mia_images, ac.seed)
@@ -185,7 +193,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         f"audit: {len(synthetic.ids)} synthetic images against {len(train.ids)} training and {len(held_out.ids)} "
         f"held-out real images"
     )
-    extractors, notes = choose_extractors(ac.extractor, run_dir / "models" / cfg.train.name, ac.batch_size)
+    extractors, notes = choose_extractors(ac.extractor, layout(run_dir).model(cfg.train.name), ac.batch_size)
 
     # fidelity, on a seeded subset of each set per extractor
     real_sub = train.subset(ac.max_images, ac.seed)
@@ -280,20 +288,21 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         "max_attack_auc": ac.max_attack_auc,
     }
 
-    tmp = run_dir / f".audit.tmp-{uuid.uuid4().hex[:8]}"
+    audit_dir = layout(run_dir).audit
+    tmp = audit_dir.with_name(f".{audit_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
         figures = [
             privacy.gallery_figure(
-                synthetic.images, train.images, syn_sims, syn_nearest, ac.gallery_pairs, threshold, tmp / "gallery.png"
+                synthetic.images, train.images, syn_sims, syn_nearest, ac.gallery_pairs, threshold, tmp / AUDIT_GALLERY
             ),
-            similarity_figure(calibration, syn_sims, held_sims, threshold, tmp / "similarity.png"),
+            similarity_figure(calibration, syn_sims, held_sims, threshold, tmp / AUDIT_SIMILARITY),
         ]
         report = {
             "disclaimer": DISCLAIMER,
             # what this report was made from (stage identities), so a later sample or re-split shows it stale
             "inputs": dict(identity.inputs),
-            "generator_id": json.loads((run_dir / "synthetic" / "synthetic_card.json").read_text())["generator_id"],
+            "generator_id": json.loads(layout(run_dir).synthetic_card.read_text())["generator_id"],
             "images": {
                 "synthetic": len(synthetic.ids),
                 "train": len(train.ids),
@@ -314,19 +323,19 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             "config": config_to_dict(ac),
             "seconds": round(time.perf_counter() - started, 1),
         }
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (tmp / AUDIT_REPORT).write_text(json.dumps(report, indent=2))
         write_manifest(tmp, identity, share_ok=gate["share_ok"])
-        replace_dir(tmp, layout(run_dir).audit)
+        replace_dir(tmp, audit_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     verdict = "share_ok" if gate["share_ok"] else "NOT share_ok: " + "; ".join(reasons)
-    progress(f"audit: {verdict} -> {run_dir / 'audit' / REPORT_FILE}")
+    progress(f"audit: {verdict} -> {layout(run_dir).audit_report}")
     return report
 
 
 def read_audit(run_dir: str | Path) -> dict[str, Any] | None:
     """``RUN_DIR/audit/report.json``, or None when the set was never audited."""
     try:
-        return json.loads((Path(run_dir) / "audit" / REPORT_FILE).read_text())
+        return json.loads(layout(run_dir).audit_report.read_text())
     except (OSError, ValueError):
         return None

@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 from skinsynth.bench import Progress, ratio, with_machine
 from skinsynth.config import DataConfig
 from skinsynth.core.ray import ensure_ray
+from skinsynth.core.rundir import IMAGES
 from skinsynth.data.prepare import prepare_images, read_original
 from skinsynth.data.sources import list_source
 
 
 def _shard_rows(data_dir: Path) -> dict[str, str]:
-    table = pq.read_table(data_dir / "images", columns=["image_id", "sha256"])
+    table = pq.read_table(data_dir / IMAGES, columns=["image_id", "sha256"])
     return dict(zip(table["image_id"].to_pylist(), table["sha256"].to_pylist()))
 
 

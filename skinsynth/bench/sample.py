@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from skinsynth.bench import Progress, ratio, with_machine
 from skinsynth.config import config_to_dict
 from skinsynth.core.ray import ensure_ray
+from skinsynth.core.rundir import layout
 from skinsynth.core.storage import local_run_dir
 
 
@@ -54,7 +55,7 @@ def bench_sample(cfg, *, images: int = 64, progress: Progress = print) -> dict[s
     )
 
     run_dir = local_run_dir(cfg.run)
-    generator_dir = run_dir / "generator"
+    generator_dir = layout(run_dir).generator
     generator_id = generator_id_of(generator_dir)
     unet, conditioning = load_generator(generator_dir)
     per_class = {dx: images // len(CLASSES) + (i < images % len(CLASSES)) for i, dx in enumerate(CLASSES)}

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from skinsynth.bench import Progress, ratio, with_machine
+from skinsynth.core.rundir import layout
 from skinsynth.core.shards import load_split_table, read_rows, split_ids
 from skinsynth.core.storage import local_run_dir
 
@@ -88,8 +89,9 @@ def bench_train(cfg, *, progress: Progress = print) -> dict[str, Any]:
     try:
         result = train_classifier(cfg, progress=lambda _m: None)
     finally:
-        shutil.rmtree(run_dir / "models" / cfg.train.name, ignore_errors=True)
-        shutil.rmtree(run_dir / "ray_train" / training_run_name(cfg.train, run_dir.resolve()), ignore_errors=True)
+        shutil.rmtree(layout(run_dir).model(cfg.train.name), ignore_errors=True)
+        run_name = training_run_name(cfg.train, run_dir.resolve())
+        shutil.rmtree(layout(run_dir).ray_train / run_name, ignore_errors=True)
     wall = time.perf_counter() - t0
     ray_rate = result.history[0]["train_images_per_s"]
     record = with_machine(

@@ -22,7 +22,15 @@ from skinsynth import DISCLAIMER, __version__
 from skinsynth.classify import metrics as M
 from skinsynth.config import ExperimentConfig
 from skinsynth.core.ray import git_commit
-from skinsynth.core.rundir import write_manifest
+from skinsynth.core.rundir import (
+    EVAL_FAIRNESS,
+    EVAL_REPORT,
+    MODEL_CARD,
+    MODEL_TRAINING,
+    MODEL_WEIGHTS,
+    layout,
+    write_manifest,
+)
 from skinsynth.core.shards import decode_pngs, load_split_table, read_rows, split_ids, to_model_input
 from skinsynth.core.storage import display_uri, local_prepared_copy, local_run_dir
 from skinsynth.data.schema import CLASSES, age_band
@@ -41,7 +49,7 @@ def load_trained_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]
     """The best weights of ``RUN_DIR/models/<name>`` in eval mode, with its ``training.json``."""
     from skinsynth.classify.models import create_classifier
 
-    info_path = model_dir / "training.json"
+    info_path = model_dir / MODEL_TRAINING
     if not info_path.is_file():
         raise SkinsynthError(f"no trained model at {model_dir}: run 'skinsynth train' first")
     info = json.loads(info_path.read_text())
@@ -49,7 +57,7 @@ def load_trained_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]
     model = create_classifier(
         info["model"], num_classes=len(info["classes"]), pretrained="none", input_size=input_size
     )
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(model_dir / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval(), info
 
 
@@ -152,10 +160,10 @@ def evaluate_model(
         The report (also written to ``RUN_DIR/eval/<name>/report.json``).
     """
     run_dir = local_run_dir(cfg.run).resolve()
-    model_dir = run_dir / "models" / cfg.train.name
+    model_dir = layout(run_dir).model(cfg.train.name)
     model, info = load_trained_model(model_dir)
     splits = load_split_table(run_dir)
-    out_dir = run_dir / "eval" / cfg.train.name
+    out_dir = layout(run_dir).evaluation(cfg.train.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -171,7 +179,7 @@ def evaluate_model(
     test_report, fairness, test_probs = evaluate_split(
         model, test, threshold, n_boot=n_boot, seed=cfg.run.seed, tta=tta
     )
-    fairness.to_csv(out_dir / "fairness_test.csv", index=False)
+    fairness.to_csv(out_dir / EVAL_FAIRNESS, index=False)
     report: dict[str, Any] = {
         "model": info["model"],
         "model_dir": str(model_dir),
@@ -239,10 +247,10 @@ def evaluate_model(
     report["figures"] = write_figures(out_dir, test, test_probs, report, fairness)
     identity = evaluation_identity(cfg, run_dir, external)
     report["inputs"] = dict(identity.inputs)  # what this report was made from (stage identities)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out_dir / EVAL_REPORT).write_text(json.dumps(report, indent=2, default=_json_default))
     write_manifest(out_dir, identity)
     write_model_card(model_dir, info, report, cfg)
-    progress(f"evaluate: report written to {out_dir / 'report.json'}")
+    progress(f"evaluate: report written to {out_dir / EVAL_REPORT}")
     return report
 
 
@@ -266,7 +274,7 @@ def synthetic_conditioning(model: torch.nn.Module, run_dir: Path, *, tta: bool =
     """
     import pyarrow.parquet as pq
 
-    shards = run_dir / "synthetic" / "images"
+    shards = layout(run_dir).synthetic_images
     if not shards.is_dir():
         return None
     rows = pq.read_table(shards, columns=["image", "label", "generator_id"]).to_pandas()
@@ -310,7 +318,7 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
     test = report["test"]
     card = {
         "model": info["model"],
-        "weights": str(model_dir / "model.pt"),
+        "weights": str(model_dir / MODEL_WEIGHTS),
         "pretrained": pretrained_source(info["model"], info["train_config"]["pretrained"]),
         "classes": info["classes"],
         "image_size": info["image_size"],
@@ -343,6 +351,6 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
         "seed": info["train_config"]["seed"],
         "git_commit": git_commit(),
     }
-    path = model_dir / "model_card.json"
+    path = model_dir / MODEL_CARD
     path.write_text(json.dumps(card, indent=2, default=_json_default))
     return path

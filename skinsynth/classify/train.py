@@ -26,7 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from skinsynth.config import ExperimentConfig, TrainConfig, changed_settings, config_to_dict, section_from_dict
-from skinsynth.core.rundir import StageIdentity, current_identity, layout, replace_dir, write_manifest
+from skinsynth.core.rundir import (
+    MODEL_TRAINING,
+    MODEL_WEIGHTS,
+    RAY_TRAIN_FOLDER,
+    StageIdentity,
+    current_identity,
+    layout,
+    replace_dir,
+    write_manifest,
+)
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
@@ -450,14 +459,14 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
     train_rows = train_rows.merge(train_splits[["image_id", "group_id", "labelled"]], on="image_id")
     partition = labelled_partition(train_rows, tc.label_fraction, tc.seed)
     if not partition.labelled:
-        raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+        raise SkinsynthError(f"no labelled training images in {layout(run_dir).data}")
     labelled_rows = train_rows.set_index("image_id").loc[partition.labelled]
     synthetic, labels = [], labelled_rows["label"].to_numpy(np.int64)
     counts = synthetic_counts(labelled_rows["dx"].value_counts().to_dict(), tc.mix)
     if sum(counts.values()):
         # 'generate train' learns from the prepared labelled set (see generate/train.py)
         check_generator_labels(set(train_rows.loc[train_rows["labelled"], "image_id"]), partition.labelled)
-        synthetic_dir = run_dir / "synthetic" / "images"
+        synthetic_dir = layout(run_dir).synthetic_images
         if not synthetic_dir.is_dir():
             raise SkinsynthError(
                 f"train.mix.ratio is {tc.mix.ratio} but {synthetic_dir} does not exist: run 'skinsynth generate "
@@ -597,7 +606,7 @@ def train_classifier(
             f"train: the unlabelled pool ({len(inputs.unlabelled)} images) is smaller than batch_size x "
             f"unlabelled_ratio; unlabelled batches of {unlabelled_batch} instead"
         )
-    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    card = json.loads(layout(run_dir).data_card.read_text())
     weights = class_weights(inputs.sampled_labels)
     labelled_counts = np.bincount(inputs.labels[: len(inputs.labelled)], minlength=len(CLASSES))
     ensure_ray(cfg.data.num_cpus)
@@ -628,7 +637,7 @@ def train_classifier(
             "image_size": card["image_size"],
         },
         name=training_run_name(tc, run_dir),
-        storage=storage or store.ray_storage("ray_train"),
+        storage=storage or store.ray_storage(RAY_TRAIN_FOLDER),
         num_workers=tc.num_workers,
         use_gpu=use_gpu,
         torch_threads=tc.torch_threads,
@@ -705,7 +714,7 @@ def export_model(
             f"export: logit adjustment tau {adjustment['tau']:+.1f} (chosen on validation): balanced accuracy "
             f"{adjustment['val_balanced_accuracy_before']:.3f} -> {adjustment['val_balanced_accuracy_after']:.3f}"
         )
-    torch.save(weights, tmp / "model.pt")
+    torch.save(weights, tmp / MODEL_WEIGHTS)
     info = {
         "model": tc.model,
         "classes": list(CLASSES),
@@ -718,7 +727,7 @@ def export_model(
         **({"logit_adjustment": adjustment} if adjustment else {}),
         **(extra or {}),
     }
-    (tmp / "training.json").write_text(json.dumps(info, indent=2, default=float))
+    (tmp / MODEL_TRAINING).write_text(json.dumps(info, indent=2, default=float))
     identity = identity or model_identity(dataclasses.replace(tc, name=name), run_dir)
     write_manifest(tmp, identity, best_epoch=state["best_epoch"] + 1)
     replace_dir(tmp, model_dir)

@@ -3,16 +3,22 @@ replacement.
 
 Layout of ``RUN_DIR/``::
 
-    config.yaml             the resolved config of the last `skinsynth run` / `demo` (each stage keeps its own)
-    data/                   prepared shards, splits, data card, quarantine                  (stage "data")
-    generator/              the diffusion generator: weights, schedule, card, grids           (stage "generator")
-    synthetic/              synthetic shards, plan, card                                     (stage "synthetic")
-    models/<name>/          a classifier: weights, training.json                             (stage "model:<name>")
-    audit/                  fidelity, privacy and the sharing gate of synthetic/             (stage "audit")
-    eval/<name>/            evaluation of models/<name>                                      (stage "eval:<name>")
-    tune/<sweep>/           a sweep: trials, best trial                                      (stage "sweep:<sweep>")
-    ray_train/              Ray Train runs (checkpoints), named by their stage's identity
-    logs/                   full logs
+    config.yaml       the resolved config of the last `skinsynth run` / `demo` (each stage keeps its own)
+    data/             images/ (shards), splits.parquet, data_card.json, quarantine.csv     (stage "data")
+    generator/        the diffusion generator: weights, schedule, generator_card.json, grid.png (stage "generator")
+    synthetic/        images/ (shards), plan, synthetic_card.json                          (stage "synthetic")
+    models/<name>/    a classifier: model.pt, training.json, model_card.json               (stage "model:<name>")
+    audit/            report.json and its figures: fidelity, privacy, the sharing gate     (stage "audit")
+    eval/<name>/      evaluation of models/<name>: report.json, fairness_test.csv, figures (stage "eval:<name>")
+    tune/<sweep>/     a sweep: trials.csv, trials.parquet, summary.csv (grid), best.json   (stage "sweep:<sweep>")
+    ray_train/        Ray Train runs (checkpoints), named by their stage's identity
+    logs/             full logs
+
+These names are spelt here and nowhere else (bar ``config.yaml``, spelt by :mod:`skinsynth.config`, which writes it
+and sits below this layer): other modules take folders and files from :class:`RunLayout`
+(``layout(run_dir).data_card``) or, for a file inside a folder they already hold (a stage's temporary folder), from
+the constants below (``tmp / DATA_CARD``). Files only one stage reads, inside its own folder (the generator's
+weights, the sampling plan, a sweep's Tune state), are named by that stage's module.
 
 Every stage folder holds ``manifest.json``: the stage's identity, the identities of the stages it read (``inputs``),
 the resolved config it ran with (``--set`` values included) and when it was made.
@@ -40,20 +46,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
-CONFIG_FILE = "config.yaml"
+# RUN_DIR/config.yaml: spelt in config (which writes it and sits below core), part of the layout here
+from skinsynth.config import CONFIG_FILE
+
+MANIFEST = "manifest.json"  # in every stage folder
 TEST_LEDGER = "test_ledger.jsonl"
+
+# folders under RUN_DIR
+DATA_FOLDER = "data"
+GENERATOR_FOLDER = "generator"
+SYNTHETIC_FOLDER = "synthetic"
+AUDIT_FOLDER = "audit"
+MODELS_FOLDER = "models"
+EVAL_FOLDER = "eval"
+TUNE_FOLDER = "tune"
+RAY_TRAIN_FOLDER = "ray_train"
+LOGS_FOLDER = "logs"
 
 # stage kinds -> folder under RUN_DIR; a kind with a name ("model:best") lives in <folder>/<name>
 STAGE_FOLDERS = {
-    "data": "data",
-    "generator": "generator",
-    "synthetic": "synthetic",
-    "audit": "audit",
-    "model": "models",
-    "eval": "eval",
-    "sweep": "tune",
+    "data": DATA_FOLDER,
+    "generator": GENERATOR_FOLDER,
+    "synthetic": SYNTHETIC_FOLDER,
+    "audit": AUDIT_FOLDER,
+    "model": MODELS_FOLDER,
+    "eval": EVAL_FOLDER,
+    "sweep": TUNE_FOLDER,
 }
+NAMED_KINDS = frozenset({"model", "eval", "sweep"})  # kinds with one folder per name under their stage folder
+
+# files and folders inside the stage folders
+IMAGES = "images"  # data/ and synthetic/: the Parquet image shards
+DATA_CARD = "data_card.json"
+SPLITS = "splits.parquet"
+QUARANTINE = "quarantine.csv"
+GENERATOR_CARD = "generator_card.json"
+GENERATOR_GRID = "grid.png"  # one row of samples per class
+SYNTHETIC_CARD = "synthetic_card.json"
+AUDIT_REPORT = "report.json"
+AUDIT_GALLERY = "gallery.png"  # the most training-like synthetic images beside their nearest training image
+AUDIT_SIMILARITY = "similarity.png"
+MODEL_WEIGHTS = "model.pt"
+MODEL_TRAINING = "training.json"  # the training config, history and best epoch
+MODEL_CARD = "model_card.json"
+EVAL_REPORT = "report.json"
+EVAL_FAIRNESS = "fairness_test.csv"
+SWEEP_TRIALS = "trials.csv"  # one row per trial (what users open)
+SWEEP_TRIALS_PARQUET = "trials.parquet"  # the same rows plus each trial's checkpoint path
+SWEEP_SUMMARY = "summary.csv"  # a grid's mean and spread over seeds per cell
+SWEEP_BEST = "best.json"  # the best trial on validation
 # the command that makes (or refreshes) each kind of stage; {run} is the run directory, {name} the stage's name
 REFRESH_COMMANDS = {
     "data": "skinsynth data prepare --out {run} --force",
@@ -65,6 +106,7 @@ REFRESH_COMMANDS = {
     "sweep": "skinsynth tune --out {run}",
 }
 DEFAULT_MODEL_NAME = "classifier"
+BEST_MODEL = "best"  # models/best, eval/best: a sweep's best trial
 
 
 @dataclass(frozen=True)
@@ -79,68 +121,98 @@ class RunLayout:
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.root / DATA_FOLDER
 
     @property
     def data_images(self) -> Path:
-        return self.data / "images"
+        return self.data / IMAGES
 
     @property
     def splits(self) -> Path:
-        return self.data / "splits.parquet"
+        return self.data / SPLITS
 
     @property
     def data_card(self) -> Path:
-        return self.data / "data_card.json"
+        return self.data / DATA_CARD
 
     @property
     def quarantine(self) -> Path:
-        return self.data / "quarantine.csv"
+        return self.data / QUARANTINE
 
     @property
     def generator(self) -> Path:
-        return self.root / "generator"
+        return self.root / GENERATOR_FOLDER
 
     @property
     def generator_card(self) -> Path:
-        return self.generator / "generator_card.json"
+        return self.generator / GENERATOR_CARD
+
+    @property
+    def generator_grid(self) -> Path:
+        return self.generator / GENERATOR_GRID
 
     @property
     def synthetic(self) -> Path:
-        return self.root / "synthetic"
+        return self.root / SYNTHETIC_FOLDER
+
+    @property
+    def synthetic_images(self) -> Path:
+        return self.synthetic / IMAGES
 
     @property
     def synthetic_card(self) -> Path:
-        return self.synthetic / "synthetic_card.json"
+        return self.synthetic / SYNTHETIC_CARD
 
     @property
     def audit(self) -> Path:
-        return self.root / "audit"
+        return self.root / AUDIT_FOLDER
 
     @property
     def audit_report(self) -> Path:
-        return self.audit / "report.json"
+        return self.audit / AUDIT_REPORT
 
     @property
     def ray_train(self) -> Path:
-        return self.root / "ray_train"
+        return self.root / RAY_TRAIN_FOLDER
 
     @property
     def logs(self) -> Path:
-        return self.root / "logs"
+        return self.root / LOGS_FOLDER
 
     @property
     def test_ledger(self) -> Path:
         return self.root / TEST_LEDGER
 
+    @property
+    def models(self) -> Path:
+        return self.root / MODELS_FOLDER
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / EVAL_FOLDER
+
+    @property
+    def sweeps(self) -> Path:
+        return self.root / TUNE_FOLDER
+
     def model(self, name: str) -> Path:
-        return self.root / "models" / name
+        return self.models / name
 
     def evaluation(self, name: str) -> Path:
-        return self.root / "eval" / name
+        return self.evaluations / name
+
+    def evaluation_report(self, name: str) -> Path:
+        return self.evaluation(name) / EVAL_REPORT
 
     def sweep(self, name: str) -> Path:
-        return self.root / "tune" / name
+        return self.sweeps / name
+
+    def sweep_trials(self, name: str) -> Path:
+        return self.sweep(name) / SWEEP_TRIALS
+
+    def shards(self, stage: str) -> Path:
+        """The image shards of a stage that holds them (``data`` or ``synthetic``)."""
+        return self.stage_dir(stage) / IMAGES
 
     def stage_dir(self, stage: str) -> Path:
         """The folder of a stage key (``data``, ``model:classifier``, ``sweep:ratio``, ...)."""
@@ -149,6 +221,15 @@ class RunLayout:
             raise ValueError(f"unknown stage '{stage}' (known kinds: {', '.join(STAGE_FOLDERS)})")
         folder = self.root / STAGE_FOLDERS[kind]
         return folder / name if name else folder
+
+    def parts(self, path: Path) -> tuple[str, ...]:
+        """The parts of ``path`` under the run directory (``("data", "images")``): how storage names it on a run's
+        URI (:func:`skinsynth.core.storage.remote_shards`, ``RunStore.ray_storage``)."""
+        return Path(path).relative_to(self.root).parts
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the run directory (``data/data_card.json``): how messages name a run's file."""
+        return "/".join(self.parts(path))
 
 
 def layout(run_dir: str | Path) -> RunLayout:
@@ -289,7 +370,7 @@ def stage_manifests(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     root = Path(run_dir)
     found: dict[str, dict[str, Any]] = {}
     for kind, folder in STAGE_FOLDERS.items():
-        named = kind in ("model", "eval", "sweep")
+        named = kind in NAMED_KINDS
         dirs = sorted(p for p in (root / folder).iterdir() if p.is_dir()) if named and (root / folder).is_dir() else []
         for stage_dir in dirs if named else [root / folder]:
             manifest = read_manifest(stage_dir)

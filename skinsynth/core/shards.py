@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from skinsynth.core.rundir import layout
 from skinsynth.errors import SkinsynthError
 
 TRAIN_COLUMNS = ["image_id", "image", "label", "group_id"]
@@ -28,7 +29,7 @@ SHUFFLE_BUFFER_ROWS = 2048
 
 def load_split_table(run_dir: str | Path) -> pd.DataFrame:
     """``RUN_DIR/data/splits.parquet`` with a clear error when the data stage has not run."""
-    path = Path(run_dir) / "data" / "splits.parquet"
+    path = layout(run_dir).splits
     if not path.is_file():
         raise SkinsynthError(f"no prepared data at {path.parent}: run 'skinsynth data prepare --out {run_dir}' first")
     return pd.read_parquet(path)
@@ -58,7 +59,8 @@ def _read_shard_rows(run_dir: str | Path, stage: str, image_ids: list[str], colu
     run's URI for a mirrored remote run, see ``skinsynth.core.storage``)."""
     from skinsynth.core.storage import remote_shards
 
-    path, filesystem = remote_shards(run_dir, stage, "images")
+    run = layout(run_dir)
+    path, filesystem = remote_shards(run_dir, *run.parts(run.shards(stage)))
     ids = pa.array(list(image_ids), pa.string())
     return pq.read_table(path, columns=columns, filters=pc.field("image_id").isin(ids), filesystem=filesystem)
 
@@ -132,7 +134,8 @@ def shard_dataset(
 
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     # a mirrored remote run is read from its URI: the read tasks may run on nodes without the local copy
-    path, filesystem = remote_shards(run_dir, stage, "images")
+    run = layout(run_dir)
+    path, filesystem = remote_shards(run_dir, *run.parts(run.shards(stage)))
     ds = ray.data.read_parquet(path, columns=columns, shuffle=shuffle, filesystem=filesystem)
     return ds.map_batches(_keep_ids, batch_format="pandas", fn_kwargs={"ids": frozenset(image_ids)})
 

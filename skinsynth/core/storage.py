@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skinsynth.core.rundir import RAY_TRAIN_FOLDER, TUNE_FOLDER
 from skinsynth.errors import SkinsynthError
 
 # written into a local copy: which URI it mirrors (lets code that only has the folder find the remote shards)
@@ -142,7 +143,7 @@ def _read_remotely(relative: str) -> bool:
     """Files of a remote run that Ray Train and Tune read from the URI themselves, so no copy pulls them: Ray
     Train's runs (``ray_train/``) and a sweep's trial folders (``tune/<sweep>/<trial folder>/...``)."""
     parts = relative.split("/")
-    return parts[0] == "ray_train" or (parts[0] == "tune" and len(parts) > 3)
+    return parts[0] == RAY_TRAIN_FOLDER or (parts[0] == TUNE_FOLDER and len(parts) > 3)
 
 
 def _not_older(info: Any, stat: os.stat_result) -> bool:

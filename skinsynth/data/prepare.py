@@ -37,7 +37,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skinsynth.config import DataConfig, PreprocessConfig, changed_settings, config_to_dict
-from skinsynth.core.rundir import StageIdentity, layout, read_manifest, replace_dir, write_manifest
+from skinsynth.core.rundir import (
+    DATA_CARD,
+    IMAGES,
+    QUARANTINE,
+    SPLITS,
+    StageIdentity,
+    layout,
+    read_manifest,
+    replace_dir,
+    write_manifest,
+)
 from skinsynth.core.storage import read_source_bytes
 from skinsynth.data.card import build_data_card
 from skinsynth.data.preprocess import BadImage, encode_png, preprocess_image
@@ -302,7 +312,7 @@ def prepare_images(
     manifest = read_manifest(data_dir)
     if not force and manifest and manifest.get("identity") == identity.identity:
         progress(f"prepare: {data_dir} is up to date (same config and inputs); skipping")
-        return PrepareResult(data_dir, json.loads((data_dir / "data_card.json").read_text()), skipped=True)
+        return PrepareResult(data_dir, json.loads(layout(run_dir).data_card.read_text()), skipped=True)
 
     progress(
         f"prepare: {len(listing.records)} images from {listing.name}"
@@ -312,18 +322,18 @@ def prepare_images(
     if engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".data.tmp-*"):  # left by an interrupted run
+    for stale in run_dir.glob(f".{data_dir.name}.tmp-*"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp_dir = run_dir / f".data.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir = data_dir.with_name(f".{data_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp_dir.mkdir()
 
-    (tmp_dir / "images").mkdir()
+    (tmp_dir / IMAGES).mkdir()
     t0 = time.perf_counter()
     # Process (and so shard) the records in a seeded random order: source listings are often sorted by diagnosis
     # (HAM10000's metadata is), and class-sorted shards would make every streamed training batch one class.
     order = np.random.default_rng(cfg.split.seed).permutation(len(records))
     shuffled = records.iloc[order].reset_index(drop=True)
-    results = ENGINES[engine](shuffled.assign(row=np.arange(len(shuffled))), cfg, tmp_dir / "images")
+    results = ENGINES[engine](shuffled.assign(row=np.arange(len(shuffled))), cfg, tmp_dir / IMAGES)
     process_s = time.perf_counter() - t0
     progress(
         f"prepare: processed {len(results)} images in {process_s:.1f} s ({len(results) / max(process_s, 1e-9):.0f}/s)"
@@ -343,8 +353,8 @@ def prepare_images(
     good["source_split"] = good["image_id"].map(by_id["source_split"]) if len(good) else None
     splits = lesion_grouped_split(good, cfg.split) if len(good) else pd.DataFrame(columns=SPLIT_SCHEMA.names)
 
-    pq.write_table(pa.Table.from_pandas(splits, schema=SPLIT_SCHEMA, preserve_index=False), tmp_dir / "splits.parquet")
-    quarantine.to_csv(tmp_dir / "quarantine.csv", index=False)
+    pq.write_table(pa.Table.from_pandas(splits, schema=SPLIT_SCHEMA, preserve_index=False), tmp_dir / SPLITS)
+    quarantine.to_csv(tmp_dir / QUARANTINE, index=False)
 
     good = good.merge(records[["image_id", "age", "sex", "localization"]], on="image_id", how="left")
     extra_truth = records[["image_id", "ita_true", "tone_true"]] if "ita_true" in records else None
@@ -359,11 +369,11 @@ def prepare_images(
         seconds={"total": round(time.perf_counter() - started, 2), "process": round(process_s, 2)},
         engine=engine,
     )
-    (tmp_dir / "data_card.json").write_text(json.dumps(card, indent=2, default=str))
+    (tmp_dir / DATA_CARD).write_text(json.dumps(card, indent=2, default=str))
     write_manifest(tmp_dir, identity, input_hash=fingerprint, rows=int(len(good)), quarantined=int(len(quarantine)))
     replace_dir(tmp_dir, data_dir)
     progress(
-        f"prepare: wrote {len(good)} images to {data_dir / 'images'}, {len(quarantine)} quarantined "
+        f"prepare: wrote {len(good)} images to {layout(run_dir).data_images}, {len(quarantine)} quarantined "
         f"({time.perf_counter() - started:.1f} s)"
     )
     return PrepareResult(data_dir, card)

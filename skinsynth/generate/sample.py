@@ -40,7 +40,17 @@ import pyarrow.parquet as pq
 import torch
 
 from skinsynth.config import SampleConfig, changed_settings, config_to_dict
-from skinsynth.core.rundir import StageIdentity, current_identity, layout, read_manifest, replace_dir, write_manifest
+from skinsynth.core.rundir import (
+    GENERATOR_CARD,
+    IMAGES,
+    SYNTHETIC_CARD,
+    StageIdentity,
+    current_identity,
+    layout,
+    read_manifest,
+    replace_dir,
+    write_manifest,
+)
 from skinsynth.data.preprocess import encode_png
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES, IMAGE_SCHEMA
 from skinsynth.data.tone import estimate_tone
@@ -52,10 +62,11 @@ from skinsynth.generate.diffusion import (
     to_uint8_images,
     training_scheduler_config,
 )
-from skinsynth.generate.model import Conditioning, load_generator
+from skinsynth.generate.model import CONDITIONING_FILE, Conditioning, load_generator
 
 Progress = Callable[[str], None]
 PLAN_COLUMNS = ["plan_index", "dx", "label", "tone", "seed"]
+PLAN_FILE = "plan.parquet"  # synthetic/plan.parquet: what was asked for, one row per image
 RESULT_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string()), pa.field("dx", pa.string()), pa.field("tone", pa.string())]
 )
@@ -321,7 +332,7 @@ def default_num_actors(requested: int) -> int:
 
 def generator_id_of(generator_dir: Path) -> str:
     """The generator's id from its card (a content hash of its weights)."""
-    card_path = generator_dir / "generator_card.json"
+    card_path = generator_dir / GENERATOR_CARD
     if not card_path.is_file():
         raise SkinsynthError(f"no trained generator at {generator_dir}: run 'skinsynth generate train' first")
     return json.loads(card_path.read_text())["generator_id"]
@@ -377,8 +388,8 @@ def sample_synthetic(
     from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
     run_dir = Path(run_dir)
-    generator_dir = run_dir / "generator"
-    synthetic_dir = run_dir / "synthetic"
+    generator_dir = layout(run_dir).generator
+    synthetic_dir = layout(run_dir).synthetic
     generator_id = generator_id_of(generator_dir)
     labelled = split_ids(load_split_table(run_dir), "train", labelled_only=True)  # what the generator learnt from
     real_train = read_rows(run_dir, labelled, columns=["image_id", "dx", "tone"])
@@ -389,12 +400,12 @@ def sample_synthetic(
     manifest = read_manifest(synthetic_dir)
     if not force and manifest and manifest.get("identity") == expected:
         progress(f"sample: {synthetic_dir} is up to date (same plan and generator); skipping")
-        return SampleResult(synthetic_dir, json.loads((synthetic_dir / "synthetic_card.json").read_text()), True)
+        return SampleResult(synthetic_dir, json.loads(layout(run_dir).synthetic_card.read_text()), True)
 
-    partial = run_dir / f".synthetic.partial-{expected}"
-    shard_dir = partial / "images"
+    partial = synthetic_dir.with_name(f".{synthetic_dir.name}.partial-{expected}")
+    shard_dir = partial / IMAGES
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".synthetic.partial-*"):
+    for stale in run_dir.glob(f".{synthetic_dir.name}.partial-*"):
         if stale != partial:
             shutil.rmtree(stale, ignore_errors=True)
     for tmp in shard_dir.glob(".*.tmp"):
@@ -416,7 +427,7 @@ def sample_synthetic(
     seconds = time.perf_counter() - t0
     progress(f"sample: {made} images in {seconds:.1f} s ({made / max(seconds, 1e-9):.2f}/s)")
 
-    pq.write_table(pa.Table.from_pandas(plan, preserve_index=False), partial / "plan.parquet")
+    pq.write_table(pa.Table.from_pandas(plan, preserve_index=False), partial / PLAN_FILE)
     written = pq.read_table(shard_dir, columns=["image_id", "dx", "tone"]).to_pandas()
     if len(written) != len(plan):
         raise SkinsynthError(f"sampling wrote {len(written)} images for a plan of {len(plan)}; re-run to finish")
@@ -432,10 +443,10 @@ def sample_synthetic(
         "synthetic": True,
         "note": "synthetic images from a generative model: not real patients, never a diagnosis",
     }
-    (partial / "synthetic_card.json").write_text(json.dumps(card, indent=2))
+    (partial / SYNTHETIC_CARD).write_text(json.dumps(card, indent=2))
     write_manifest(partial, identity, images=len(written))
     replace_dir(partial, synthetic_dir)
-    progress(f"sample: wrote {len(written)} synthetic images to {synthetic_dir / 'images'}")
+    progress(f"sample: wrote {len(written)} synthetic images to {layout(run_dir).synthetic_images}")
     return SampleResult(synthetic_dir, card)
 
 
@@ -445,5 +456,5 @@ def _counts_text(plan: pd.DataFrame) -> str:
 
 
 def _conditioning_args(generator_dir: Path) -> dict[str, Any]:
-    info = json.loads((generator_dir / "conditioning.json").read_text())
+    info = json.loads((generator_dir / CONDITIONING_FILE).read_text())
     return {"classes": tuple(info["classes"]), "tones": tuple(info["tones"]), "image_size": int(info["image_size"])}

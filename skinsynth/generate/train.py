@@ -36,7 +36,17 @@ import torch
 import torch.nn.functional as F
 
 from skinsynth.config import ExperimentConfig, GeneratorConfig, changed_settings, config_to_dict
-from skinsynth.core.rundir import StageIdentity, current_identity, ids_hash, layout, replace_dir, write_manifest
+from skinsynth.core.rundir import (
+    GENERATOR_CARD,
+    GENERATOR_GRID,
+    RAY_TRAIN_FOLDER,
+    StageIdentity,
+    current_identity,
+    ids_hash,
+    layout,
+    replace_dir,
+    write_manifest,
+)
 from skinsynth.core.shards import load_split_table, read_rows, split_ids
 from skinsynth.errors import SkinsynthError
 from skinsynth.generate.diffusion import (
@@ -48,11 +58,13 @@ from skinsynth.generate.diffusion import (
     to_uint8_images,
     training_noise_scheduler,
 )
-from skinsynth.generate.model import Conditioning, create_generator, predict_noise, save_generator
+from skinsynth.generate.model import UNET_DIR, Conditioning, create_generator, predict_noise, save_generator
 
 Progress = Callable[[str], None]
 GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
 GRID_PER_CLASS = 6
+GRIDS_DIR = "grids"  # the grids sampled during training, in the Ray Train run's folder and then generator/
+HISTORY_FILE = "training.json"  # generator/training.json: the loss history and step count
 
 
 class GeneratorCollate:
@@ -292,14 +304,14 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     # must not reach a class-conditional generator either
     train_ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
     if not train_ids:
-        raise SkinsynthError(f"no labelled training images in {run_dir / 'data'}")
+        raise SkinsynthError(f"no labelled training images in {layout(run_dir).data}")
     check_no_synthetic_rows(run_dir, train_ids)
     if len(train_ids) < gc.batch_size * gc.num_workers:
         raise SkinsynthError(
             f"{len(train_ids)} labelled training images cannot fill one batch of {gc.batch_size} per worker "
             f"x {gc.num_workers} worker(s); lower generator.batch_size"
         )
-    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    card = json.loads(layout(run_dir).data_card.read_text())
     image_size = int(card["image_size"])
     check_image_size(image_size, gc.size)
     ensure_ray(cfg.data.num_cpus)
@@ -311,7 +323,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     )
     identity = generator_identity(cfg, run_dir, train_ids)
     name = identity.run_name("generator")
-    storage = run_dir / "ray_train"  # the grids (checkpoints go to the run's storage, on its URI when remote)
+    storage = layout(run_dir).ray_train  # the grids (checkpoints go to the run's storage, on its URI when remote)
     quiet_ray_data()
     t0 = time.perf_counter()
     if gc.cache_rows:
@@ -322,9 +334,9 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
     saved = fit_torch_run(
         generator_train_loop,
-        {"generator": config_to_dict(gc), "image_size": image_size, "grid_dir": str(storage / name / "grids")},
+        {"generator": config_to_dict(gc), "image_size": image_size, "grid_dir": str(storage / name / GRIDS_DIR)},
         name=name,
-        storage=store.ray_storage("ray_train"),
+        storage=store.ray_storage(RAY_TRAIN_FOLDER),
         num_workers=gc.num_workers,
         use_gpu=use_gpu,
         torch_threads=gc.torch_threads,
@@ -337,13 +349,13 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         image_size=image_size,
         train_ids=train_ids,
         data_card=card,
-        grids=storage / name / "grids",
+        grids=storage / name / GRIDS_DIR,
         identity=identity,
     )
-    info = json.loads((generator_dir / "generator_card.json").read_text())
+    info = json.loads((generator_dir / GENERATOR_CARD).read_text())
     progress(
         f"generate train: {saved['state']['step']} steps; generator {info['generator_id']} written to "
-        f"{generator_dir} (per-class samples: {generator_dir / 'grid.png'})"
+        f"{generator_dir} (per-class samples: {generator_dir / GENERATOR_GRID})"
     )
     state = saved["state"]
     return GeneratorResult(
@@ -366,32 +378,32 @@ def export_generator(
     to ``RUN_DIR/generator/``."""
     from diffusers.training_utils import EMAModel
 
-
     unet, conditioning = create_generator(gc, image_size)
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
     ema.load_state_dict(saved["ema"])
     ema.copy_to(unet.parameters())
     unet.eval()
 
-    tmp = run_dir / f".generator.tmp-{uuid.uuid4().hex[:8]}"
+    generator_dir = layout(run_dir).generator
+    tmp = generator_dir.with_name(f".{generator_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     save_generator(unet, conditioning, tmp)
     noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
     noise_scheduler.save_pretrained(tmp / SCHEDULER_DIR)
-    save_png(sample_grid(unet, conditioning, noise_scheduler.config), tmp / "grid.png")
+    save_png(sample_grid(unet, conditioning, noise_scheduler.config), tmp / GENERATOR_GRID)
     if grids.is_dir():
-        shutil.copytree(grids, tmp / "grids")
-    weights = next((tmp / "unet").glob("*.safetensors"))
+        shutil.copytree(grids, tmp / GRIDS_DIR)
+    weights = next((tmp / UNET_DIR).glob("*.safetensors"))
     generator_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     state = saved["state"]
-    (tmp / "training.json").write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
+    (tmp / HISTORY_FILE).write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
     # the images it learnt from (the labelled train images), not the whole train split of the data card
     learnt = read_rows(run_dir, train_ids, columns=["image_id", "dx"])["dx"].value_counts()
     class_counts = {dx: int(learnt.get(dx, 0)) for dx in conditioning.classes}
     card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card, class_counts)
-    (tmp / "generator_card.json").write_text(json.dumps(card, indent=2, default=str))
+    (tmp / GENERATOR_CARD).write_text(json.dumps(card, indent=2, default=str))
     write_manifest(tmp, identity, generator_id=generator_id, steps=state["step"])
-    replace_dir(tmp, layout(run_dir).generator)
-    return layout(run_dir).generator
+    replace_dir(tmp, generator_dir)
+    return generator_dir
 
 
 def generator_card(

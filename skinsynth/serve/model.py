@@ -38,6 +38,7 @@ import torch
 
 from skinsynth import DISCLAIMER
 from skinsynth.config import PreprocessConfig, ServeConfig, section_from_dict
+from skinsynth.core.rundir import BEST_MODEL, MODEL_CARD, MODEL_TRAINING, MODEL_WEIGHTS, layout
 from skinsynth.core.storage import local_run_dir
 from skinsynth.errors import SkinsynthError
 
@@ -101,7 +102,7 @@ class ServedModel:
 def weights_id(model_dir: Path) -> str:
     """Short content hash of the weights: the model id every response carries."""
     digest = hashlib.sha256()
-    with open(model_dir / "model.pt", "rb") as handle:
+    with open(model_dir / MODEL_WEIGHTS, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:12]
@@ -246,7 +247,7 @@ def _run_dir_of(model_dir: Path, card: dict[str, Any]) -> Path | None:
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     guess = model_dir.parent.parent  # RUN_DIR/models/<name>
-    return guess if (guess / "data" / "data_card.json").is_file() else None
+    return guess if layout(guess).data_card.is_file() else None
 
 
 def _split_features(model, run_dir: Path, split: str, mean, std) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -331,8 +332,8 @@ def default_model_dir(cfg) -> Path:
     if cfg.serve.model:
         return Path(cfg.serve.model)
     run_dir = local_run_dir(cfg.run)
-    best = run_dir / "models" / "best"
-    return best if (best / "training.json").is_file() else run_dir / "models" / cfg.train.name
+    best = layout(run_dir).model(BEST_MODEL)
+    return best if (best / MODEL_TRAINING).is_file() else layout(run_dir).model(cfg.train.name)
 
 
 def load_served_model(model_dir: str | Path, sc: ServeConfig | None = None) -> ServedModel:
@@ -347,10 +348,12 @@ def load_served_model(model_dir: str | Path, sc: ServeConfig | None = None) -> S
 
     sc = sc or ServeConfig()
     model_dir = Path(model_dir)
-    if not (model_dir / "training.json").is_file() or not (model_dir / "model.pt").is_file():
-        raise ServeError(f"no trained model at {model_dir} (training.json and model.pt): run 'skinsynth train'")
+    if not (model_dir / MODEL_TRAINING).is_file() or not (model_dir / MODEL_WEIGHTS).is_file():
+        raise ServeError(
+            f"no trained model at {model_dir} ({MODEL_TRAINING} and {MODEL_WEIGHTS}): run 'skinsynth train'"
+        )
     model, info = load_trained_model(model_dir)
-    card_path = model_dir / "model_card.json"
+    card_path = model_dir / MODEL_CARD
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     data_cfg = timm.data.resolve_data_config({}, model=model)
     mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
@@ -366,7 +369,7 @@ def load_served_model(model_dir: str | Path, sc: ServeConfig | None = None) -> S
                 f"{model_dir} has no serving calibration ({CALIBRATION_JSON}) and its run directory (with the "
                 "validation split) was not found: serve it once from its run, or copy the calibration files with it"
             )
-        data_card = json.loads((run_dir / "data" / "data_card.json").read_text())
+        data_card = json.loads(layout(run_dir).data_card.read_text())
         preprocess = section_from_dict(PreprocessConfig, data_card["preprocess"])
         calibration, train_features = calibrate(
             model, model_dir, run_dir, info["classes"], preprocess, card, sc, mean, std

@@ -33,7 +33,17 @@ import numpy as np
 import pandas as pd
 
 from skinsynth.config import ExperimentConfig, changed_settings, config_to_dict
-from skinsynth.core.rundir import StageIdentity, write_manifest
+from skinsynth.core.rundir import (
+    BEST_MODEL,
+    SWEEP_BEST,
+    SWEEP_SUMMARY,
+    SWEEP_TRIALS,
+    SWEEP_TRIALS_PARQUET,
+    TUNE_FOLDER,
+    StageIdentity,
+    layout,
+    write_manifest,
+)
 from skinsynth.core.storage import RunStore, open_run_store
 from skinsynth.errors import SkinsynthError
 from skinsynth.tune.space import SEED_KEY, check_space, grid_size, trial_config, tune_param_space
@@ -43,6 +53,8 @@ METRIC = "best_val_balanced_accuracy"  # the best epoch so far: monotone, so ASH
 # the optional second objective: the worst estimated-tone group's malignant sensitivity at that best epoch
 TONE_METRIC = "best_val_worst_tone_sensitivity"
 TRIAL_LOG = "trials.jsonl"
+SWEEP_INFO = "sweep.json"  # the sweep's identity and config, beside its trials
+TRIAL_RUNS = "trials"  # tune/<sweep>/trials/trial-<id>: each trial's own Ray Train storage
 # what a trial reports each epoch (the training loop's metrics and the checkpoint path Tune's callback adds)
 REPORTED = (
     "epoch",
@@ -57,7 +69,6 @@ REPORTED = (
     "pseudo_label_rate",
     "checkpoint_path",
 )
-BEST_MODEL = "best"
 
 
 def _log_event(sweep_dir: Path, event: dict[str, Any]) -> None:
@@ -119,7 +130,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
             # the trial's own Ray Train storage, in the sweep's folder (Tune's trial folder lies in the Ray
             # session's temporary files, which a restarted Ray does not see): a trial restarted after a kill
             # resumes from it
-            storage=store.ray_storage("tune", Path(sweep_dir).name, "trials", f"trial-{trial_id}"),
+            storage=store.ray_storage(TUNE_FOLDER, Path(sweep_dir).name, TRIAL_RUNS, f"trial-{trial_id}"),
             callbacks=[TuneReportCallback()],
             export=False,
             progress=say,
@@ -234,7 +245,7 @@ def _discard_sweep(store: RunStore, sweep_dir: Path) -> None:
     if store.remote:
         import pyarrow.fs as pafs
 
-        remote_dir, filesystem = store.ray_storage("tune", sweep_dir.name)
+        remote_dir, filesystem = store.ray_storage(TUNE_FOLDER, sweep_dir.name)
         if filesystem.get_file_info(remote_dir).type != pafs.FileType.NotFound:
             filesystem.delete_dir(remote_dir)
 
@@ -258,7 +269,7 @@ def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any
     from ray.tune.schedulers import ASHAScheduler
 
     tc = cfg.tune
-    tune_root, filesystem = store.ray_storage("tune")
+    tune_root, filesystem = store.ray_storage(TUNE_FOLDER)
     experiment = f"{tune_root}/{tc.name}"
     # Tune writes tuner.pkl when the Tuner is made and its state only once fit() runs: a sweep killed in between
     # has nothing to resume (restoring it leaves Optuna without its search space), so it starts afresh
@@ -348,9 +359,9 @@ def run_sweep(
     check_space(cfg)
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
     run_dir = store.local.resolve()
-    sweep_dir = run_dir / "tune" / cfg.tune.name
+    sweep_dir = layout(run_dir).sweep(cfg.tune.name)
     identity = sweep_identity(cfg, run_dir)
-    info_path = sweep_dir / "sweep.json"
+    info_path = sweep_dir / SWEEP_INFO
     if fresh:
         _discard_sweep(store, sweep_dir)
     changed = info_path.is_file() and json.loads(info_path.read_text())["identity"] != identity
@@ -407,21 +418,21 @@ def run_sweep(
         progress(
             f"tune: {int(trials['pareto'].sum())} trials on the Pareto front of {' and '.join(objectives(cfg.tune))}"
         )
-    trials.to_parquet(sweep_dir / "trials.parquet", index=False)
-    trials.drop(columns=["checkpoint_path"]).to_csv(sweep_dir / "trials.csv", index=False)
+    trials.to_parquet(sweep_dir / SWEEP_TRIALS_PARQUET, index=False)
+    trials.drop(columns=["checkpoint_path"]).to_csv(sweep_dir / SWEEP_TRIALS, index=False)
     finished = len(trials) - len(errored)
-    progress(f"tune: {finished} of {len(trials)} trials finished; table -> {sweep_dir / 'trials.csv'}")
+    progress(f"tune: {finished} of {len(trials)} trials finished; table -> {sweep_dir / SWEEP_TRIALS}")
     summary = None
     if cfg.tune.search == "grid":
         summary = summarise_over_seeds(trials, list(cfg.tune.space))
-        summary.to_csv(sweep_dir / "summary.csv", index=False)
+        summary.to_csv(sweep_dir / SWEEP_SUMMARY, index=False)
         progress("tune: mean ± std over seeds per cell\n" + format_summary(summary))
         if not summary.empty:
             chosen = summary.loc[summary[f"{METRIC}_mean"].idxmax()]
             cell = {key: _plain(chosen[key]) for key in cfg.tune.space}
             progress(f"tune: best cell on mean validation balanced accuracy: {cell} (chosen on validation only)")
     best = export_and_evaluate_best(trials, cfg, run_dir, progress)
-    (sweep_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
+    (sweep_dir / SWEEP_BEST).write_text(json.dumps(best, indent=2, default=str))
     write_manifest(sweep_dir, sweep_stage(cfg, run_dir), trials=len(trials), best_trial=best.get("trial_id"))
     return SweepResult(sweep_dir, trials, best, summary)
 
@@ -545,7 +556,7 @@ def export_and_evaluate_best(
         params[SEED_KEY] = int(best[SEED_KEY])
     best_cfg = trial_config(config_to_dict(cfg), params)
     best_cfg.train.name = BEST_MODEL
-    card = json.loads((run_dir / "data" / "data_card.json").read_text())
+    card = json.loads(layout(run_dir).data_card.read_text())
     sweep = {"sweep": cfg.tune.name, "trial_id": best["trial_id"], "params": params, "chosen_on": "validation"}
     sweep_inputs = {f"sweep:{cfg.tune.name}": sweep_identity(cfg, run_dir)}
     export_model(
@@ -561,7 +572,7 @@ def export_and_evaluate_best(
     tone = f", worst tone group's malignant sensitivity {best[TONE_METRIC]:.3f}" if pd.notna(best[TONE_METRIC]) else ""
     progress(
         f"tune: best trial {best['trial_id']} (validation balanced accuracy {best[METRIC]:.3f}{tone}) with {params} "
-        f"-> {run_dir / 'models' / BEST_MODEL}"
+        f"-> {layout(run_dir).model(BEST_MODEL)}"
     )
     report = evaluate_model(best_cfg, external=cfg.tune.external, progress=progress)
     return {
@@ -571,7 +582,7 @@ def export_and_evaluate_best(
         "test_balanced_accuracy": report["test"]["balanced_accuracy"],
         "test_macro_auroc": report["test"]["macro_auroc"],
         "external": {k: v["balanced_accuracy"] for k, v in report["external"].items()},
-        "report": str(run_dir / "eval" / BEST_MODEL / "report.json"),
+        "report": str(layout(run_dir).evaluation_report(BEST_MODEL)),
     }
 
 

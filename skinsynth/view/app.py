@@ -22,6 +22,21 @@ import pandas as pd
 import streamlit as st
 
 from skinsynth import DISCLAIMER
+from skinsynth.core.rundir import (
+    AUDIT_GALLERY,
+    AUDIT_SIMILARITY,
+    BEST_MODEL,
+    CONFIG_FILE,
+    DATA_CARD,
+    EVAL_FAIRNESS,
+    EVAL_REPORT,
+    MANIFEST,
+    MODEL_TRAINING,
+    SWEEP_BEST,
+    SWEEP_SUMMARY,
+    SYNTHETIC_CARD,
+    layout,
+)
 from skinsynth.data.schema import CLASSES
 from skinsynth.view import runs as R
 
@@ -97,7 +112,7 @@ def page_overview(run_dir: Path, endpoint: str) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     done = sum(s.done for s in statuses)
     st.caption(
-        f"{done} of {len(statuses)} stages done. 'created' comes from each stage's manifest.json (written by "
+        f"{done} of {len(statuses)} stages done. 'created' comes from each stage's {MANIFEST} (written by "
         "`skinsynth run`/`demo`); 'seconds' is the duration the stage recorded in its card or report."
     )
     for status in statuses:
@@ -107,16 +122,16 @@ def page_overview(run_dir: Path, endpoint: str) -> None:
         for line in status.stale:
             st.warning(f"Stale: {line}")
     st.subheader("Each stage's config")
-    st.caption("The resolved config each stage ran with (`--set` values included), from its manifest.json.")
+    st.caption(f"The resolved config each stage ran with (`--set` values included), from its {MANIFEST}.")
     for status in statuses:
         for folder, config in status.configs.items():
             with st.expander(f"{status.stage.name}: {folder}"):
                 st.json(config, expanded=False)
-    st.subheader("config.yaml")
-    with reading("config.yaml"):
-        text = R.load_yaml_text(run_dir / "config.yaml")
+    st.subheader(CONFIG_FILE)
+    with reading(CONFIG_FILE):
+        text = R.load_yaml_text(layout(run_dir).config)
         if text is None:
-            st.info(f"No config.yaml in {run_dir}: every skinsynth command writes the resolved config there.")
+            st.info(f"No {CONFIG_FILE} in {run_dir}: every skinsynth command writes the resolved config there.")
         else:
             st.code(text, language="yaml")
 
@@ -140,15 +155,15 @@ def _gallery(images_dir: Path, rows: pd.DataFrame, captions: list[str]) -> None:
 def page_data(run_dir: Path, endpoint: str) -> None:
     """The data card, the distributions it counts, the splits and a few images per class."""
     st.header("Data")
-    data_dir = run_dir / "data"
-    if not data_dir.is_dir():
+    run = layout(run_dir)
+    if not run.data.is_dir():
         _missing("data", run_dir)
         return
     card = None
-    with reading("data/data_card.json"):
-        card = R.load_json_object(data_dir / "data_card.json")
+    with reading(run.relative(run.data_card)):
+        card = R.load_json_object(run.data_card)
         if card is None:
-            _missing("data", run_dir, "data/data_card.json")
+            _missing("data", run_dir, run.relative(run.data_card))
     if card:
         if card.get("simulated"):
             st.warning(f"Simulated data ({card.get('source')}): {card.get('licence', '')}. Not clinical images.")
@@ -173,42 +188,42 @@ def page_data(run_dir: Path, endpoint: str) -> None:
         if card.get("quarantine_reasons"):
             st.markdown("**quarantine reasons**")
             st.dataframe(pd.Series(card["quarantine_reasons"], name="items"))
-        with st.expander("data_card.json"):
+        with st.expander(DATA_CARD):
             st.json(card, expanded=False)
-    with reading("data/splits.parquet"):
-        splits = R.load_table(data_dir / "splits.parquet", ("image_id", "split"))
+    with reading(run.relative(run.splits)):
+        splits = R.load_table(run.splits, ("image_id", "split"))
         if splits is None:
-            _missing("data", run_dir, "data/splits.parquet")
+            _missing("data", run_dir, run.relative(run.splits))
         else:
             st.markdown("**splits** (lesion-grouped; `labelled` = images whose label training may use)")
             st.dataframe(R.split_counts(splits), hide_index=True)
     st.subheader("Sample images per class")
-    with reading("data/images"):
-        index = image_index(data_dir / "images")
+    with reading(run.relative(run.data_images)):
+        index = image_index(run.data_images)
         if index is None:
-            _missing("data", run_dir, "data/images/*.parquet")
+            _missing("data", run_dir, f"{run.relative(run.data_images)}/*.parquet")
             return
         per_class = st.slider("images per class", 1, 8, 4, key="data_per_class")
         picked = R.pick_per_class(index, per_class)
         for dx in [c for c in CLASSES if c in set(picked["dx"])]:
             rows = picked[picked["dx"] == dx]
             st.markdown(f"**{dx}**")
-            _gallery(data_dir / "images", rows, list(rows["image_id"]))
+            _gallery(run.data_images, rows, list(rows["image_id"]))
 
 
 def page_synthetic(run_dir: Path, endpoint: str) -> None:
     """Real and synthetic images of each class side by side, with the synthetic images' provenance."""
     st.header("Synthetic")
-    synthetic_dir = run_dir / "synthetic"
-    if not synthetic_dir.is_dir():
+    run = layout(run_dir)
+    if not run.synthetic.is_dir():
         _missing("synthetic", run_dir)
-        if not (run_dir / "generator").is_dir():
-            _missing("generator", run_dir, "generator/ (needed first)")
+        if not run.generator.is_dir():
+            _missing("generator", run_dir, f"{run.relative(run.generator)}/ (needed first)")
         return
-    with reading("synthetic/synthetic_card.json"):
-        card = R.load_json_object(synthetic_dir / "synthetic_card.json")
+    with reading(run.relative(run.synthetic_card)):
+        card = R.load_json_object(run.synthetic_card)
         if card is None:
-            _missing("synthetic", run_dir, "synthetic/synthetic_card.json")
+            _missing("synthetic", run_dir, run.relative(run.synthetic_card))
         else:
             st.warning(card.get("note", "synthetic images from a generative model: not real patients"))
             cols = st.columns(4)
@@ -219,23 +234,23 @@ def page_synthetic(run_dir: Path, endpoint: str) -> None:
             cols[3].metric("guidance", settings.get("guidance"))
             if card.get("classes"):
                 st.bar_chart(pd.Series(card["classes"], name="images"), height=200)
-            with st.expander("synthetic_card.json"):
+            with st.expander(SYNTHETIC_CARD):
                 st.json(card, expanded=False)
-    grid = run_dir / "generator" / "grid.png"
+    grid = run.generator_grid
     if grid.is_file():
-        with st.expander("generator/grid.png (one row per class)"):
+        with st.expander(f"{run.relative(grid)} (one row per class)"):
             st.image(str(grid))
     st.subheader("Real | synthetic, per class")
     per_class = st.slider("images per class", 1, 8, 4, key="synthetic_per_class")
     real_index = None
-    with reading("data/images"):
-        real_index = image_index(run_dir / "data" / "images")
+    with reading(run.relative(run.data_images)):
+        real_index = image_index(run.data_images)
         if real_index is None:
-            _missing("data", run_dir, "data/images (the real side)")
-    with reading("synthetic/images"):
-        fake_index = image_index(synthetic_dir / "images", tuple(R.PROVENANCE_COLUMNS))
+            _missing("data", run_dir, f"{run.relative(run.data_images)} (the real side)")
+    with reading(run.relative(run.synthetic_images)):
+        fake_index = image_index(run.synthetic_images, tuple(R.PROVENANCE_COLUMNS))
         if fake_index is None:
-            _missing("synthetic", run_dir, "synthetic/images/*.parquet")
+            _missing("synthetic", run_dir, f"{run.relative(run.synthetic_images)}/*.parquet")
             return
         fake = R.pick_per_class(fake_index, per_class)
         real = R.pick_per_class(real_index, per_class) if real_index is not None else None
@@ -246,22 +261,23 @@ def page_synthetic(run_dir: Path, endpoint: str) -> None:
                 st.caption("real")
                 if real is not None and (real["dx"] == dx).any():
                     rows = real[real["dx"] == dx]
-                    _gallery(run_dir / "data" / "images", rows, [f"real · {i}" for i in rows["image_id"]])
+                    _gallery(run.data_images, rows, [f"real · {i}" for i in rows["image_id"]])
             with right:
                 st.caption("synthetic")
                 rows = fake[fake["dx"] == dx]
-                _gallery(synthetic_dir / "images", rows, [R.provenance_caption(r) for r in rows.to_dict("records")])
+                _gallery(run.synthetic_images, rows, [R.provenance_caption(r) for r in rows.to_dict("records")])
 
 
 def page_audit(run_dir: Path, endpoint: str) -> None:
     """Fidelity, utility and privacy of the synthetic set, and the export gate."""
     st.header("Audit")
+    run = layout(run_dir)
     report = None
-    with reading("audit/report.json"):
-        report = R.load_json_object(run_dir / "audit" / "report.json")
+    with reading(run.relative(run.audit_report)):
+        report = R.load_json_object(run.audit_report)
     if report is None:
-        if not (run_dir / "audit" / "report.json").exists():
-            _missing("audit", run_dir, "audit/report.json")
+        if not run.audit_report.exists():
+            _missing("audit", run_dir, run.relative(run.audit_report))
         return
     gate = report.get("gate") or {}
     if gate.get("share_ok"):
@@ -314,14 +330,14 @@ def page_audit(run_dir: Path, endpoint: str) -> None:
         f"{attack.get('n_members')} members vs {attack.get('n_non_members')} non-members (0.5 = no leak)."
     )
     for figure, title in (
-        ("gallery.png", "nearest training image of the most similar synthetic images"),
-        ("similarity.png", "similarity to the training set"),
+        (AUDIT_GALLERY, "nearest training image of the most similar synthetic images"),
+        (AUDIT_SIMILARITY, "similarity to the training set"),
     ):
-        path = run_dir / "audit" / figure
+        path = run.audit / figure
         if path.is_file():
-            st.image(str(path), caption=f"audit/{figure}: {title}")
+            st.image(str(path), caption=f"{run.relative(path)}: {title}")
         else:
-            st.warning(f"audit/{figure} is missing from {run_dir / 'audit'}")
+            st.warning(f"{run.relative(path)} is missing from {run.audit}")
     st.caption(report.get("disclaimer", DISCLAIMER))
 
 
@@ -343,9 +359,10 @@ LABEL_FRACTION_KEYS = ("train.label_fraction", "data.split.label_fraction")
 def page_study(run_dir: Path, endpoint: str) -> None:
     """A sweep's trials, its metric against the synthetic ratio and the label fraction, and the best trial."""
     st.header("Study")
+    run = layout(run_dir)
     sweeps = R.find_sweeps(run_dir)
     if not sweeps:
-        _missing("tune", run_dir, "tune/<name>/trials.csv")
+        _missing("sweep", run_dir, run.relative(run.sweep_trials("<name>")))
         return
     sweep_dir = sweeps[0] if len(sweeps) == 1 else st.selectbox("sweep", sweeps, format_func=lambda p: p.name)
     st.caption(str(sweep_dir))
@@ -362,8 +379,8 @@ def page_study(run_dir: Path, endpoint: str) -> None:
 
     st.subheader("Metric vs synthetic ratio and label fraction")
     summary = None
-    with reading(f"tune/{sweep_dir.name}/summary.csv"):
-        summary = R.load_table(sweep_dir / "summary.csv")
+    with reading(run.relative(sweep_dir / SWEEP_SUMMARY)):
+        summary = R.load_table(sweep_dir / SWEEP_SUMMARY)
     if summary is not None and R.summary_metrics(summary):
         metrics = R.summary_metrics(summary)
         metric = st.selectbox("metric", metrics, key="study_metric")
@@ -378,15 +395,17 @@ def page_study(run_dir: Path, endpoint: str) -> None:
     elif trials.table is not None:
         table = trials.table
         keys = [k for k in ("train.mix.ratio", *LABEL_FRACTION_KEYS) if k in table.columns]
-        st.info("No summary.csv (an Optuna search, not a grid): one point per trial, no error bars.")
+        st.info(f"No {SWEEP_SUMMARY} (an Optuna search, not a grid): one point per trial, no error bars.")
         for key in keys:
             st.scatter_chart(table, x=key, y="best_val_balanced_accuracy")
 
     st.subheader("Best trial (chosen on validation)")
-    with reading(f"tune/{sweep_dir.name}/best.json"):
-        best = R.load_json_object(sweep_dir / "best.json")
+    with reading(run.relative(sweep_dir / SWEEP_BEST)):
+        best = R.load_json_object(sweep_dir / SWEEP_BEST)
         if best is None:
-            st.info(f"No best.json in {sweep_dir}: the sweep has not finished (re-run `skinsynth tune` to resume it).")
+            st.info(
+                f"No {SWEEP_BEST} in {sweep_dir}: the sweep has not finished (re-run `skinsynth tune` to resume it)."
+            )
         else:
             cols = st.columns(3)
             cols[0].metric("best validation balanced accuracy", _fmt(best.get("best_val_balanced_accuracy")))
@@ -394,28 +413,32 @@ def page_study(run_dir: Path, endpoint: str) -> None:
             cols[2].metric("its test macro AUROC", _fmt(best.get("test_macro_auroc")))
             st.markdown(f"trial `{best.get('trial_id')}` with")
             st.json(best.get("params") or {})
-    with reading("models/best/training.json"):
-        training = R.load_json_object(run_dir / "models" / "best" / "training.json")
+    best_model = run.model(BEST_MODEL)
+    with reading(run.relative(best_model / MODEL_TRAINING)):
+        training = R.load_json_object(best_model / MODEL_TRAINING)
         if training is None:
-            st.info(f"No models/best in {run_dir}: the sweep exports its best trial there when it finishes.")
+            st.info(
+                f"No {run.relative(best_model)} in {run_dir}: the sweep exports its best trial there when it finishes."
+            )
         else:
-            with st.expander("models/best: the best trial's training config"):
+            with st.expander(f"{run.relative(best_model)}: the best trial's training config"):
                 st.json(training.get("train_config") or {}, expanded=False)
 
 
 def page_evaluation(run_dir: Path, endpoint: str) -> None:
     """A model's test metrics with intervals, figures, fairness per group, and internal vs external sets."""
     st.header("Evaluation")
+    run = layout(run_dir)
     evaluations = R.find_evaluations(run_dir)
     if not evaluations:
         _missing("eval", run_dir)
         return
     eval_dir = st.selectbox("model", evaluations, format_func=lambda p: p.name, key="eval_model")
     report = None
-    with reading(f"eval/{eval_dir.name}/report.json"):
-        report = R.load_json_object(eval_dir / "report.json")
+    with reading(run.relative(eval_dir / EVAL_REPORT)):
+        report = R.load_json_object(eval_dir / EVAL_REPORT)
         if report is None:
-            _missing("eval", run_dir, f"eval/{eval_dir.name}/report.json")
+            _missing("eval", run_dir, run.relative(eval_dir / EVAL_REPORT))
     if report is None:
         return
     test = report.get("test") or {}
@@ -448,14 +471,14 @@ def page_evaluation(run_dir: Path, endpoint: str) -> None:
             if path.is_file():
                 st.image(str(path), caption=name)
             else:
-                st.warning(f"eval/{eval_dir.name}/{name} is listed in the report but missing")
+                st.warning(f"{run.relative(path)} is listed in the report but missing")
 
     st.subheader("Fairness")
     gaps = R.fairness_gaps(test)
     if not gaps.empty:
         st.dataframe(gaps, hide_index=True)
-    with reading(f"eval/{eval_dir.name}/fairness_test.csv"):
-        fairness = R.load_table(eval_dir / "fairness_test.csv", ("attribute", "group", "n"))
+    with reading(run.relative(eval_dir / EVAL_FAIRNESS)):
+        fairness = R.load_table(eval_dir / EVAL_FAIRNESS, ("attribute", "group", "n"))
         if fairness is not None:
             small = R.small_groups(fairness)
             if not small.empty:

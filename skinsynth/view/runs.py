@@ -21,7 +21,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from skinsynth.core.rundir import stale_stages
+from skinsynth.core.rundir import (
+    AUDIT_FOLDER,
+    AUDIT_REPORT,
+    DATA_CARD,
+    DATA_FOLDER,
+    EVAL_FOLDER,
+    EVAL_REPORT,
+    GENERATOR_CARD,
+    GENERATOR_FOLDER,
+    MANIFEST,
+    MODEL_WEIGHTS,
+    MODELS_FOLDER,
+    NAMED_KINDS,
+    STAGE_FOLDERS,
+    SWEEP_TRIALS,
+    SWEEP_TRIALS_PARQUET,
+    SYNTHETIC_CARD,
+    SYNTHETIC_FOLDER,
+    TUNE_FOLDER,
+    layout,
+    stale_stages,
+)
 from skinsynth.data.schema import CLASSES
 from skinsynth.errors import SkinsynthError
 
@@ -59,31 +80,48 @@ class UnreadableFile(SkinsynthError):
 class Stage:
     """One stage folder of a run directory, the file that shows it finished, and the command that makes it."""
 
-    name: str
-    folder: str
+    kind: str  # the run layout's stage kind (``skinsynth.core.rundir.STAGE_FOLDERS``)
     done_marker: str  # a glob under the run directory
     command: str  # with {run} for the run directory
+
+    @property
+    def folder(self) -> str:
+        return STAGE_FOLDERS[self.kind]
+
+    @property
+    def name(self) -> str:
+        """The stage's row in the viewer: its folder's name."""
+        return self.folder
+
+    @property
+    def named(self) -> bool:
+        """One folder per model / evaluation / sweep under the stage folder."""
+        return self.kind in NAMED_KINDS
 
     def how_to_make(self, run_dir: Path) -> str:
         """The command that produces this stage for ``run_dir``."""
         return self.command.format(run=run_dir)
 
 
+# a sweep's trials table, CSV or Parquet (the glob matches the sweep's trial log too, as it always has)
+_TRIALS_GLOB = f"{Path(SWEEP_TRIALS).stem}.*"
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "data", "data/data_card.json", "skinsynth data prepare --out {run}"),
-    Stage("generator", "generator", "generator/generator_card.json", "skinsynth generate train --out {run}"),
-    Stage("synthetic", "synthetic", "synthetic/synthetic_card.json", "skinsynth generate sample --out {run}"),
-    Stage("audit", "audit", "audit/report.json", "skinsynth audit {run}"),
-    Stage("models", "models", "models/*/model.pt", "skinsynth train --out {run}"),
-    Stage("eval", "eval", "eval/*/report.json", "skinsynth evaluate --out {run}"),
-    Stage("tune", "tune", "tune/*/trials.*", "skinsynth tune --config EXPERIMENT.yaml --out {run}"),
+    Stage("data", f"{DATA_FOLDER}/{DATA_CARD}", "skinsynth data prepare --out {run}"),
+    Stage("generator", f"{GENERATOR_FOLDER}/{GENERATOR_CARD}", "skinsynth generate train --out {run}"),
+    Stage("synthetic", f"{SYNTHETIC_FOLDER}/{SYNTHETIC_CARD}", "skinsynth generate sample --out {run}"),
+    Stage("audit", f"{AUDIT_FOLDER}/{AUDIT_REPORT}", "skinsynth audit {run}"),
+    Stage("model", f"{MODELS_FOLDER}/*/{MODEL_WEIGHTS}", "skinsynth train --out {run}"),
+    Stage("eval", f"{EVAL_FOLDER}/*/{EVAL_REPORT}", "skinsynth evaluate --out {run}"),
+    Stage("sweep", f"{TUNE_FOLDER}/*/{_TRIALS_GLOB}", "skinsynth tune --config EXPERIMENT.yaml --out {run}"),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+STAGE_BY_KIND = {stage.kind: stage for stage in STAGES}
 
 
 def missing_message(stage_name: str, run_dir: Path, what: str | None = None) -> str:
-    """One line saying a stage's output is absent and which command makes it."""
-    stage = STAGE_BY_NAME[stage_name]
+    """One line saying a stage's output is absent and which command makes it (``stage_name``: the viewer's row,
+    ``tune``, or the run layout's kind, ``sweep``)."""
+    stage = STAGE_BY_NAME.get(stage_name) or STAGE_BY_KIND[stage_name]
     return f"No {what or stage.folder + '/'} in {run_dir}: run `{stage.how_to_make(run_dir)}`."
 
 
@@ -152,7 +190,7 @@ def load_table(path: Path, required_columns: tuple[str, ...] = ()) -> pd.DataFra
 
 def is_run_dir(path: Path) -> bool:
     """A folder with a resolved ``config.yaml`` or any stage folder."""
-    return path.is_dir() and ((path / "config.yaml").is_file() or any((path / s.folder).is_dir() for s in STAGES))
+    return path.is_dir() and (layout(path).config.is_file() or any((path / s.folder).is_dir() for s in STAGES))
 
 
 def find_experiments(runs_root: Path) -> list[Path]:
@@ -184,7 +222,7 @@ class StageStatus:
 
 def _stage_dirs(run_dir: Path, stage: Stage) -> list[Path]:
     """The folders holding a stage's manifest: the stage folder, or one per model / sweep under it."""
-    if stage.name in ("models", "eval", "tune"):
+    if stage.named:
         base = run_dir / stage.folder
         return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
     return [run_dir / stage.folder]
@@ -193,33 +231,29 @@ def _stage_dirs(run_dir: Path, stage: Stage) -> list[Path]:
 def _recorded_seconds(run_dir: Path, stage: Stage) -> float | None:
     """The duration a stage's own outputs record (data card, generator card, synthetic card, audit and eval
     reports); ``None`` where the stage records none."""
-    if stage.name == "data":
-        card = load_json_object(run_dir / "data" / "data_card.json") or {}
+    run = layout(run_dir)
+    if stage.kind == "data":
+        card = load_json_object(run.data_card) or {}
         return (card.get("seconds") or {}).get("total")
-    if stage.name == "generator":
-        card = load_json_object(run_dir / "generator" / "generator_card.json") or {}
+    if stage.kind == "generator":
+        card = load_json_object(run.generator_card) or {}
         return (card.get("training") or {}).get("seconds")
-    if stage.name == "synthetic":
-        return (load_json_object(run_dir / "synthetic" / "synthetic_card.json") or {}).get("seconds")
-    if stage.name == "audit":
-        return (load_json_object(run_dir / "audit" / "report.json") or {}).get("seconds")
-    if stage.name == "eval":
-        seconds = [(load_json_object(d / "report.json") or {}).get("seconds") for d in _stage_dirs(run_dir, stage)]
+    if stage.kind == "synthetic":
+        return (load_json_object(run.synthetic_card) or {}).get("seconds")
+    if stage.kind == "audit":
+        return (load_json_object(run.audit_report) or {}).get("seconds")
+    if stage.kind == "eval":
+        seconds = [(load_json_object(d / EVAL_REPORT) or {}).get("seconds") for d in _stage_dirs(run_dir, stage)]
         seconds = [s for s in seconds if s is not None]
         return sum(seconds) if seconds else None
     return None
-
-
-# the run layout's stage kinds (skinsynth.core.rundir) -> the viewer's stage rows
-_ROW_OF_KIND = {"data": "data", "generator": "generator", "synthetic": "synthetic", "audit": "audit"}
-_ROW_OF_KIND |= {"model": "models", "eval": "eval", "sweep": "tune"}
 
 
 def stage_statuses(run_dir: Path) -> list[StageStatus]:
     """The status of every stage of ``run_dir``; unreadable files become ``problems``, never exceptions."""
     stale_by_row: dict[str, list[str]] = {}
     for stale in stale_stages(run_dir):
-        stale_by_row.setdefault(_ROW_OF_KIND[stale.stage.partition(":")[0]], []).append(stale.describe())
+        stale_by_row.setdefault(STAGE_BY_KIND[stale.stage.partition(":")[0]].name, []).append(stale.describe())
     statuses = []
     for stage in STAGES:
         status = StageStatus(stage, done=bool(list(run_dir.glob(stage.done_marker))))
@@ -227,7 +261,7 @@ def stage_statuses(run_dir: Path) -> list[StageStatus]:
         created = []
         for folder in _stage_dirs(run_dir, stage):
             try:
-                manifest = load_json_object(folder / "manifest.json") or {}
+                manifest = load_json_object(folder / MANIFEST) or {}
             except UnreadableFile as err:
                 status.problems.append(str(err))
                 continue
@@ -240,7 +274,7 @@ def stage_statuses(run_dir: Path) -> list[StageStatus]:
             status.seconds = _recorded_seconds(run_dir, stage)
         except UnreadableFile as err:
             status.problems.append(str(err))
-        if stage.name in ("models", "eval", "tune"):
+        if stage.named:
             status.detail = ", ".join(p.name for p in _stage_dirs(run_dir, stage))
         statuses.append(status)
     return statuses
@@ -365,13 +399,13 @@ def utility_table(utility: dict[str, Any]) -> pd.DataFrame:
 
 def find_sweeps(run_dir: Path) -> list[Path]:
     """Sweep folders under ``RUN_DIR/tune`` that hold a trials table (CSV or Parquet)."""
-    tune_dir = run_dir / "tune"
+    tune_dir = layout(run_dir).sweeps
     if not tune_dir.is_dir():
         return []
     return sorted(
         d
         for d in tune_dir.iterdir()
-        if d.is_dir() and ((d / "trials.csv").is_file() or (d / "trials.parquet").is_file())
+        if d.is_dir() and ((d / SWEEP_TRIALS).is_file() or (d / SWEEP_TRIALS_PARQUET).is_file())
     )
 
 
@@ -390,7 +424,7 @@ def read_trials(sweep_dir: Path) -> TrialsRead:
     A damaged ``trials.csv`` is reported in ``problems`` and the Parquet copy is used when it reads.
     """
     problems = []
-    for name in ("trials.csv", "trials.parquet"):
+    for name in (SWEEP_TRIALS, SWEEP_TRIALS_PARQUET):
         path = sweep_dir / name
         try:
             table = load_table(path, TRIALS_REQUIRED_COLUMNS)
@@ -439,7 +473,7 @@ HEADLINE_METRICS = ("balanced_accuracy", "macro_auroc", "malignant_auroc", "macr
 
 def find_evaluations(run_dir: Path) -> list[Path]:
     """``RUN_DIR/eval/<model>`` folders (with or without a readable report)."""
-    eval_dir = run_dir / "eval"
+    eval_dir = layout(run_dir).evaluations
     return sorted(d for d in eval_dir.iterdir() if d.is_dir()) if eval_dir.is_dir() else []
 
 
