@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _synced(cfg):
     """The run's storage for one command: a remote ``run.out`` is pulled into its local copy first and pushed back
-    however the command ends (see skinsynth/storage.py); a local one is used as it is."""
+    however the command ends (see skinsynth/core/storage.py); a local one is used as it is."""
     from skinsynth.core.storage import synced_run
 
     return synced_run(cfg.run)

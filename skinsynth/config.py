@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ class RunConfig:
     """Where a run lives and what it is called."""
 
     name: str = "demo"
-    out: str = "runs/demo"  # run directory: a local path, or a URI (s3://, gs://, ...: see skinsynth/storage.py)
+    out: str = "runs/demo"  # run directory: a local path, or a URI (s3://, gs://, ...: see skinsynth/core/storage.py)
     cache_dir: str = ""  # local copy of a remote run.out ("": ~/.cache/skinsynth/runs/<scheme>/<path>)
     seed: int = 0
 
@@ -563,13 +561,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def config_hash(section: Any) -> str:
-    """Stable short hash of a config (section) - of its :func:`changed_settings`; stage manifests use it to decide
-    whether to re-run."""
-    payload = json.dumps(changed_settings(section), sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def dump_config(cfg: ExperimentConfig, run_dir: str | Path) -> Path:

@@ -223,3 +223,86 @@ def logit_adjustment_case() -> tuple[np.ndarray, np.ndarray, list[int]]:
         rows = np.flatnonzero(labels == c)
         probs[rows, 0], probs[rows, c] = 0.5, 0.4
     return probs / probs.sum(1, keepdims=True), labels, [100] + [10] * 6
+
+
+# --- session-scoped phantom fixtures: made once, read by many modules. A test that changes one works on a copy
+# (copy_run), never in the fixture's own folder.
+
+PHANTOM_SMALL = ["data.phantom.n_images=140", "data.preprocess.size=32"]
+TINY_CLASSIFIER = [
+    "train.model=test_efficientnet",
+    "train.pretrained=none",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.lr=0.003",
+    "train.ema_decay=0.9",  # the resume test then also restores the weight average
+    "train.input_size=48",  # the network sees the 32 px images upsampled: every consumer must do the same
+    "train.tone_min_malignant=2",  # 21 validation images: three tone groups hold 2-3 malignant ones
+]
+GENERATOR_SMALL = [
+    "generator.size=tiny",
+    "generator.train_steps=6",
+    "generator.batch_size=8",
+    "generator.checkpoint_every=3",
+    "generator.grid_every=3",
+    "generator.log_every=3",
+    "generator.warmup_steps=2",
+    "generator.cpu_amp=true",  # bf16 where this CPU has it natively, else fp32 (and it says so)
+]
+# the generator fixture's synthetic set: two classes, eight images each
+TINY_SAMPLES = ["sample.plan=counts", "sample.counts.nv=8", "sample.counts.mel=8", "sample.steps=3"]
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a fixture's run directory (Ray Train's checkpoint index names its folders relatively, so a
+    copied run resumes from its own copy)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def copy_config(cfg, out: Path):
+    """``cfg`` (deep-copied) pointing at run directory ``out``."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.out = str(out)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def phantom_prepared(ray_local, tmp_path_factory) -> Path:
+    """140 phantom images at 32 px, prepared once for the session (read it; copy it to change it)."""
+    from skinsynth.config import load_config
+    from skinsynth.data.prepare import prepare_images
+
+    out = tmp_path_factory.mktemp("phantom") / "run"
+    prepare_images(load_config(None, [f"run.out={out}", *PHANTOM_SMALL]).data, out, progress=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(phantom_prepared, tmp_path_factory):
+    """A tiny timm model trained for one epoch on the session's phantom set: ``(cfg, TrainResult)``."""
+    from skinsynth.classify.train import train_classifier
+    from skinsynth.config import load_config
+
+    out = copy_run(phantom_prepared, tmp_path_factory.mktemp("classifier") / "run")
+    cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *TINY_CLASSIFIER])
+    return cfg, train_classifier(cfg, progress=print)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(phantom_prepared, tmp_path_factory):
+    """A tiny generator trained for 6 steps on the session's phantom set, and a 16-image synthetic set sampled from
+    it: ``(cfg, GeneratorResult)``."""
+    from skinsynth.config import load_config
+    from skinsynth.generate.sample import sample_synthetic
+    from skinsynth.generate.train import train_generator
+
+    out = copy_run(phantom_prepared, tmp_path_factory.mktemp("generator") / "run")
+    cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *GENERATOR_SMALL, *TINY_SAMPLES])
+    result = train_generator(cfg, progress=print)
+    sample_synthetic(cfg.sample, out, progress=lambda _m: None)
+    return cfg, result

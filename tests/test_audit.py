@@ -13,7 +13,7 @@ import torch
 
 from skinsynth.audit import fidelity, privacy
 from skinsynth.audit.features import AuditError, InceptionFeatures, choose_extractors, inception_weights_path
-from skinsynth.config import GeneratorConfig, load_config
+from skinsynth.config import GeneratorConfig
 from skinsynth.data.phantom import phantom_records, render_phantom
 from skinsynth.errors import SkinsynthError
 
@@ -214,35 +214,16 @@ def test_utility_real_arm_matches_the_synthetic_counts_and_one_class_is_no_probe
 
 
 @pytest.fixture(scope="module")
-def audited_run(ray_local, tmp_path_factory):
-    """Phantom data at 32 px, a tiny generator, a small synthetic set and its audit (config, report)."""
+def audited_run(tiny_generator, tmp_path_factory):
+    """The session's tiny generator and its 16-image synthetic set (phantom data at 32 px), audited in a copy of its
+    run directory: (config, report)."""
     from skinsynth.audit.report import run_audit
-    from skinsynth.data.prepare import prepare_images
-    from skinsynth.generate.sample import sample_synthetic
-    from skinsynth.generate.train import train_generator
+    from tests.conftest import copy_config, copy_run
 
-    out = tmp_path_factory.mktemp("audit") / "run"
-    cfg = load_config(
-        None,
-        [
-            f"run.out={out}",
-            "data.phantom.n_images=140",
-            "data.preprocess.size=32",
-            "generator.size=tiny",
-            "generator.train_steps=4",
-            "generator.batch_size=8",
-            "sample.plan=counts",
-            "sample.counts.nv=8",
-            "sample.counts.mel=8",
-            "sample.steps=3",
-            "audit.extractor=classifier",
-            "audit.mia_images=24",
-            "audit.calibration_images=40",
-        ],
-    )
-    prepare_images(cfg.data, out, progress=lambda _m: None)
-    train_generator(cfg, progress=lambda _m: None)
-    sample_synthetic(cfg.sample, out, progress=lambda _m: None)
+    trained, _ = tiny_generator
+    out = copy_run(Path(trained.run.out), tmp_path_factory.mktemp("audit") / "run")
+    cfg = copy_config(trained, out)
+    cfg.audit.extractor, cfg.audit.mia_images, cfg.audit.calibration_images = "classifier", 24, 40
     return cfg, run_audit(cfg, out, progress=print)
 
 

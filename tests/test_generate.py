@@ -30,17 +30,7 @@ from skinsynth.generate.model import (
     predict_noise,
 )
 from skinsynth.generate.sample import build_plan, class_counts_for_plan
-
-GENERATOR_SMALL = [
-    "generator.size=tiny",
-    "generator.train_steps=6",
-    "generator.batch_size=8",
-    "generator.checkpoint_every=3",
-    "generator.grid_every=3",
-    "generator.log_every=3",
-    "generator.warmup_steps=2",
-    "generator.cpu_amp=true",  # bf16 where this CPU has it natively, else fp32 (and it says so)
-]
+from tests.conftest import GENERATOR_SMALL
 
 
 def test_class_labels_on_a_model_without_class_embeddings_are_an_error():
@@ -147,18 +137,17 @@ def test_both_samplers_land_on_the_data_of_a_near_exact_denoiser(sampler):
     assert (images - target).abs().max() < 0.05
 
 
-@pytest.fixture(scope="module")
-def generator_run(ray_local, tmp_path_factory):
-    """Phantom data at 32 px and a tiny generator trained for 6 steps (config and result)."""
-    from skinsynth.data.prepare import prepare_images
-    from skinsynth.generate.train import train_generator
+@pytest.fixture
+def generator_run(tiny_generator, tmp_path):
+    """The session's tiny generator (6 steps on phantom data at 32 px) in a private copy of its run directory: these
+    tests sample, export and train on into it."""
+    import dataclasses
 
-    out = tmp_path_factory.mktemp("generate") / "run"
-    cfg = load_config(
-        None, [f"run.out={out}", "data.phantom.n_images=70", "data.preprocess.size=32", *GENERATOR_SMALL]
-    )
-    prepare_images(cfg.data, out, progress=lambda _m: None)
-    return cfg, train_generator(cfg, progress=print)
+    from tests.conftest import copy_config, copy_run
+
+    cfg, result = tiny_generator
+    out = copy_run(Path(cfg.run.out), tmp_path / "fixture-run")
+    return copy_config(cfg, out), dataclasses.replace(result, generator_dir=out / "generator")
 
 
 def test_generator_training_writes_weights_grid_and_card(generator_run):

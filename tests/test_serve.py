@@ -21,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-from skinsynth.config import load_config
 from skinsynth.data.phantom import phantom_records, render_phantom
 
 pytestmark = pytest.mark.slow
@@ -89,34 +88,20 @@ def test_knn_distance_is_the_euclidean_distance_to_the_kth_nearest_training_feat
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_local, tmp_path_factory):
-    """A tiny classifier trained on phantom data at 32 px, served on a free loopback port: (url, model_dir, cfg)."""
+def endpoint(tiny_classifier):
+    """The session's tiny classifier (phantom data at 32 px), served on a free loopback port: (url, model_dir, cfg)."""
     from ray import serve
 
-    from skinsynth.classify.train import train_classifier
-    from skinsynth.data.prepare import prepare_images
     from skinsynth.serve.app import start_endpoint, wait_until_healthy
+    from tests.conftest import copy_config
 
-    out = tmp_path_factory.mktemp("serve") / "run"
-    cfg = load_config(
-        None,
-        [
-            f"run.out={out}",
-            "data.phantom.n_images=140",
-            "data.preprocess.size=32",
-            "train.model=test_efficientnet",
-            "train.pretrained=none",
-            "train.epochs=1",
-            "train.batch_size=32",
-            f"serve.port={_free_port()}",
-            "serve.max_upload_mb=1",  # the 413 case then needs 1 MB, not 10
-        ],
-    )
-    prepare_images(cfg.data, out, progress=lambda _m: None)
-    model_dir = train_classifier(cfg, progress=print).model_dir
-    url = start_endpoint(str(model_dir), cfg.serve)
+    trained, result = tiny_classifier
+    cfg = copy_config(trained, Path(trained.run.out))
+    cfg.serve.port = _free_port()
+    cfg.serve.max_upload_mb = 1  # the 413 case then needs 1 MB, not 10
+    url = start_endpoint(str(result.model_dir), cfg.serve)
     wait_until_healthy(url)
-    yield url, model_dir, cfg
+    yield url, result.model_dir, cfg
     serve.shutdown()
 
 

@@ -178,11 +178,43 @@ def test_a_source_folder_on_s3_prepares_like_the_same_folder_on_disk(
     assert storage.local_prepared_copy(tmp_path / "from-disk") == tmp_path / "from-disk"
 
 
+def _trained_outputs(filesystem, run_dir) -> dict:
+    """What a re-split must change: the split table, the Ray Train runs (on the bucket), and the exported weights
+    (in the local copy ``run_dir``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def model(name: str) -> dict:
+        return torch.load(run_dir / "models" / name / "model.pt", map_location="cpu", weights_only=True)
+
+    import pyarrow.fs as pafs
+
+    runs = [i.base_name for i in filesystem.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/demo/ray_train"))]
+    return {
+        "splits": (run_dir / "data" / "splits.parquet").read_bytes(),
+        "runs": {p: {r for r in runs if r.startswith(f"{p}-")} for p in ("classifier", "generator")},
+        "classifier": model("classifier"),
+        "best": model("best"),
+        "generator": load_file(next((run_dir / "generator" / "unet").glob("*.safetensors"))),
+    }
+
+
+def _weights_differ(a: dict, b: dict) -> bool:
+    return any(not a[k].equal(b[k]) for k in a if a[k].is_floating_point())
+
+
+def _skipped(stage: str, summary: str) -> bool:
+    return bool(re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE))
+
+
 @pytest.mark.slow
-def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoint, tmp_path, capsys, monkeypatch):
+def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_and_reruns_exactly_what_changed(
+    ray_local, s3_endpoint, tmp_path, capsys, monkeypatch
+):
     """The whole pipeline with run.out on S3: stages work in a local copy and push after each one, Ray Train and Tune
     checkpoint straight to the bucket, training reads the shards from it; a second machine (an empty local copy)
-    finds every stage done."""
+    finds every stage done; a changed training setting re-runs what reads it, and a re-split re-runs every stage
+    downstream of the data in new Ray Train runs (one run of the demo covers all of it: each is minutes on 2 cores)."""
     from skinsynth.cli import main
 
     endpoint, filesystem = s3_endpoint
@@ -190,8 +222,12 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
     args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-a'}"]
     assert main(args) == 0
     printed = capsys.readouterr().out
+    assert "SIMULATED phantom data" in printed and "images: 70 at 64 px" in printed
     assert re.search(r"== stage prepare: done in [0-9.]+ s; \d+ file\(s\) pushed to s3://", printed)
     assert "testing:testing" not in printed  # the URI's credentials are masked in every line
+    assert re.search(r"^  evaluate\s+[0-9.]+ s  test balanced accuracy", printed, re.MULTILINE)
+    assert re.search(r"^  audit\s+[0-9.]+ s  memorised [0-9.]+%, attack AUC", printed, re.MULTILINE)
+    assert re.search(r"^  tune\s+[0-9.]+ s  best trial \w+: val balanced accuracy [0-9.]+", printed, re.MULTILINE)
     remote = {
         info.path.removeprefix(f"{BUCKET}/runs/demo/")
         for info in filesystem.get_file_info(_selector(f"{BUCKET}/runs/demo"))
@@ -203,6 +239,8 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
         "audit/report.json",
         "tune/demo_sweep/trials.parquet",
         "models/best/model.pt",
+        "eval/best/report.json",
+        "generator/grid.png",
     ):
         assert name in remote, name
     # Ray Train (classifier, generator) and the sweep's trials checkpointed on S3, not in the local copy
@@ -212,21 +250,55 @@ def test_the_demo_runs_on_s3_and_resumes_on_a_fresh_machine(ray_local, s3_endpoi
     assert any(re.match(r"tune/demo_sweep/trials/trial-\w+/.+/checkpoint_", p) for p in remote), swept
     local = tmp_path / "machine-a" / "s3" / BUCKET / "runs" / "demo"
     assert not list((local / "ray_train").glob("classifier-*/checkpoint_*"))
+    card = json.loads((local / "synthetic" / "synthetic_card.json").read_text())
+    assert card["images"] > 0 and card["synthetic"] is True
+    report = json.loads((local / "eval" / "classifier" / "report.json").read_text())
+    assert report["synthetic_conditioning"]["n"] == card["images"]
+    audit = json.loads((local / "audit" / "report.json").read_text())
+    assert audit["images"]["synthetic"] == card["images"] and isinstance(audit["gate"]["share_ok"], bool)
 
+    machine_b = tmp_path / "machine-b" / "s3" / BUCKET / "runs" / "demo"
     args_b = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-b'}"]
     assert main(args_b) == 0
     summary = capsys.readouterr().out
     for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
-        assert re.search(rf"^  {stage}\s+skipped", summary, re.MULTILINE), stage
-    assert (tmp_path / "machine-b" / "s3" / BUCKET / "runs" / "demo" / "eval" / "best" / "report.json").is_file()
+        assert _skipped(stage, summary), stage
+    assert (machine_b / "eval" / "best" / "report.json").is_file()
+
+    # a changed training setting re-runs training and what reads the classifier, not prepare or the generator
+    assert main([*args_b, "--set", "train.lr=0.002"]) == 0
+    summary = capsys.readouterr().out
+    assert _skipped("prepare", summary) and _skipped("generate", summary) and _skipped("sample", summary)
+    for stage in ("train", "audit", "evaluate", "tune"):  # the audit uses the classifier; the sweep's base changed
+        assert not _skipped(stage, summary), stage
+    # the classifier's own manifest records the --set value it ran with (config.yaml is the run's, not the stage's)
+    assert json.loads((machine_b / "models" / "classifier" / "manifest.json").read_text())["config"]["lr"] == 0.002
+
+    # Regression: a re-split once resumed the finished Ray Train runs of the old split (their names hashed only the
+    # source files) and exported their weights, whose training lesions could now be test lesions. A re-split is a
+    # new data identity: every stage downstream re-runs, saying why, in new Ray Train runs with new weights.
+    before = _trained_outputs(filesystem, machine_b)
+    assert main([*args_b, "--set", "train.lr=0.002", "--set", "data.split.seed=7"]) == 0
+    summary = capsys.readouterr().out
+    assert not _skipped("prepare", summary)
+    for stage in ("generate", "train", "audit", "evaluate", "tune"):
+        assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", summary, re.MULTILINE), stage
+    assert re.search(r"^sample: running \(generator changed", summary, re.MULTILINE)
+    after = _trained_outputs(filesystem, machine_b)
+    assert before["splits"] != after["splits"]
+    for prefix in ("classifier", "generator"):
+        assert len(after["runs"][prefix] - before["runs"][prefix]) == 1, f"no new Ray Train run of {prefix}"
+    for weights in ("classifier", "generator", "best"):
+        assert _weights_differ(before[weights], after[weights]), weights
+    assert "STALE" not in summary
 
     # the audit and an external set by URI: the audit of the run on S3 is redone and pushed back, and the demo's
     # own prepared set on S3 serves as an external set of its best model
     monkeypatch.setattr("skinsynth.core.storage.DEFAULT_CACHE", str(tmp_path / "machine-c"))
-    before = filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns
+    before_audit = filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns
     time.sleep(1.1)  # S3 times have one-second resolution
     assert main(["audit", out]) == 0
-    assert filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns > before
+    assert filesystem.get_file_info(f"{BUCKET}/runs/demo/audit/report.json").mtime_ns > before_audit
     evaluate = ["evaluate", "--set", f"run.out={out}", "--set", "train.name=best", "--n-boot", "50"]
     assert main([*evaluate, "--external", out]) == 0
     printed = capsys.readouterr().out

@@ -99,31 +99,15 @@ def test_warmup_then_cosine():
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.fixture(scope="module")
-def trained_phantom(ray_local, tmp_path_factory):
-    """A tiny timm model trained for one epoch on 140 phantom images at 32 px (the run dir and the result)."""
-    from skinsynth.classify.train import train_classifier
-    from skinsynth.data.prepare import prepare_images
+@pytest.fixture
+def trained_phantom(tiny_classifier, tmp_path):
+    """The session's tiny classifier (one epoch, 140 phantom images at 32 px) in a private copy of its run directory:
+    these tests export, evaluate and train on into it."""
+    from tests.conftest import copy_config, copy_run
 
-    out = tmp_path_factory.mktemp("train") / "run"
-    cfg = load_config(
-        None,
-        [
-            f"run.out={out}",
-            "data.phantom.n_images=140",
-            "data.preprocess.size=32",
-            "train.model=test_efficientnet",
-            "train.pretrained=none",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.lr=0.003",
-            "train.ema_decay=0.9",  # the resume test then also restores the weight average
-            "train.input_size=48",  # the network sees the 32 px images upsampled: every consumer must do the same
-            "train.tone_min_malignant=2",  # 21 validation images: three tone groups hold 2-3 malignant ones
-        ],
-    )
-    prepare_images(cfg.data, out, progress=lambda _m: None)
-    return cfg, train_classifier(cfg, progress=print)
+    cfg, result = tiny_classifier
+    out = copy_run(Path(cfg.run.out), tmp_path / "run")
+    return copy_config(cfg, out), dataclasses.replace(result, model_dir=out / "models" / cfg.train.name)
 
 
 def test_training_writes_the_best_model(trained_phantom):
