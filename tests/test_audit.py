@@ -131,6 +131,7 @@ def _overfit_generator(images: np.ndarray, labels: np.ndarray, steps: int, seed:
     return unet.eval(), conditioning, scheduler
 
 
+@pytest.mark.slow
 def test_membership_attack_on_a_generator_overfitted_to_32_images_beats_chance():
     # 8 px keeps the 800 full-batch passes to about a minute on 2 cores; at 16 px memorising takes 4x as long
     members = _phantom_images(32, seed=5, size=8)
@@ -227,6 +228,7 @@ def audited_run(tiny_generator, tmp_path_factory):
     return cfg, run_audit(cfg, out, progress=print)
 
 
+@pytest.mark.slow
 def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     cfg, report = audited_run
     audit_dir = Path(cfg.run.out) / "audit"
@@ -256,6 +258,7 @@ def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     assert "not a diagnosis" in report["disclaimer"]
 
 
+@pytest.mark.slow
 def test_export_follows_the_audit_gate(audited_run, tmp_path):
     from skinsynth.audit.export import ExportRefused, export_synthetic
     from skinsynth.audit.report import run_audit
@@ -300,6 +303,7 @@ def test_shapes_are_checked():
         privacy.membership_attack(np.array([]), np.array([1.0]))
 
 
+@pytest.mark.slow
 def test_synthetic_shards_are_unchanged_by_the_audit(audited_run):
     cfg, _ = audited_run
     rows = pq.read_table(Path(cfg.run.out) / "synthetic" / "images").to_pandas()

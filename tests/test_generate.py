@@ -208,6 +208,7 @@ def _generator_id(cfg) -> str:
     return json.loads((Path(cfg.run.out) / "generator" / "generator_card.json").read_text())["generator_id"]
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_resumable_and_carries_provenance(generator_run, capsys, monkeypatch):
     from skinsynth.generate import sample
     from skinsynth.generate.sample import sample_synthetic
@@ -338,21 +339,17 @@ def test_export_without_samples_says_what_to_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_generator_training_resumes_with_the_same_command(tmp_path):
+def test_killed_generator_training_resumes_with_the_same_command(phantom_prepared, tmp_path):
     """SIGKILL ``skinsynth generate train`` (the whole process group) after a checkpoint; the same command resumes."""
-    import subprocess
     import sys
 
-    from tests.conftest import kill_after_first_checkpoint_then_rerun
+    from tests.conftest import PHANTOM_SMALL, copy_run, kill_after_first_checkpoint_then_rerun
 
-    out = tmp_path / "run"
+    out = copy_run(phantom_prepared, tmp_path / "run")  # the session's 140 phantom images at 32 px
     small = [s for s in GENERATOR_SMALL if not s.startswith(("generator.train_steps", "generator.grid_every"))]
-    settings = [
-        "data.phantom.n_images=70", "data.preprocess.size=32", *small, "generator.train_steps=40",
-    ]  # fmt: skip
+    settings = [*PHANTOM_SMALL, *small, "generator.train_steps=40"]
     args = [arg for setting in settings for arg in ("--set", setting)]
     cli = [sys.executable, "-m", "skinsynth.cli"]
-    subprocess.run([*cli, "data", "prepare", "--out", str(out), *args], check=True, capture_output=True, timeout=300)
     second = kill_after_first_checkpoint_then_rerun(
         [*cli, "generate", "train", "--out", str(out), *args],
         "ray_train/*/checkpoint_manager_snapshot.json",

@@ -222,7 +222,7 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_and_reruns_exactly_what_
     args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-a'}"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "SIMULATED phantom data" in printed and "images: 70 at 64 px" in printed
+    assert "SIMULATED phantom data" in printed and "images: 70 at 32 px" in printed
     assert re.search(r"== stage prepare: done in [0-9.]+ s; \d+ file\(s\) pushed to s3://", printed)
     assert "testing:testing" not in printed  # the URI's credentials are masked in every line
     assert re.search(r"^  evaluate\s+[0-9.]+ s  test balanced accuracy", printed, re.MULTILINE)

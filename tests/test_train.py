@@ -346,23 +346,19 @@ def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_with_the_same_command(tmp_path):
+def test_killed_training_resumes_with_the_same_command(phantom_prepared, tmp_path):
     """Kill ``skinsynth train`` (the whole process group) after its first checkpoint, run it again, see it resume."""
-    import subprocess
     import sys
 
-    from tests.conftest import kill_after_first_checkpoint_then_rerun
+    from tests.conftest import copy_run, kill_after_first_checkpoint_then_rerun
 
-    out = tmp_path / "run"
+    out = copy_run(phantom_prepared, tmp_path / "run")  # the session's 140 phantom images at 32 px
     settings = [
         "--set", "data.phantom.n_images=140", "--set", "data.preprocess.size=32",
         "--set", "train.model=test_efficientnet", "--set", "train.pretrained=none",
-        "--set", "train.epochs=6", "--set", "train.batch_size=16",
+        "--set", "train.epochs=4", "--set", "train.batch_size=16",
     ]  # fmt: skip
     cli = [sys.executable, "-m", "skinsynth.cli"]
-    subprocess.run(
-        [*cli, "data", "prepare", "--out", str(out), *settings], check=True, capture_output=True, timeout=300
-    )
     second = kill_after_first_checkpoint_then_rerun(
         [*cli, "train", "--out", str(out), *settings],
         "ray_train/*/checkpoint_manager_snapshot.json",
@@ -373,14 +369,14 @@ def test_killed_training_resumes_with_the_same_command(tmp_path):
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming from the checkpoint" in line]
     assert resumed, second.stdout[-3000:]
     info = json.loads((out / "models" / "classifier" / "training.json").read_text())
-    assert [h["epoch"] for h in info["history"]] == list(range(6))
+    assert [h["epoch"] for h in info["history"]] == list(range(4))
     # the optimiser and the schedule came back across the kill: they counted every epoch's steps, not only those
     # after the resume
     from skinsynth.core.shards import load_split_table, split_ids
     from tests.conftest import latest_checkpoint, optimiser_steps
 
     saved = latest_checkpoint(out)
-    steps = 6 * -(-len(split_ids(load_split_table(out), "train", labelled_only=True)) // 16)
+    steps = 4 * -(-len(split_ids(load_split_table(out), "train", labelled_only=True)) // 16)
     assert saved["scheduler"]["last_epoch"] == steps and optimiser_steps(saved["optimizer"]) == {steps}
     assert "scaler" in saved
 

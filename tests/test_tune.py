@@ -126,7 +126,6 @@ SWEEP = {
         "pretrained": "none",
         "epochs": 2,
         "batch_size": 16,
-        "cache_rows": False,
         "ssl": {"unlabelled_ratio": 1},
         "tone_min_malignant": 2,  # 21 validation images: three tone groups hold 2-3 malignant ones
     },

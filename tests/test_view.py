@@ -110,6 +110,7 @@ def _metric(app: AppTest, label: str) -> str:
 # --- pages on the complete run --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_overview_shows_every_stage_done_with_manifest_times_and_the_config(viewer_run, monkeypatch):
     app = _page(_app(viewer_run.parent, monkeypatch), "Overview")
     assert app.sidebar.selectbox[0].value == viewer_run
@@ -127,6 +128,7 @@ def test_overview_shows_every_stage_done_with_manifest_times_and_the_config(view
     assert app.code[0].value == config_text.rstrip("\n") and "name: viewer_fixture" in config_text
 
 
+@pytest.mark.slow
 def test_sampling_again_after_the_audit_marks_the_audit_stale_in_the_overview_and_the_run_summary(
     viewer_run, tmp_path, monkeypatch
 ):
@@ -162,6 +164,7 @@ def test_sampling_again_after_the_audit_marks_the_audit_stale_in_the_overview_an
     assert f"audit is stale: made from synthetic {audited}" in summary and f"skinsynth audit {run}" in summary
 
 
+@pytest.mark.slow
 def test_data_page_shows_the_card_splits_and_images_of_every_class(viewer_run, monkeypatch):
     card = _json(viewer_run / "data" / "data_card.json")
     app = _page(_app(viewer_run, monkeypatch), "Data")  # --runs may also name one run directory
@@ -181,6 +184,7 @@ def test_data_page_shows_the_card_splits_and_images_of_every_class(viewer_run, m
     ]
 
 
+@pytest.mark.slow
 def test_synthetic_page_puts_real_and_synthetic_side_by_side_with_provenance(viewer_run, monkeypatch):
     card = _json(viewer_run / "synthetic" / "synthetic_card.json")
     app = _page(_app(viewer_run.parent, monkeypatch), "Synthetic")
@@ -196,6 +200,7 @@ def test_synthetic_page_puts_real_and_synthetic_side_by_side_with_provenance(vie
     assert not app.error
 
 
+@pytest.mark.slow
 def test_audit_page_shows_fidelity_utility_privacy_and_the_gate_from_the_report(viewer_run, monkeypatch):
     report = _json(viewer_run / "audit" / "report.json")
     app = _page(_app(viewer_run.parent, monkeypatch), "Audit")
@@ -221,6 +226,7 @@ def test_audit_page_shows_fidelity_utility_privacy_and_the_gate_from_the_report(
     assert figures[0].startswith("audit/gallery.png") and figures[1].startswith("audit/similarity.png")
 
 
+@pytest.mark.slow
 def test_study_page_shows_the_trials_the_grid_summary_with_error_bars_and_the_best_trial(viewer_run, monkeypatch):
     sweep = viewer_run / "tune" / "ratio_grid"
     trials = pd.read_csv(sweep / "trials.csv")
@@ -264,6 +270,7 @@ def test_error_bars_are_mean_plus_minus_std_per_series():
     )
 
 
+@pytest.mark.slow
 def test_evaluation_page_shows_metrics_figures_fairness_and_internal_vs_external(viewer_run, monkeypatch):
     report = _json(viewer_run / "eval" / "best" / "report.json")
     fairness = pd.read_csv(viewer_run / "eval" / "best" / "fairness_test.csv")
@@ -298,6 +305,7 @@ def test_evaluation_page_shows_metrics_figures_fairness_and_internal_vs_external
 # --- partial and damaged runs ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_with_only_prepared_data_names_each_missing_stage_and_its_command(viewer_run, tmp_path, monkeypatch):
     partial = tmp_path / "partial"
     shutil.copytree(viewer_run / "data", partial / "data")
@@ -321,6 +329,7 @@ def test_a_run_with_only_prepared_data_names_each_missing_stage_and_its_command(
         assert not app.error
 
 
+@pytest.mark.slow
 def test_damaged_reports_are_named_and_every_other_page_still_renders(viewer_run, tmp_path, monkeypatch):
     broken = tmp_path / "runs" / "broken"
     shutil.copytree(viewer_run, broken, ignore=shutil.ignore_patterns("ray_train", "trial-*"))
@@ -352,6 +361,7 @@ def test_damaged_reports_are_named_and_every_other_page_still_renders(viewer_run
         assert not _page(app, page).error and app.get("image")
 
 
+@pytest.mark.slow
 def test_a_damaged_image_shard_is_named_on_the_data_page(viewer_run, tmp_path, monkeypatch):
     broken = tmp_path / "broken"
     shutil.copytree(viewer_run / "data", broken / "data")
@@ -426,6 +436,7 @@ def _upload_and_predict(app: AppTest, content: bytes) -> AppTest:
     return app
 
 
+@pytest.mark.slow
 def test_try_it_posts_the_upload_and_shows_the_answer_with_heatmap_and_disclaimer(
     viewer_run, fake_endpoint, monkeypatch
 ):
@@ -467,6 +478,7 @@ def test_try_it_posts_the_upload_and_shows_the_answer_with_heatmap_and_disclaime
     assert _FakeEndpoint.received[-1]["path"] == "/v1/predict"
 
 
+@pytest.mark.slow
 def test_try_it_shows_the_endpoints_refusal_and_an_endpoint_that_is_down(viewer_run, fake_endpoint, monkeypatch):
     _FakeEndpoint.answer = (400, {"detail": "not an image: cannot decode the upload"})
     app = _upload_and_predict(_app(viewer_run.parent, monkeypatch, fake_endpoint), b"not an image at all")
