@@ -3,8 +3,9 @@
 Stages: prepare -> generate (train the generator) -> sample -> train (the classifier) -> audit (the synthetic set,
 with the classifier as one feature extractor) -> evaluate -> tune (a sweep over classifier settings when the
 experiment has a ``tune.space``; its best trial on validation goes to ``models/best`` and is evaluated once). Each
-later stage writes a ``manifest.json`` with the hash of its own config section and of its input stages' manifests, so
-a change upstream re-runs everything downstream of it.
+stage writes its own ``manifest.json`` with its identity (``skinsynth.core.rundir``: its settings and the identities
+of the stages it read); a stage runs when the identity it would have now differs from its manifest's, and says why,
+so a change upstream re-runs everything downstream of it - the rule ``skinsynth train`` and the others follow alone.
 """
 
 from __future__ import annotations
