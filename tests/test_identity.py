@@ -4,7 +4,9 @@ tests/test_cli.py's demo test; the stale audit in the viewer and the run summary
 
 from __future__ import annotations
 
-from skinsynth.core.rundir import StageIdentity, layout, stale_stages, why_rerun
+import pytest
+
+from skinsynth.core.rundir import StageIdentity, layout, read_manifest, stale_stages, why_rerun
 
 
 def test_identity_follows_settings_and_inputs_and_says_why_a_stage_reruns(tmp_path):
@@ -54,3 +56,18 @@ def test_a_replaced_input_marks_every_stage_that_read_it_stale_with_the_refresh_
     assert set(stale) == {"generator", "synthetic", "model:classifier", "eval:classifier", "audit"}
     assert stale["generator"].input == "data" and "generate train" in stale["generator"].command
     assert stale["synthetic"].input == "generator" and "(itself stale)" in stale["synthetic"].describe()
+
+
+@pytest.mark.slow
+def test_a_model_whose_ssl_had_no_pool_records_the_identity_run_compares(phantom_prepared, tmp_path):
+    """Training falls back to supervised when every image is labelled; its manifest must still record the identity of
+    the settings as asked for, or `skinsynth run` would train it again every time."""
+    from skinsynth.classify.train import model_identity, train_classifier
+    from skinsynth.config import load_config
+    from tests.conftest import PHANTOM_SMALL, TINY_CLASSIFIER, copy_run
+
+    out = copy_run(phantom_prepared, tmp_path / "run")
+    cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *TINY_CLASSIFIER, "train.ssl.method=fixmatch"])
+    train_classifier(cfg, progress=lambda _m: None)
+    assert read_manifest(out / "models" / "classifier")["config"]["ssl"]["method"] == "fixmatch"
+    assert why_rerun(out, model_identity(cfg.train, out)) is None

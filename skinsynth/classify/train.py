@@ -656,7 +656,9 @@ def train_classifier(
             "unlabelled_images": len(inputs.unlabelled),
             "synthetic_per_class": inputs.synthetic_per_class,
         }
-        model_dir = export_model(run_dir, tc, state, card, extra, progress=progress)
+        # the identity of the settings as asked for (what `skinsynth run` compares), even where SSL had no pool
+        identity = model_identity(cfg.train, run_dir)
+        model_dir = export_model(run_dir, tc, state, card, extra, progress=progress, identity=identity)
         progress(
             f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
             f"model written to {model_dir}"
