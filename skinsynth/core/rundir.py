@@ -12,7 +12,6 @@ Layout of ``RUN_DIR/``::
     eval/<name>/      evaluation of models/<name>: report.json, fairness_test.csv, figures (stage "eval:<name>")
     tune/<sweep>/     a sweep: trials.csv, trials.parquet, summary.csv (grid), best.json   (stage "sweep:<sweep>")
     ray_train/        Ray Train runs (checkpoints), named by their stage's identity
-    logs/             full logs
 
 These names are spelt here and nowhere else (bar ``config.yaml``, spelt by :mod:`skinsynth.config`, which writes it
 and sits below this layer): other modules take folders and files from :class:`RunLayout`
@@ -50,7 +49,6 @@ from typing import Any
 from skinsynth.config import CONFIG_FILE
 
 MANIFEST = "manifest.json"  # in every stage folder
-TEST_LEDGER = "test_ledger.jsonl"
 
 # folders under RUN_DIR
 DATA_FOLDER = "data"
@@ -61,7 +59,6 @@ MODELS_FOLDER = "models"
 EVAL_FOLDER = "eval"
 TUNE_FOLDER = "tune"
 RAY_TRAIN_FOLDER = "ray_train"
-LOGS_FOLDER = "logs"
 
 # stage kinds -> folder under RUN_DIR; a kind with a name ("model:best") lives in <folder>/<name>
 STAGE_FOLDERS = {
@@ -176,14 +173,6 @@ class RunLayout:
         return self.root / RAY_TRAIN_FOLDER
 
     @property
-    def logs(self) -> Path:
-        return self.root / LOGS_FOLDER
-
-    @property
-    def test_ledger(self) -> Path:
-        return self.root / TEST_LEDGER
-
-    @property
     def models(self) -> Path:
         return self.root / MODELS_FOLDER
 
@@ -296,9 +285,11 @@ def current_identity(run_dir: str | Path, stage: str) -> str | None:
     return (read_manifest(layout(run_dir).stage_dir(stage)) or {}).get("identity")
 
 
-def manifest_payload(identity: StageIdentity, **extra: Any) -> dict[str, Any]:
-    """What a stage writes to its ``manifest.json``."""
-    return {
+def write_manifest(stage_dir: str | Path, identity: StageIdentity, **extra: Any) -> Path:
+    """Write ``stage_dir/manifest.json`` for ``identity`` (``extra`` keys join it) and return its path."""
+    path = Path(stage_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
+    payload = {
         "stage": identity.stage,
         "identity": identity.identity,
         "inputs": dict(identity.inputs),
@@ -307,13 +298,7 @@ def manifest_payload(identity: StageIdentity, **extra: Any) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
-
-
-def write_manifest(stage_dir: str | Path, identity: StageIdentity, **extra: Any) -> Path:
-    """Write ``stage_dir/manifest.json`` for ``identity`` (``extra`` keys join it) and return its path."""
-    path = Path(stage_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(manifest_payload(identity, **extra), indent=2, default=str))
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
 
