@@ -1,6 +1,6 @@
 """Stage identity and staleness (skinsynth.core.rundir). The end-to-end re-split regression - new Ray Train runs and
 new weights for the classifier, the generator and the sweep after `data.split.seed` changes - is in
-tests/test_cli.py's demo test; the stale audit in the viewer and the run summary is in tests/test_view.py."""
+tests/test_storage.py's S3 demo test; the stale audit in the viewer and the run summary is in tests/test_view.py."""
 
 from __future__ import annotations
 
@@ -56,6 +56,38 @@ def test_a_replaced_input_marks_every_stage_that_read_it_stale_with_the_refresh_
     assert set(stale) == {"generator", "synthetic", "model:classifier", "eval:classifier", "audit"}
     assert stale["generator"].input == "data" and "generate train" in stale["generator"].command
     assert stale["synthetic"].input == "generator" and "(itself stale)" in stale["synthetic"].describe()
+
+
+def test_each_stage_identity_follows_only_the_settings_that_reach_it(tmp_path):
+    """A changed setting re-runs the stages that use it and no other: an audit setting once started the whole sweep
+    again, because the sweep hashed every section of the config."""
+    from skinsynth.audit.report import audit_identity
+    from skinsynth.classify.evaluate import evaluation_identity
+    from skinsynth.classify.train import model_identity
+    from skinsynth.config import load_config
+    from skinsynth.tune.sweep import sweep_stage
+
+    def identities(*settings: str) -> dict[str, str]:
+        cfg = load_config(None, [f"run.out={tmp_path}", *settings])
+        return {
+            "model": model_identity(cfg.train, tmp_path).identity,
+            "audit": audit_identity(cfg, tmp_path).identity,
+            "evaluate": evaluation_identity(cfg, tmp_path).identity,
+            "sweep": sweep_stage(cfg, tmp_path).identity,
+        }
+
+    base = identities()
+    reaches = {
+        "train.lr=0.002": {"model", "sweep"},
+        "tune.num_samples=3": {"sweep"},
+        "audit.gallery_pairs=4": {"audit"},
+        "serve.port=8123": set(),
+        "run.cache_dir=/elsewhere": set(),
+        "tune.external=[runs/isic]": set(),  # where the best model is also scored, not what the sweep trains
+    }
+    for setting, stages in reaches.items():
+        changed = identities(setting)
+        assert {stage for stage in base if changed[stage] != base[stage]} == stages, setting
 
 
 @pytest.mark.slow

@@ -155,15 +155,18 @@ def trial_log_callback(sweep_dir: Path):
 
 
 def sweep_stage(cfg: ExperimentConfig, run_dir: Path) -> StageIdentity:
-    """What defines a sweep: its config (bar where the best model is evaluated) and the identities of the prepared
-    and synthetic sets its trials read, so a re-split data set starts the sweep again."""
+    """What defines a sweep: its training and tune settings (bar the external sets its best model is also scored on)
+    and the identities of the prepared and synthetic sets its trials read, so a re-split data set starts the sweep
+    again. The data, generator and sample settings reach it through those identities; the audit's and serving's
+    never do (a changed audit setting must not start a sweep again)."""
     from skinsynth.core.rundir import current_identity
 
-    settings = changed_settings(cfg)  # a setting added by an upgrade, at its default, keeps the sweep resumable
-    for section, key in (("tune", "external"), ("run", "out"), ("run", "cache_dir")):
-        settings.get(section, {}).pop(key, None)
-        if settings.get(section) == {}:
-            del settings[section]
+    # a setting added by an upgrade, at its default, keeps the sweep resumable
+    changed = changed_settings(cfg)
+    settings = {section: dict(changed[section]) for section in ("train", "tune") if changed.get(section)}
+    settings.get("tune", {}).pop("external", None)
+    if settings.get("tune") == {}:
+        del settings["tune"]
     inputs = {stage: current_identity(run_dir, stage) for stage in ("data", "synthetic")}
     return StageIdentity(f"sweep:{cfg.tune.name}", settings, inputs, config_to_dict(cfg))
 
