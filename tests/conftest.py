@@ -166,6 +166,9 @@ def kill_after_first_checkpoint_then_rerun(
     ``finished``, then run the same command again to the end and return that second run
     (``subprocess.CompletedProcess``, text output).
 
+    Both runs are drivers on the session's Ray (``RAY_ADDRESS``), as under ``ray job submit``: Ray ends a killed
+    driver's actors itself, and neither run pays for starting a Ray of its own.
+
     For Ray Train runs the glob should be the run's ``checkpoint_manager_snapshot.json``: Ray Train resumes from the
     checkpoints that snapshot lists, and a checkpoint folder can exist a moment before it is registered there.
     """
@@ -174,8 +177,11 @@ def kill_after_first_checkpoint_then_rerun(
     import subprocess
     import time
 
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with log.open("w") as sink:
-        first = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + timeout_s
         while not list(out.glob(checkpoint_glob)):
             assert first.poll() is None, log.read_text()[-3000:]
@@ -184,7 +190,7 @@ def kill_after_first_checkpoint_then_rerun(
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     assert not finished.exists(), "the first run finished before it could be killed"
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return second
 
@@ -314,3 +320,103 @@ def tiny_generator(phantom_prepared, tmp_path_factory):
     result = train_generator(cfg, progress=print)
     sample_synthetic(cfg.sample, out, progress=lambda _m: None)
     return cfg, result
+
+
+# --- a real Ray head for `ray job submit` ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on 127.0.0.1 (`ray start --head --block`), as a ``JobSubmissionClient``; killed with its
+    process group afterwards."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    ray = Path(sys.executable).parent / "ray"
+    gcs, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    log = open(tmp_path / "head.log", "w")
+    # every port its own: the test session's embedded Ray already holds the defaults (e.g. the job agent's 52365)
+    ports = [
+        f"--{flag}={free_port()}"
+        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         *ports],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+                break
+            except Exception:  # the dashboard is not up yet
+                if head.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    raise RuntimeError(
+                        "ray head did not come up:\n" + (tmp_path / "head.log").read_text()[-3000:]
+                    ) from None
+                time.sleep(2)
+        yield client
+    finally:
+        # SIGKILL, not SIGTERM: a throwaway head has nothing to save, and Ray's graceful stop takes half a minute
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(client, **job) -> str:
+    """Submit, retrying while the head's job agent is still starting ("No available agent to submit job")."""
+    import time
+
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
+def wait_for_job(client, job_id: str, timeout_s: float, until=None) -> str:
+    """Poll until the job ends, or until ``until(logs)`` holds; its status then."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return status
+        if until is not None and until(client.get_job_logs(job_id)):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout_s:.0f} s")

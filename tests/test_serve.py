@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,9 @@ import torch
 from PIL import Image
 
 from skinsynth.data.phantom import phantom_records, render_phantom
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _encode(rgb: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -97,7 +91,7 @@ def endpoint(tiny_classifier):
 
     trained, result = tiny_classifier
     cfg = copy_config(trained, Path(trained.run.out))
-    cfg.serve.port = _free_port()
+    cfg.serve.port = free_port()
     cfg.serve.max_upload_mb = 1  # the 413 case then needs 1 MB, not 10
     url = start_endpoint(str(result.model_dir), cfg.serve)
     wait_until_healthy(url)
@@ -287,7 +281,7 @@ def test_viewer_try_it_page_in_headless_chromium_shows_the_endpoint_prediction(e
     image.write_bytes(_encode(_phantom_uploads(1, seed=21)[0]))
     status, expected = _post(f"{url}/v1/predict", image.read_bytes(), "image/png")
     assert status == 200
-    port = _free_port()
+    port = free_port()
     viewer = subprocess.Popen(
         launch_command(Path(cfg.run.out).parent, url, port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )

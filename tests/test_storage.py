@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from skinsynth.errors import SkinsynthError
 from tests.conftest import BAD_EXPECTED, DEMO_SMALL
 
 BUCKET = "skinsynth-test"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +105,19 @@ def test_a_remote_run_is_pulled_and_pushed_by_size_and_age(s3_endpoint, tmp_path
     assert not (other.local / "ray_train").exists()
     assert other.push() == 0  # pulled copies keep their source's age, so they are not sent back
     assert remote_shards(store.local, "data", "images") == (f"{BUCKET}/sync/run/data/images", store.filesystem)
+
+    # the first machine changes the file again at the same size (a manifest's new identity hash is as long as the
+    # old one): the second machine's copy is older than the run's, so it is pulled again, not kept by its size
+    time.sleep(1.1)
+    (store.local / "data" / "manifest.json").write_text('{"stage": "atad!"}')
+    assert store.push() == 1
+    assert other.pull() == 1
+    assert json.loads((other.local / "data" / "manifest.json").read_text()) == {"stage": "atad!"}
+    assert other.pull() == 0 and store.pull() == 0
+    # a local change not pushed yet is newer than the run's copy: a pull keeps it
+    time.sleep(0.1)
+    (other.local / "data" / "manifest.json").write_text('{"stage": "local"}')
+    assert other.pull() == 0 and other.push() == 1
 
 
 def test_an_unreachable_endpoint_fails_before_any_work(tmp_path):
@@ -208,14 +225,19 @@ def _skipped(stage: str, summary: str) -> bool:
 
 
 @pytest.mark.slow
-def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_and_reruns_exactly_what_changed(
-    ray_local, s3_endpoint, tmp_path, capsys, monkeypatch
+def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_runs_as_a_ray_job(
+    ray_local, ray_head, s3_endpoint, tmp_path, capsys, monkeypatch
 ):
     """The whole pipeline with run.out on S3: stages work in a local copy and push after each one, Ray Train and Tune
     checkpoint straight to the bucket, training reads the shards from it; a second machine (an empty local copy)
-    finds every stage done; a changed training setting re-runs what reads it, and a re-split re-runs every stage
-    downstream of the data in new Ray Train runs (one run of the demo covers all of it: each is minutes on 2 cores)."""
+    finds every stage done; a changed setting re-runs what reads it; and a re-split, submitted through
+    `ray job submit`'s API to a real Ray head, re-runs every stage downstream of the data in new Ray Train runs and,
+    stopped during tuning, finishes when submitted again (one run of the demo covers all of it: each is minutes on
+    2 cores)."""
+    from ray.job_submission import JobStatus
+
     from skinsynth.cli import main
+    from tests.conftest import submit_job, wait_for_job
 
     endpoint, filesystem = s3_endpoint
     out = _uri(endpoint, "runs/demo")
@@ -265,32 +287,59 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_and_reruns_exactly_what_
         assert _skipped(stage, summary), stage
     assert (machine_b / "eval" / "best" / "report.json").is_file()
 
-    # a changed training setting re-runs training and what reads the classifier, not prepare or the generator
-    assert main([*args_b, "--set", "train.lr=0.002"]) == 0
+    # a changed audit setting re-runs the audit and nothing else (which settings reach which stage's identity:
+    # tests/test_identity.py); its manifest records the --set value it ran with
+    assert main([*args_b, "--set", "audit.gallery_pairs=4"]) == 0
     summary = capsys.readouterr().out
-    assert _skipped("prepare", summary) and _skipped("generate", summary) and _skipped("sample", summary)
-    for stage in ("train", "audit", "evaluate", "tune"):  # the audit uses the classifier; the sweep's base changed
-        assert not _skipped(stage, summary), stage
-    # the classifier's own manifest records the --set value it ran with (config.yaml is the run's, not the stage's)
-    assert json.loads((machine_b / "models" / "classifier" / "manifest.json").read_text())["config"]["lr"] == 0.002
+    assert re.search(r"^audit: running \(its settings changed\)", summary, re.MULTILINE), summary
+    for stage in ("prepare", "generate", "sample", "train", "evaluate", "tune"):
+        assert _skipped(stage, summary), stage
+    assert json.loads((machine_b / "audit" / "manifest.json").read_text())["config"]["gallery_pairs"] == 4
 
     # Regression: a re-split once resumed the finished Ray Train runs of the old split (their names hashed only the
     # source files) and exported their weights, whose training lesions could now be test lesions. A re-split is a
     # new data identity: every stage downstream re-runs, saying why, in new Ray Train runs with new weights.
+    # It runs as a Ray job on a real head (the demo's own process on the cluster, as `ray job submit` starts it),
+    # stopped as its sweep starts and submitted again: the second job finds every finished stage on S3.
     before = _trained_outputs(filesystem, machine_b)
-    assert main([*args_b, "--set", "train.lr=0.002", "--set", "data.split.seed=7"]) == 0
-    summary = capsys.readouterr().out
-    assert not _skipped("prepare", summary)
+    resplit = ["--set", "audit.gallery_pairs=4", "--set", "data.split.seed=7"]
+    job_args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-c'}"]
+    entrypoint = shlex.join([sys.executable, "-m", "skinsynth", *job_args, *resplit])  # a shell runs it
+    runtime_env = {"working_dir": str(REPO), "excludes": _runtime_env_excludes() + ["tests/"]}
+    client = ray_head
+    first = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
+    status = wait_for_job(client, first, 900, until=lambda logs: "tune: starting sweep" in logs)
+    assert status == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
+    client.stop_job(first)
+    assert wait_for_job(client, first, 120) == JobStatus.STOPPED
+    logs = client.get_job_logs(first)
+    assert "run summary" not in logs and "== stage tune: done" not in logs
+    assert "== stage prepare: done in" in logs
     for stage in ("generate", "train", "audit", "evaluate", "tune"):
-        assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", summary, re.MULTILINE), stage
-    assert re.search(r"^sample: running \(generator changed", summary, re.MULTILINE)
+        assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", logs, re.MULTILINE), stage
+    assert re.search(r"^sample: running \(generator changed", logs, re.MULTILINE)
+
+    second = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
+    status = wait_for_job(client, second, 900)
+    logs = client.get_job_logs(second)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    summary = logs[logs.index("run summary: demo") :]
+    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate"):
+        assert _skipped(stage, summary), (stage, summary)
+    assert re.search(r"^  tune\s+[0-9.]+ s  best trial", summary, re.MULTILINE), summary
+    assert "STALE" not in summary
+
+    # machine B pulls the re-split run: every stage done, new Ray Train runs, new weights
+    assert main([*args_b, *resplit]) == 0
+    summary = capsys.readouterr().out
+    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
+        assert _skipped(stage, summary), stage
     after = _trained_outputs(filesystem, machine_b)
     assert before["splits"] != after["splits"]
     for prefix in ("classifier", "generator"):
         assert len(after["runs"][prefix] - before["runs"][prefix]) == 1, f"no new Ray Train run of {prefix}"
     for weights in ("classifier", "generator", "best"):
         assert _weights_differ(before[weights], after[weights]), weights
-    assert "STALE" not in summary
 
     # the audit and an external set by URI: the audit of the run on S3 is redone and pushed back, and the demo's
     # own prepared set on S3 serves as an external set of its best model
@@ -307,6 +356,12 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_and_reruns_exactly_what_
         report = json.loads(stream.read())
     (external,) = report["external"].values()
     assert external["n"] == 70
+
+
+def _runtime_env_excludes() -> list[str]:
+    import yaml
+
+    return yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["excludes"]
 
 
 def _selector(path: str):

@@ -346,7 +346,7 @@ def test_training_resumes_from_the_last_checkpoint(trained_phantom, capsys):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_with_the_same_command(phantom_prepared, tmp_path):
+def test_killed_training_resumes_with_the_same_command(ray_local, phantom_prepared, tmp_path):
     """Kill ``skinsynth train`` (the whole process group) after its first checkpoint, run it again, see it resume."""
     import sys
 
@@ -370,6 +370,9 @@ def test_killed_training_resumes_with_the_same_command(phantom_prepared, tmp_pat
     assert resumed, second.stdout[-3000:]
     info = json.loads((out / "models" / "classifier" / "training.json").read_text())
     assert [h["epoch"] for h in info["history"]] == list(range(4))
+    # the stage's own manifest records the --set values it ran with (config.yaml holds the prepare-time values)
+    ran_with = json.loads((out / "models" / "classifier" / "manifest.json").read_text())["config"]
+    assert (ran_with["model"], ran_with["epochs"], ran_with["batch_size"]) == ("test_efficientnet", 4, 16)
     # the optimiser and the schedule came back across the kill: they counted every epoch's steps, not only those
     # after the resume
     from skinsynth.core.shards import load_split_table, split_ids

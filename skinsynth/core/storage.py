@@ -73,7 +73,8 @@ class RunStore:
         return "/".join([self.remote_path.rstrip("/"), *parts]), self.filesystem
 
     def pull(self) -> int:
-        """Copy the files the URI holds and the local copy lacks (or holds at another size); returns how many.
+        """Copy the files the URI holds and the local copy lacks, holds at another size, or holds older; returns how
+        many.
 
         Checkpoints stay remote: Ray reads them there itself (see :func:`_read_remotely`)."""
         if not self.remote:
@@ -112,8 +113,12 @@ class RunStore:
 
 
 def _pull_tree(filesystem: Any, remote_root: str, local: Path, skip: Callable[[str], bool] | None = None) -> int:
-    """Copy every file under ``remote_root`` that ``local`` lacks or holds at another size (``skip``: relative paths
-    to leave remote); returns how many were copied. A pulled file keeps its source's mtime."""
+    """Copy every file under ``remote_root`` that ``local`` lacks, holds at another size or holds older than the
+    remote copy (``skip``: relative paths to leave remote); returns how many were copied. A pulled file keeps its
+    source's mtime, as a pushed one takes its upload's, so a copy in step is never pulled again.
+
+    Age matters as well as size: another machine that re-ran a stage rewrites files at the same size (a manifest
+    whose identity hash changed, a split table of the same rows), and a copy kept by size alone would be stale."""
     import pyarrow.fs as pafs
 
     root = remote_root.rstrip("/")
@@ -125,7 +130,7 @@ def _pull_tree(filesystem: Any, remote_root: str, local: Path, skip: Callable[[s
         if info.type != pafs.FileType.File or (skip is not None and skip(relative)):
             continue
         target = local / relative
-        if target.is_file() and target.stat().st_size == info.size:
+        if target.is_file() and target.stat().st_size == info.size and not _remote_newer(info, target.stat()):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
@@ -151,6 +156,11 @@ def _not_older(info: Any, stat: os.stat_result) -> bool:
     if info.mtime_ns is None:
         return True
     return info.mtime_ns >= stat.st_mtime_ns
+
+
+def _remote_newer(info: Any, stat: os.stat_result) -> bool:
+    """The remote copy was written after the local file was last changed (no mtime: assume it was not)."""
+    return info.mtime_ns is not None and info.mtime_ns > stat.st_mtime_ns
 
 
 def open_run_store(out: str | Path, cache_dir: str = "") -> RunStore:
