@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -23,6 +24,26 @@ def ray_local():
     ensure_ray(2)
     yield ray
     ray.shutdown()
+
+
+# The longest test files, longest first (each minutes on 2 cores). pytest-xdist hands each of its two processes the
+# next file in collection order when it runs short of work, so these start first and the quick files fill in after
+# them, instead of one process finishing a long file alone at the end (longest-processing-time-first scheduling).
+LONGEST_FILES_FIRST = [
+    "test_storage.py",
+    "test_view.py",
+    "test_generate.py",
+    "test_tune.py",
+    "test_train.py",
+    "test_realdata.py",
+    "test_audit.py",
+    "test_serve.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
 def _require_shared(name: str) -> Path:
@@ -334,10 +355,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@contextlib.contextmanager
+def running_ray_head(log_dir: Path, attempts: int = 2):
     """A real Ray head on 127.0.0.1 (`ray start --head --block`), as a ``JobSubmissionClient``; killed with its
-    process group afterwards."""
+    process group on exit.
+
+    Start it where it is needed, not beside other heavy work: a raylet that takes over 30 s to register ends
+    `ray start` ("node timed out during startup", a limit fixed in Ray), which a loaded 2-core machine can reach;
+    a head that dies starting is started once more, each time on fresh ports.
+    """
     import os
     import shutil
     import signal
@@ -349,46 +375,52 @@ def ray_head(tmp_path):
     from ray.job_submission import JobSubmissionClient
 
     ray = Path(sys.executable).parent / "ray"
-    gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    log = open(tmp_path / "head.log", "w")
-    # every port its own: the test session's embedded Ray already holds the defaults (e.g. the job agent's 52365)
-    ports = [
-        f"--{flag}={free_port()}"
-        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                     "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
-    ]  # fmt: skip
-    head = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         *ports],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
-                break
-            except Exception:  # the dashboard is not up yet
-                if head.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise RuntimeError(
-                        "ray head did not come up:\n" + (tmp_path / "head.log").read_text()[-3000:]
-                    ) from None
-                time.sleep(2)
-        yield client
-    finally:
-        # SIGKILL, not SIGTERM: a throwaway head has nothing to save, and Ray's graceful stop takes half a minute
+    for attempt in range(1, attempts + 1):
+        gcs, dashboard = free_port(), free_port()
+        temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+        log_path = log_dir / f"head-{attempt}.log"
+        log = open(log_path, "w")
+        # every port its own: the test session's embedded Ray already holds the defaults (e.g. the job agent's)
+        ports = [
+            f"--{flag}={free_port()}"
+            for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                         "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+        ]  # fmt: skip
+        head = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+             *ports],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
         try:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=60)
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            client, deadline = None, time.monotonic() + 180
+            while client is None and head.poll() is None and time.monotonic() < deadline:
+                try:
+                    # its dashboard can answer before its raylet registers, which `ray start` may then give up on
+                    if "Ray runtime started" in log_path.read_text():
+                        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+                        continue
+                except Exception:  # the dashboard is not up yet
+                    pass
+                time.sleep(2)
+            if client is None or head.poll() is not None:
+                log.flush()
+                if attempt < attempts:
+                    continue
+                raise RuntimeError(f"ray head did not come up:\n{log_path.read_text()[-3000:]}")
+            yield client
+            return
+        finally:
+            # SIGKILL, not SIGTERM: a throwaway head has nothing to save, and Ray's graceful stop takes half a minute
+            try:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait(timeout=60)
+            except ProcessLookupError:
+                pass
+            log.close()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit_job(client, **job) -> str:

@@ -226,7 +226,7 @@ def _skipped(stage: str, summary: str) -> bool:
 
 @pytest.mark.slow
 def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_runs_as_a_ray_job(
-    ray_local, ray_head, s3_endpoint, tmp_path, capsys, monkeypatch
+    ray_local, s3_endpoint, tmp_path, capsys, monkeypatch
 ):
     """The whole pipeline with run.out on S3: stages work in a local copy and push after each one, Ray Train and Tune
     checkpoint straight to the bucket, training reads the shards from it; a second machine (an empty local copy)
@@ -237,7 +237,7 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     from ray.job_submission import JobStatus
 
     from skinsynth.cli import main
-    from tests.conftest import submit_job, wait_for_job
+    from tests.conftest import running_ray_head, submit_job, wait_for_job
 
     endpoint, filesystem = s3_endpoint
     out = _uri(endpoint, "runs/demo")
@@ -306,28 +306,28 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     job_args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-c'}"]
     entrypoint = shlex.join([sys.executable, "-m", "skinsynth", *job_args, *resplit])  # a shell runs it
     runtime_env = {"working_dir": str(REPO), "excludes": _runtime_env_excludes() + ["tests/"]}
-    client = ray_head
-    first = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
-    status = wait_for_job(client, first, 900, until=lambda logs: "tune: starting sweep" in logs)
-    assert status == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
-    client.stop_job(first)
-    assert wait_for_job(client, first, 120) == JobStatus.STOPPED
-    logs = client.get_job_logs(first)
-    assert "run summary" not in logs and "== stage tune: done" not in logs
-    assert "== stage prepare: done in" in logs
-    for stage in ("generate", "train", "audit", "evaluate", "tune"):
-        assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", logs, re.MULTILINE), stage
-    assert re.search(r"^sample: running \(generator changed", logs, re.MULTILINE)
+    with running_ray_head(tmp_path) as client:  # started now, not beside the demo's own runs above
+        first = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
+        status = wait_for_job(client, first, 900, until=lambda logs: "tune: starting sweep" in logs)
+        assert status == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
+        client.stop_job(first)
+        assert wait_for_job(client, first, 120) == JobStatus.STOPPED
+        logs = client.get_job_logs(first)
+        assert "run summary" not in logs and "== stage tune: done" not in logs
+        assert "== stage prepare: done in" in logs
+        for stage in ("generate", "train", "audit", "evaluate", "tune"):
+            assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", logs, re.MULTILINE), stage
+        assert re.search(r"^sample: running \(generator changed", logs, re.MULTILINE)
 
-    second = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
-    status = wait_for_job(client, second, 900)
-    logs = client.get_job_logs(second)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    summary = logs[logs.index("run summary: demo") :]
-    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate"):
-        assert _skipped(stage, summary), (stage, summary)
-    assert re.search(r"^  tune\s+[0-9.]+ s  best trial", summary, re.MULTILINE), summary
-    assert "STALE" not in summary
+        second = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
+        status = wait_for_job(client, second, 900)
+        logs = client.get_job_logs(second)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        summary = logs[logs.index("run summary: demo") :]
+        for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate"):
+            assert _skipped(stage, summary), (stage, summary)
+        assert re.search(r"^  tune\s+[0-9.]+ s  best trial", summary, re.MULTILINE), summary
+        assert "STALE" not in summary
 
     # machine B pulls the re-split run: every stage done, new Ray Train runs, new weights
     assert main([*args_b, *resplit]) == 0
