@@ -26,26 +26,6 @@ def ray_local():
     ray.shutdown()
 
 
-# The longest test files, longest first (each minutes on 2 cores). pytest-xdist hands each of its two processes the
-# next file in collection order when it runs short of work, so these start first and the quick files fill in after
-# them, instead of one process finishing a long file alone at the end (longest-processing-time-first scheduling).
-LONGEST_FILES_FIRST = [
-    "test_storage.py",
-    "test_view.py",
-    "test_generate.py",
-    "test_tune.py",
-    "test_train.py",
-    "test_realdata.py",
-    "test_audit.py",
-    "test_serve.py",
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
-
-
 def _require_shared(name: str) -> Path:
     path = SHARED_DATA / name
     if not (path / "metadata.csv").is_file():
