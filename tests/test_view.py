@@ -249,6 +249,15 @@ def test_study_page_shows_the_trials_the_grid_summary_with_error_bars_and_the_be
     assert (frame["low"] == frame["mean"]).all() and (frame["high"] == frame["mean"]).all()
 
 
+def test_a_sweep_is_done_when_its_trials_table_is_written_not_while_its_trial_log_grows(tmp_path):
+    sweep = tmp_path / "tune" / "grid"
+    sweep.mkdir(parents=True)
+    (sweep / "trials.jsonl").write_text('{"event": "start", "trial_id": "a"}\n')  # a sweep still running
+    assert not {s.stage.name: s for s in R.stage_statuses(tmp_path)}["tune"].done
+    pd.DataFrame({"trial_id": ["a"]}).to_parquet(sweep / "trials.parquet")  # its end
+    assert {s.stage.name: s for s in R.stage_statuses(tmp_path)}["tune"].done
+
+
 def test_error_bars_are_mean_plus_minus_std_per_series():
     summary = pd.DataFrame(
         {

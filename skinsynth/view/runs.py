@@ -103,8 +103,6 @@ class Stage:
         return self.command.format(run=run_dir)
 
 
-# a sweep's trials table, CSV or Parquet (the glob matches the sweep's trial log too, as it always has)
-_TRIALS_GLOB = f"{Path(SWEEP_TRIALS).stem}.*"
 STAGES: tuple[Stage, ...] = (
     Stage("data", f"{DATA_FOLDER}/{DATA_CARD}", "skinsynth data prepare --out {run}"),
     Stage("generator", f"{GENERATOR_FOLDER}/{GENERATOR_CARD}", "skinsynth generate train --out {run}"),
@@ -112,7 +110,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("audit", f"{AUDIT_FOLDER}/{AUDIT_REPORT}", "skinsynth audit {run}"),
     Stage("model", f"{MODELS_FOLDER}/*/{MODEL_WEIGHTS}", "skinsynth train --out {run}"),
     Stage("eval", f"{EVAL_FOLDER}/*/{EVAL_REPORT}", "skinsynth evaluate --out {run}"),
-    Stage("sweep", f"{TUNE_FOLDER}/*/{_TRIALS_GLOB}", "skinsynth tune --config EXPERIMENT.yaml --out {run}"),
+    # the Parquet table is written when a sweep ends, just before the CSV; its trial log (trials.jsonl) grows from its
+    # first trial on, so a "trials.*" glob showed a running sweep as done
+    Stage("sweep", f"{TUNE_FOLDER}/*/{SWEEP_TRIALS_PARQUET}", "skinsynth tune --config EXPERIMENT.yaml --out {run}"),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 STAGE_BY_KIND = {stage.kind: stage for stage in STAGES}
