@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -324,6 +325,13 @@ def tiny_generator(phantom_prepared, tmp_path_factory):
 
 
 # --- a real Ray head for `ray job submit` ----------------------------------------------------------------------------
+
+
+def load_cluster_file(name: str) -> dict:
+    """A YAML file of ``cluster/`` (launcher, KubeRay, runtime env), parsed."""
+    import yaml
+
+    return yaml.safe_load((REPO / "cluster" / name).read_text())
 
 
 def free_port() -> int:

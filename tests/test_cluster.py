@@ -7,17 +7,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, load_cluster_file
+
 CLUSTER = REPO / "cluster"
-
-
-def _load(name: str) -> dict:
-    return yaml.safe_load((CLUSTER / name).read_text())
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
@@ -28,11 +24,11 @@ def test_every_cluster_yaml_parses():
     names = sorted(p.name for p in CLUSTER.glob("*.yaml"))
     assert names == ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "ray-cluster.yaml", "runtime_env.yaml"]
     for name in names:
-        assert isinstance(_load(name), dict), name
+        assert isinstance(load_cluster_file(name), dict), name
 
 
 def test_launcher_has_a_cpu_head_and_autoscaling_gpu_workers():
-    launcher = _load("ray-cluster.yaml")
+    launcher = load_cluster_file("ray-cluster.yaml")
     types = launcher["available_node_types"]
     head = types[launcher["head_node_type"]]
     assert head["resources"]["CPU"] > 0 and head["resources"].get("GPU", 0) == 0
@@ -43,7 +39,7 @@ def test_launcher_has_a_cpu_head_and_autoscaling_gpu_workers():
 
 
 def test_kuberay_cluster_and_job_hold_head_gpu_workers_runtime_env_and_entrypoint():
-    cluster = _load("kuberay-raycluster.yaml")
+    cluster = load_cluster_file("kuberay-raycluster.yaml")
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     spec = cluster["spec"]
     assert spec["enableInTreeAutoscaling"] is True
@@ -54,18 +50,18 @@ def test_kuberay_cluster_and_job_hold_head_gpu_workers_runtime_env_and_entrypoin
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu_group["minReplicas"] == 0 < gpu_group["maxReplicas"]
 
-    job = _load("kuberay-rayjob.yaml")
+    job = load_cluster_file("kuberay-rayjob.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert job["spec"]["rayClusterSpec"] == spec  # the same cluster as the standing one
     entrypoint = job["spec"]["entrypoint"].split()
     assert entrypoint[:4] == ["python", "-m", "skinsynth", "run"] and (REPO / entrypoint[4]).is_file()
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")
-    assert runtime_env["pip"] == _load("runtime_env.yaml")["pip"]
+    assert runtime_env["pip"] == load_cluster_file("runtime_env.yaml")["pip"]
 
 
 def test_runtime_env_leaves_history_runs_and_data_behind_and_lists_the_dependencies():
-    runtime_env = _load("runtime_env.yaml")
+    runtime_env = load_cluster_file("runtime_env.yaml")
     assert runtime_env["working_dir"] == "."
     assert {".git", "/runs/", "/data/", "/bench/", ".venv"} <= set(runtime_env["excludes"])
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
@@ -80,7 +76,7 @@ def test_runtime_env_uploads_every_file_of_the_package():
     ``skinsynth/bench/`` behind, which the editable install here hides and a cluster job would not survive."""
     from ray._private.runtime_env.packaging import _get_excludes
 
-    excluded = _get_excludes(REPO, _load("runtime_env.yaml")["excludes"])
+    excluded = _get_excludes(REPO, load_cluster_file("runtime_env.yaml")["excludes"])
     package = [p for p in (REPO / "skinsynth").rglob("*.py") if "__pycache__" not in p.parts]
     assert package and not [str(p.relative_to(REPO)) for p in package if excluded(p)]
     for left_behind in ("runs/demo/x.parquet", "data/ham10000/x.jpg", "bench/train.json", ".git/HEAD"):

@@ -28,6 +28,7 @@ from PIL import Image
 
 from skinsynth.data import download as dl
 from skinsynth.data.download import DATASETS, DownloadError, download_dataset
+from tests.conftest import free_port
 
 DOI = DATASETS["ham10000"].doi
 METADATA_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -499,9 +500,7 @@ def test_unknown_dataset_name_raises_value_error(tmp_path: Path) -> None:
 
 
 def test_unreachable_server_raises_clear_download_error(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # The port is closed now: connections are refused at once.
     with pytest.raises(DownloadError) as err:
         download_dataset("ham10000", tmp_path, base_url=f"http://127.0.0.1:{port}", progress=lambda _: None)

@@ -8,16 +8,14 @@ import re
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from skinsynth.core.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
 from skinsynth.errors import SkinsynthError
-from tests.conftest import BAD_EXPECTED, DEMO_SMALL
+from tests.conftest import BAD_EXPECTED, DEMO_SMALL, REPO, load_cluster_file
 
 BUCKET = "skinsynth-test"
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +303,8 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     resplit = ["--set", "audit.gallery_pairs=4", "--set", "data.split.seed=7"]
     job_args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-c'}"]
     entrypoint = shlex.join([sys.executable, "-m", "skinsynth", *job_args, *resplit])  # a shell runs it
-    runtime_env = {"working_dir": str(REPO), "excludes": _runtime_env_excludes() + ["tests/"]}
+    excludes = load_cluster_file("runtime_env.yaml")["excludes"]
+    runtime_env = {"working_dir": str(REPO), "excludes": [*excludes, "tests/"]}
     with running_ray_head(tmp_path) as client:  # started now, not beside the demo's own runs above
         first = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
         status = wait_for_job(client, first, 900, until=lambda logs: "tune: starting sweep" in logs)
@@ -356,12 +355,6 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
         report = json.loads(stream.read())
     (external,) = report["external"].values()
     assert external["n"] == 70
-
-
-def _runtime_env_excludes() -> list[str]:
-    import yaml
-
-    return yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["excludes"]
 
 
 def _selector(path: str):

@@ -8,7 +8,6 @@ import base64
 import http.server
 import json
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from skinsynth import DISCLAIMER
 from skinsynth.cli import build_parser, main
 from skinsynth.view import APP_PATH, launch_command
 from skinsynth.view import runs as R
+from tests.conftest import free_port
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 FIXTURE_EXPERIMENT = {
@@ -495,9 +495,7 @@ def test_try_it_shows_the_endpoints_refusal_and_an_endpoint_that_is_down(viewer_
     assert _texts(app.error) == ["the endpoint refused the image (HTTP 400): not an image: cannot decode the upload"]
     assert not app.metric
 
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{free_port()}"  # a loopback port nothing listens on
     app = _upload_and_predict(_app(viewer_run.parent, monkeypatch, closed), _png(viewer_run))
     (error,) = _texts(app.error)
     assert error.startswith(f"the endpoint at {closed} is not reachable") and "skinsynth serve" in error
