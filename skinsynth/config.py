@@ -37,13 +37,19 @@ class RunConfig:
     out: str = "runs/demo"  # run directory: a local path, or a URI (s3://, gs://, ...: see skinsynth/core/storage.py)
     cache_dir: str = ""  # local copy of a remote run.out ("": ~/.cache/skinsynth/runs/<scheme>/<path>)
     seed: int = 0
+    # each stage's CO2e = its energy x this grid intensity (skinsynth/core/compute.py); the default is the world
+    # average of the IEA's Global Energy & CO2 Status Report 2019, CodeCarbon's figure where it has no country data
+    carbon_intensity_g_per_kwh: float = 475.0
+    # the energy model where CodeCarbon cannot run, and for a sweep's trials: CPU seconds x this; the default is
+    # CodeCarbon's power per thread for a CPU model missing from its TDP table
+    cpu_watts_per_core: float = 4.0
 
 
 @dataclass
 class PhantomConfig:
     """The simulated dermoscopy set (source ``phantom``): known class, lesion geometry and skin tone."""
 
-    n_images: int = 420
+    n_images: int = 420  # size of the simulated set
     image_size: int = 128  # rendered size, before preprocessing resizes it
     class_balance: Literal["uniform", "ham10000"] = "uniform"
     views_per_lesion: float = 1.3
@@ -71,8 +77,8 @@ class PreprocessConfig:
 class SplitConfig:
     """Lesion-grouped, class-stratified splits and the labelled subset of the train split."""
 
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = 0.15  # validation share, dealt by lesion within each class
+    test_fraction: float = 0.15  # test share, dealt by lesion within each class
     label_fraction: float = 1.0  # share of train images whose label is visible; the rest is the SSL pool
     kfold: int = 0  # >1 adds a lesion-grouped k-fold index over train+val
     use_source_split: bool = False  # keep a source's own split column (e.g. ISIC 2017) instead of re-splitting
@@ -132,17 +138,20 @@ class TrainConfig:
     # class-balanced sampling: "balanced" repeats the images of every class rarer than 1/K of the training rows until
     # it holds 1/K (repeat-factor sampling); the loss weights of `imbalance` then correct only what remains
     sampling: Literal["natural", "balanced"] = "natural"
-    imbalance: Literal["none", "weighted_loss", "focal"] = "weighted_loss"  # loss weighting (inverse frequency)
+    # loss weighting on top of the sampling: weighted_loss = inverse frequency of the sampled rows, or focal loss
+    imbalance: Literal["none", "weighted_loss", "focal"] = "weighted_loss"
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
-    augment: bool = True
+    augment: bool = True  # flips, rotations, random resized crop, colour jitter (OpenCV: one warp per image)
     # batch mixing of the labelled images (timm's Mixup): regularises the repeated rare-class images that
-    # class-balanced sampling shows many times an epoch; 0 = off
+    # class-balanced sampling shows many times an epoch; soft targets carry the class weights (not with focal);
+    # 0 = off
     mixup_alpha: float = 0.0  # mixup (Zhang et al. 2018): Beta(alpha, alpha) blend of two images and their labels
     cutmix_alpha: float = 0.0  # CutMix (Yun et al. 2019): a box of one image pasted into another, labels by area
     mixup_prob: float = 1.0  # share of batches mixed; with both alphas set, half of them get CutMix
     # side the network sees, in px: > 0 upsamples the prepared images inside the model (so evaluation and Serve do
-    # the same) to the scale ImageNet weights were trained at; costs compute as the square; 0 = the prepared size
+    # the same) to the scale ImageNet weights were trained at; costs compute as the square; 0 = the prepared size;
+    # for models with one stem convolution (EfficientNets, ResNets), not ViTs
     input_size: int = 0
     # worst-tone-group malignant sensitivity on validation (reported every epoch; a sweep's optional second
     # objective) judges only the estimated-tone groups with at least this many malignant validation images
@@ -153,14 +162,16 @@ class TrainConfig:
     cache_rows: bool = True  # hold the filtered train/val rows in Ray's object store (off: re-read shards each epoch)
     early_stopping_patience: int = 5  # epochs without a better validation balanced accuracy
     # post-hoc logit adjustment (Menon et al. 2021): the exported model's head bias gets -tau * log(training class
-    # prior), tau chosen on validation balanced accuracy (0 when nothing beats it); off = the trained head unchanged
+    # prior), tau chosen on validation balanced accuracy (0 when nothing beats it); off = the trained head unchanged;
+    # evaluate also reports test without the adjustment
     logit_adjustment: bool = False
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
     use_gpu: bool | Literal["auto"] = "auto"  # auto = use GPUs when the cluster has them
     amp: bool = True  # mixed precision on GPU (bf16, else fp16 with loss scaling)
     # bf16 autocast on CPU as well, where the CPU has native bf16 (AVX512-BF16/AMX; elsewhere it trains in fp32 and
-    # says so): about 1.6x for a whole-network fine-tune on such cores, at bf16's precision in the activations
+    # says so): faster for a whole-network fine-tune on such cores (docs/results.md), at bf16's precision in the
+    # activations
     cpu_amp: bool = False
     seed: int = 0
 
@@ -171,7 +182,8 @@ class GeneratorConfig:
     train split: DDPM with classifier-free guidance (label dropout) and EMA weights."""
 
     enabled: bool = True  # false: `skinsynth run` skips generate train and sample (real-data-only experiments)
-    size: Literal["tiny", "small", "base", "large"] = "tiny"  # UNet preset: tiny for tests/CPU, base+ for GPUs
+    # UNet preset: tiny (tests, demo), small (CPU), base, large (GPU)
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
     tone_conditioning: bool = False  # also condition on the estimated ITA skin-tone group
     label_dropout: float = 0.1  # share of training images shown unconditioned (classifier-free guidance)
     train_steps: int = 120  # optimiser steps (demo-sized: a smoke run; real runs use thousands)
@@ -179,7 +191,7 @@ class GeneratorConfig:
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 2e-4
     warmup_steps: int = 50
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA of the weights; sampling uses the EMA weights
     num_train_timesteps: int = 1000  # DDPM noise levels
     checkpoint_every: int = 100  # steps between checkpoints (ray.train.report); the last step always gets one
     grid_every: int = 0  # steps between sample-grid PNGs (0 = only the final one)
@@ -187,8 +199,8 @@ class GeneratorConfig:
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     use_gpu: bool | Literal["auto"] = "auto"
     amp: bool = True  # bf16 (or fp16 with loss scaling) on GPU
-    # bf16 autocast on CPU as well, where the CPU has native bf16 (else fp32, and it says so): 'small' UNet steps
-    # 1.3x (32 px) to 1.6x (64 px) faster on 2 AVX512-BF16 cores; sampling stays fp32
+    # bf16 autocast on CPU as well, where the CPU has native bf16 (else fp32, and it says so): faster 'small' UNet
+    # steps on AVX512-BF16 cores (docs/results.md); sampling stays fp32
     cpu_amp: bool = False
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
     cache_rows: bool = True  # hold the training images in Ray's object store instead of re-reading shards each pass
@@ -449,8 +461,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 # What ``skinsynth demo`` adds to the defaults (experiments/demo.yaml says the same): 30% of the phantom training
 # labels (the generator learns from those only and samples one image per labelled image), and a two-trial sweep
 # over FixMatch, a synthetic mix and the learning rate.
-# sized so that the README's first line (a fresh install, about 3.5 minutes here, then the demo) ends within 10 minutes
-# on 2 CPU cores: each stage shows what it does, none of them is trained to quality
+# sized so that the README's first line (a fresh install, then the demo) ends within 10 minutes on 2 CPU cores
+# (timings in docs/results.md): each stage shows what it does, none of them is trained to quality
 DEMO_SETTINGS: dict[str, Any] = {
     "data": {"split": {"label_fraction": 0.3}},
     "generator": {"train_steps": 60},
@@ -458,7 +470,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "train": {"epochs": 3, "ssl": {"unlabelled_ratio": 1}},
     "tune": {
         "name": "demo_sweep",
-        "num_samples": 2,  # a trial is a Ray Train run, about a minute on 2 cores: the demo stays within 10
+        "num_samples": 2,  # each trial is a whole Ray Train run: two keep the demo within its 10 minutes
         "space": {
             "train.ssl.method": {"choice": ["none", "fixmatch"]},
             "train.mix.ratio": {"choice": [0, 0.5]},

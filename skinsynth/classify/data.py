@@ -25,8 +25,8 @@ class DermoscopyAugmentation:
     0.7-1) varies framing and size; mild brightness, contrast, saturation and hue jitter covers device differences
     that colour constancy leaves. Crop, rotation and flips are composed into one affine matrix and applied with a
     single ``cv2.warpAffine`` per image (reflected borders, so rotated corners hold skin rather than black), and
-    the colour jitter is one 3x3 matrix per image applied to the whole batch at once: about half the CPU time of
-    the equivalent chain of torchvision transforms (measured on HAM10000 at 128 px), time the model gets instead.
+    the colour jitter is one 3x3 matrix per image applied to the whole batch at once: much less CPU time than the
+    equivalent chain of torchvision transforms (docs/results.md), time the model gets instead.
 
     Draws come from a seeded generator, so a given seed and batch order give the same augmented images.
     """

@@ -587,7 +587,7 @@ def _one_torch_thread() -> Iterator[None]:
     """Run torch single-threaded for a while, then restore the thread count.
 
     A resample is a few thousand numbers: intra-op threads only add synchronisation, and on a busy machine (2 cores
-    shared with a training run) their spin-waits made 1,000 resamples take 10x longer (27 s instead of 3 s).
+    shared with a training run) their spin-waits made the resamples many times slower (docs/results.md).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -613,8 +613,8 @@ def bootstrap_ci(
     near-duplicates, so resampling images would treat them as independent evidence and give intervals that are too
     narrow. Resamples where the metric is undefined (``metric_fn`` returns ``None`` or NaN, e.g. an AUROC on a
     resample without malignant lesions) are skipped. Ready-made ``metric_fn``: :func:`balanced_accuracy`,
-    :func:`macro_auroc`, :func:`malignant_auroc`; 1,000 resamples of 1,500 rows take about 1 s (balanced accuracy,
-    malignant AUROC) to 3 s (macro AUROC) on one CPU core. torch runs single-threaded meanwhile (restored after).
+    :func:`macro_auroc`, :func:`malignant_auroc`; 1,000 resamples of a test set take seconds on one CPU core
+    (docs/results.md). torch runs single-threaded meanwhile (restored after).
 
     Args:
         metric_fn: ``metric_fn(probs, labels) -> float | None`` on one resample (float64 ``[n, C]`` and int64 ``[n]``

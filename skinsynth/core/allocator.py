@@ -10,9 +10,9 @@ import platform
 # mmap threshold (adaptive, never above 32 MB) with a fresh mmap and unmaps it on free, and gives each thread other
 # than the main one a separate arena of 64 MB heaps that it trims eagerly. A training step's activations are such
 # blocks (a 192 px batch of 64 holds several of 40-75 MB), so every step asks the kernel for gigabytes of new zeroed
-# pages: a bf16 EfficientNet-Lite0 step at 192 px on 2 cores spent a third of its CPU time in the kernel (2.2 million
-# page faults in six steps) and ran at 31 images/s; with one arena and freed memory kept for reuse, 50-54 images/s
-# with almost no faults. The cost: a process keeps its peak heap until it exits.
+# pages, and a CPU training step spends much of its time in the kernel faulting them in; with one arena and freed
+# memory kept for reuse the faults almost vanish (figures in docs/results.md). The cost: a process keeps its peak
+# heap until it exits.
 _LARGE_BLOCK = 1 << 30  # larger than any tensor of a CPU training step here; mallopt takes an int
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",  # every thread allocates from the main arena, whose heap can grow without limit

@@ -79,10 +79,10 @@ def cached_dataset(
 
     One id-filtered Parquet read here replaces a Ray Data read-and-filter pipeline that would then be materialised:
     that pipeline's first run in a process starts read tasks in fresh worker processes (each importing this
-    module's torch and OpenCV), 10-20 s on 2 cores whatever the data's size - a third of a demo-sized training run,
-    paid again by every sweep trial. ``repeats`` (image id -> times) adds class-balanced sampling's copies, and
-    ``shuffle_seed`` shuffles the rows once (copies of one image spread over the epoch); the training loop's local
-    shuffle buffer still varies the order every epoch.
+    module's torch and OpenCV), a fixed cost whatever the data's size that is a large share of a demo-sized training
+    run (docs/results.md), paid again by every sweep trial. ``repeats`` (image id -> times) adds class-balanced
+    sampling's copies, and ``shuffle_seed`` shuffles the rows once (copies of one image spread over the epoch); the
+    training loop's local shuffle buffer still varies the order every epoch.
     """
     import ray.data
 

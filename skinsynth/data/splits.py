@@ -5,8 +5,8 @@ metric, so the lesion - never the image - is the unit of each split (Tschandl et
 this reason). Within each class, lesions are shuffled (seeded) and dealt one at a time to the bucket furthest below
 its target share of images, so every split, labelled subset and fold gets its share of every class to within one
 lesion. scikit-learn's ``StratifiedGroupKFold`` does the same job, but only to 1/k granularity (15% needs k = 20)
-and with a per-group, per-fold Python loop that took about 8 s on HAM10000's 7,470 lesions at k = 20; this takes
-milliseconds and hits any fraction.
+and with a per-group, per-fold Python loop that is slow on HAM10000's lesions (docs/results.md); this deal is
+fast and hits any fraction.
 """
 
 from __future__ import annotations
