@@ -44,6 +44,11 @@ def _add_config_args(parser: argparse.ArgumentParser, *, with_file: bool = True)
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set data.split.label_fraction=0.1 (repeatable)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own log lines on the terminal (they always go to RUN_DIR/logs/<stage>.log)",
+    )
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -263,7 +268,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(None, _data_overrides(args), base=DEMO_SETTINGS)
     outcomes = run_experiment(cfg, force=args.force)
     print()
-    print(data_summary_text(local_run_dir(cfg.run)))
+    # the card's head (source, licence, counts); `skinsynth data summary` prints it whole
+    print(data_summary_text(local_run_dir(cfg.run)).split("\n\n")[0])
     print(format_run_summary(cfg, outcomes))
     return 0
 
@@ -293,13 +299,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"  skinsynth data prepare --source {args.dataset} --path {out} --out runs/{args.dataset}")
         return 0
     from skinsynth.config import dump_config, load_config
+    from skinsynth.core.compute import record_compute, track_compute
     from skinsynth.data.card import format_data_card
     from skinsynth.data.prepare import prepare_images
 
     cfg = load_config(args.config, _data_overrides(args))
     with _synced(cfg) as store:
         dump_config(cfg, store.local)
-        result = prepare_images(cfg.data, store.local, engine=args.engine, force=args.force)
+        with track_compute(cfg.run) as meter:
+            result = prepare_images(cfg.data, store.local, engine=args.engine, force=args.force)
+        if not result.skipped:  # an up-to-date stage keeps the figures of the run that made it
+            record_compute(result.data_dir, meter.figures)
     print()
     print(format_data_card(result.card))
     return 0
@@ -308,10 +318,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from skinsynth.classify.train import train_classifier
     from skinsynth.config import load_config
+    from skinsynth.core.compute import record_compute, track_compute
 
     cfg = load_config(args.config, _data_overrides(args))
     with _synced(cfg):
-        result = train_classifier(cfg)
+        with track_compute(cfg.run) as meter:
+            result = train_classifier(cfg)
+        record_compute(result.model_dir, meter.figures)
     print(f"model: {result.model_dir} (best validation balanced accuracy {result.best_val_balanced_accuracy:.3f})")
     print(DISCLAIMER)
     return 0
@@ -320,10 +333,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from skinsynth.classify.evaluate import evaluate_model
     from skinsynth.config import load_config
+    from skinsynth.core.compute import record_compute, track_compute
+    from skinsynth.core.rundir import layout
 
     cfg = load_config(args.config, _data_overrides(args))
-    with _synced(cfg):
-        evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot)
+    with _synced(cfg) as store:
+        with track_compute(cfg.run) as meter:
+            evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot)
+        record_compute(layout(store.local).evaluation(cfg.train.name), meter.figures)
     print(DISCLAIMER)
     return 0
 
@@ -337,17 +354,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(DISCLAIMER)
         return 0
     from skinsynth.config import load_config
+    from skinsynth.core.compute import record_compute, track_compute
 
     cfg = load_config(args.config, _data_overrides(args))
     with _synced(cfg) as store:
         if args.generate_command == "train":
             from skinsynth.generate.train import train_generator
 
-            train_generator(cfg)
+            with track_compute(cfg.run) as meter:
+                trained = train_generator(cfg)
+            record_compute(trained.generator_dir, meter.figures)
         else:
             from skinsynth.generate.sample import sample_synthetic
 
-            result = sample_synthetic(cfg.sample, store.local, force=args.force)
+            with track_compute(cfg.run) as meter:
+                result = sample_synthetic(cfg.sample, store.local, force=args.force)
+            if not result.skipped:  # an up-to-date set keeps the figures of the run that made it
+                record_compute(result.synthetic_dir, meter.figures)
             card = result.card
             print(f"synthetic set: {card['images']} images in {result.synthetic_dir}; classes {card['classes']}")
     print(DISCLAIMER)
@@ -357,6 +380,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from skinsynth.audit.report import run_audit
     from skinsynth.config import RunConfig, load_config
+    from skinsynth.core.compute import record_compute, track_compute
     from skinsynth.core.rundir import layout
     from skinsynth.core.storage import synced_run
 
@@ -365,18 +389,23 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         run_dir = store.local
         config = args.config or (layout(run_dir).config if layout(run_dir).config.is_file() else None)
         cfg = load_config(config, list(args.overrides))
-        run_audit(cfg, run_dir)
+        with track_compute(cfg.run) as meter:
+            run_audit(cfg, run_dir)
+        record_compute(layout(run_dir).audit, meter.figures)
     print(DISCLAIMER)
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from skinsynth.config import load_config
+    from skinsynth.core.compute import record_compute, track_compute
     from skinsynth.tune.sweep import run_sweep
 
     cfg = load_config(args.config, _data_overrides(args))
     with _synced(cfg):
-        result = run_sweep(cfg, fresh=args.fresh)
+        with track_compute(cfg.run) as meter:
+            result = run_sweep(cfg, fresh=args.fresh)
+        record_compute(result.sweep_dir, meter.figures)
     print(f"sweep: {result.sweep_dir} (trials.csv{', summary.csv' if result.summary is not None else ''}, best.json)")
     print(DISCLAIMER)
     return 0
@@ -481,20 +510,57 @@ COMMANDS = {
 }
 
 
+def _stage_of(args: argparse.Namespace) -> str | None:
+    """The stage a command runs, named as the pipeline names it ('' for demo and run, which run them all; None for
+    commands that run none). Its terminal shows skinsynth's progress; Ray's lines go to RUN_DIR/logs/<stage>.log."""
+    if args.command in ("demo", "run"):
+        return ""
+    if args.command in ("train", "evaluate", "audit", "tune"):
+        return args.command
+    sub = (args.command, getattr(args, "data_command", None) or getattr(args, "generate_command", None))
+    return {("data", "prepare"): "prepare", ("generate", "train"): "generate", ("generate", "sample"): "sample"}.get(
+        sub
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``skinsynth`` console script; returns the exit code."""
+    import contextlib
+
+    from skinsynth.core.console import quiet_terminal, stage_log
+
     args = build_parser().parse_args(argv)
     from skinsynth.core.allocator import keep_freed_memory
 
     keep_freed_memory()  # torch's large CPU blocks reused, not re-faulted from the kernel (skinsynth.core.allocator)
-    try:
-        return COMMANDS[args.command](args)
-    except SkinsynthError as err:
-        print(f"skinsynth: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("skinsynth: interrupted; finished stages are kept, re-run the same command to resume", file=sys.stderr)
-        return 130
+    stage = _stage_of(args)
+    quiet = quiet_terminal(verbose=args.verbose) if stage is not None else contextlib.nullcontext()
+    with quiet as console, stage_log(stage) if stage else contextlib.nullcontext():
+
+        def error(message: str, *, log: bool = False) -> None:
+            if console is None:
+                print(message, file=sys.stderr)
+            else:
+                console.error(message, with_log=log)
+
+        try:
+            return COMMANDS[args.command](args)
+        except SkinsynthError as err:
+            error(f"skinsynth: error: {err}")
+            return 2
+        except KeyboardInterrupt:
+            error("skinsynth: interrupted; finished stages are kept, re-run the same command to resume")
+            return 130
+        except Exception as err:
+            if console is None:
+                raise  # a bug: its traceback, as Python prints it
+            import traceback
+
+            # a failure in a stage's code or in a Ray worker: the whole traceback goes to the stage's log, the
+            # error itself to the terminal with that log's path
+            console.write_log(traceback.format_exc())
+            error(f"skinsynth: error: {type(err).__name__}: {err}", log=True)
+            return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from skinsynth import DISCLAIMER
-from skinsynth.config import ExperimentConfig, dump_config
+from skinsynth.config import ExperimentConfig, RunConfig, dump_config
+from skinsynth.core.compute import record_compute, recorded_compute, total_compute, track_compute
+from skinsynth.core.console import stage_log
 from skinsynth.core.rundir import BEST_MODEL, GENERATOR_GRID, StageIdentity, layout, stale_stages, why_rerun
 from skinsynth.core.storage import display_uri, local_run_dir, synced_run
 from skinsynth.data.card import format_data_card
@@ -30,20 +32,29 @@ Progress = Callable[[str], None]
 
 @dataclass
 class StageOutcome:
-    """One stage's result in a run summary."""
+    """One stage's result in a run summary.
+
+    ``compute``: the stage's compute and energy (:mod:`skinsynth.core.compute`): this run's figures for a stage that
+    ran, the figures its manifest recorded when it last ran for a skipped one (None: none recorded).
+    """
 
     name: str
     seconds: float
     skipped: bool
     detail: str
+    compute: dict[str, Any] | None = None
 
 
 def _stage_prepare(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     t0 = time.perf_counter()
-    result = prepare_images(cfg.data, run_dir, force=force, progress=progress)
+    with track_compute(cfg.run) as meter:
+        result = prepare_images(cfg.data, run_dir, force=force, progress=progress)
+    if not result.skipped:
+        record_compute(result.data_dir, meter.figures)
+    compute = recorded_compute(result.data_dir) if result.skipped else meter.figures
     card = result.card
     detail = f"{card['images']} images, {card['quarantined']} quarantined -> {result.data_dir}"
-    return StageOutcome("prepare", time.perf_counter() - t0, result.skipped, detail)
+    return StageOutcome("prepare", time.perf_counter() - t0, result.skipped, detail, compute)
 
 
 def _unless_up_to_date(
@@ -53,18 +64,22 @@ def _unless_up_to_date(
     force: bool,
     progress: Progress,
     work: Callable[[], str],
+    run: RunConfig | None = None,
 ) -> StageOutcome:
     """Skip ``stage`` when its manifest records ``expected`` (the identity the stage itself computes and writes);
-    else say why and run ``work``, which writes the stage's outputs and manifest and returns a one-line detail."""
+    else say why and run ``work``, which writes the stage's outputs and manifest and returns a one-line detail; its
+    compute and energy (measured with ``run``'s settings) join that manifest."""
     t0 = time.perf_counter()
     stage_dir = layout(run_dir).stage_dir(expected.stage)
     reason = "--force" if force else why_rerun(run_dir, expected)
     if reason is None:
         progress(f"{stage}: {stage_dir} is up to date; skipping")
-        return StageOutcome(stage, time.perf_counter() - t0, True, str(stage_dir))
+        return StageOutcome(stage, time.perf_counter() - t0, True, str(stage_dir), recorded_compute(stage_dir))
     progress(f"{stage}: running ({reason})")
-    detail = work()
-    return StageOutcome(stage, time.perf_counter() - t0, False, detail)
+    with track_compute(run) as meter:
+        detail = work()
+    record_compute(stage_dir, meter.figures)
+    return StageOutcome(stage, time.perf_counter() - t0, False, detail, meter.figures)
 
 
 def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -78,7 +93,7 @@ def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
         grid = result.generator_dir / GENERATOR_GRID
         return f"generator {result.generator_id}, {result.steps} steps -> {grid}"
 
-    return _unless_up_to_date("generate", run_dir, generator_identity(cfg, run_dir), force, progress, work)
+    return _unless_up_to_date("generate", run_dir, generator_identity(cfg, run_dir), force, progress, work, cfg.run)
 
 
 def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -91,7 +106,9 @@ def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: P
         result = sample_synthetic(cfg.sample, run_dir, force=True, progress=progress)
         return f"{result.card['images']} synthetic images -> {result.synthetic_dir}"
 
-    return _unless_up_to_date("sample", run_dir, synthetic_identity(cfg.sample, run_dir), force, progress, work)
+    return _unless_up_to_date(
+        "sample", run_dir, synthetic_identity(cfg.sample, run_dir), force, progress, work, cfg.run
+    )
 
 
 def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -102,7 +119,7 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
         best = result.best_val_balanced_accuracy
         return f"best val balanced accuracy {best:.3f} -> {result.model_dir}"
 
-    return _unless_up_to_date("train", run_dir, model_identity(cfg.train, run_dir), force, progress, work)
+    return _unless_up_to_date("train", run_dir, model_identity(cfg.train, run_dir), force, progress, work, cfg.run)
 
 
 def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -117,7 +134,7 @@ def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
         detail = f"memorised {gate['memorised_share']:.1%}, attack AUC {gate['attack_auc']:.2f}: {verdict}"
         return f"{detail} -> {layout(run_dir).audit}"
 
-    return _unless_up_to_date("audit", run_dir, audit_identity(cfg, run_dir), force, progress, work)
+    return _unless_up_to_date("audit", run_dir, audit_identity(cfg, run_dir), force, progress, work, cfg.run)
 
 
 def _stage_tune(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -135,7 +152,7 @@ def _stage_tune(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pro
             f"-> {layout(run_dir).model('best')}"
         )
 
-    return _unless_up_to_date("tune", run_dir, sweep_stage(cfg, run_dir), force, progress, work)
+    return _unless_up_to_date("tune", run_dir, sweep_stage(cfg, run_dir), force, progress, work, cfg.run)
 
 
 def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -146,7 +163,7 @@ def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
         detail = f"test balanced accuracy {test['balanced_accuracy']:.3f}, macro AUROC {test['macro_auroc']:.3f}"
         return f"{detail} -> {layout(run_dir).evaluation(cfg.train.name)}"
 
-    return _unless_up_to_date("evaluate", run_dir, evaluation_identity(cfg, run_dir), force, progress, work)
+    return _unless_up_to_date("evaluate", run_dir, evaluation_identity(cfg, run_dir), force, progress, work, cfg.run)
 
 
 STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], StageOutcome]]] = [
@@ -177,8 +194,8 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
         progress(f"run '{cfg.run.name}' -> {display_uri(cfg.run.out)} (resolved config: {run_dir / 'config.yaml'})")
         outcomes = []
         for name, stage in STAGES:
-            progress(f"== stage {name}")
-            outcome = stage(cfg, run_dir, force, progress)
+            with stage_log(name):  # Ray's lines of this stage: RUN_DIR/logs/<name>.log (skinsynth.core.console)
+                outcome = stage(cfg, run_dir, force, progress)
             outcomes.append(outcome)
             state = "skipped (up to date)" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
             if store.remote and not outcome.skipped:
@@ -197,6 +214,7 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     for o in outcomes:
         state = "skipped" if o.skipped else f"{o.seconds:6.1f} s"
         lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
+    lines.extend(compute_lines(outcomes))
     lines.extend(stale_lines(run_dir))
     lines.append(f"next: skinsynth data summary {run_dir}")
     run = layout(run_dir)
@@ -209,6 +227,46 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     lines.append(f"      skinsynth view --runs {run_dir.parent}      # the results viewer")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
+
+
+def _compute_row(label: str, figures: dict[str, Any]) -> str:
+    def cell(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+        return "-" if value is None else f"{float(value) * scale:.{digits}f}"
+
+    return (
+        f"  {label:<20} {cell(figures.get('wall_s')):>9} {cell(figures.get('cpu_s')):>9} "
+        f"{cell(figures.get('gpu_s')):>8} {cell(figures.get('peak_rss_mb'), digits=0):>8} "
+        f"{cell(figures.get('energy_kwh'), 1000, 3):>9} {cell(figures.get('co2e_kg'), 1000, 3):>9}"
+    )
+
+
+def compute_lines(outcomes: list[StageOutcome]) -> list[str]:
+    """The summary's compute table: per stage its wall, CPU and GPU time, peak memory, energy (Wh) and CO2e (g), and
+    a TOTAL of the stages this run ran. A stage skipped as up to date shows the figures its manifest recorded when it
+    ran, marked ``(earlier)``, and is left out of the total. No lines when no stage has figures."""
+    shown = [o for o in outcomes if o.compute]
+    if not shown:
+        return []
+    header = f"  {'compute':<20} {'wall s':>9} {'CPU s':>9} {'GPU s':>8} {'peak MB':>8} {'energy Wh':>9} {'g CO2e':>9}"
+    lines = ["", header]
+    lines += [_compute_row(f"{o.name} (earlier)" if o.skipped else o.name, o.compute or {}) for o in shown]
+    ran = [o.compute for o in shown if not o.skipped and o.compute]
+    total = total_compute(ran)
+    total["peak_rss_mb"] = total["peak_rss_mb"] if ran else None
+    lines.append(_compute_row(f"TOTAL ({len(ran)} ran)", total))
+    lines.append(
+        "  TOTAL: the stages this run ran (peak MB: their highest); '(earlier)': skipped as up to date, not counted"
+    )
+    methods = sorted({str(c.get("energy_method")) for o in shown if (c := o.compute) and c.get("energy_method")})
+    intensities = sorted({c.get("carbon_intensity_g_per_kwh") for o in shown if (c := o.compute)} - {None})
+    grid = " / ".join(f"{i:g}" for i in intensities)
+    lines.append(
+        f"  energy: {'; '.join(methods) or 'none measured'}; CO2e at {grid} g/kWh (run.carbon_intensity_g_per_kwh)"
+    )
+    lines.append(
+        "  (CPU time and energy of this machine's processes: the driver and its descendants, local Ray's included)"
+    )
+    return lines
 
 
 def stale_lines(run_dir: str | Path) -> list[str]:

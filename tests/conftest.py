@@ -198,6 +198,10 @@ def kill_after_first_checkpoint_then_rerun(
 
 
 # the demo at test size: every stage runs, none trained to quality
+# what Ray itself prints (its C++ core, token auth, Ray Data's progress blocks, worker-prefixed lines): a command's
+# terminal never shows these; they go to RUN_DIR/logs/<stage>.log
+RAY_INTERNALS = ("core_worker", "Token authentication", "streaming_executor", "logging_progress", "pid=")
+
 DEMO_SMALL = [
     "--set",
     "data.phantom.n_images=70",

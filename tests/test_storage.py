@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from skinsynth.core.storage import REMOTE_MARKER, display_uri, open_run_store, remote_shards, synced_run
@@ -235,14 +236,43 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     from ray.job_submission import JobStatus
 
     from skinsynth.cli import main
-    from tests.conftest import running_ray_head, submit_job, wait_for_job
+    from tests.conftest import RAY_INTERNALS, running_ray_head, submit_job, wait_for_job
 
     endpoint, filesystem = s3_endpoint
     out = _uri(endpoint, "runs/demo")
     args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-a'}"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "SIMULATED phantom data" in printed and "images: 70 at 32 px" in printed
+    # a quiet terminal: skinsynth's own lines, at most 100; Ray's go to RUN_DIR/logs/<stage>.log (in real file
+    # descriptors too: the Ray job rounds below check the output of a separate process)
+    terminal = printed + captured.err
+    assert len(terminal.splitlines()) <= 100, terminal
+    for internal in RAY_INTERNALS:
+        assert internal not in terminal, internal
+    local = tmp_path / "machine-a" / "s3" / BUCKET / "runs" / "demo"
+    stage_logs = {path.stem: path.read_text() for path in (local / "logs").glob("*.log")}
+    assert {"prepare", "generate", "sample", "train", "audit", "evaluate", "tune"} <= set(stage_logs)
+    assert "(RayTrainWorker pid=" in stage_logs["train"] and "(RayTrainWorker pid=" in stage_logs["generate"]
+    assert "Configuration for experiment" in stage_logs["tune"]
+    # what each stage cost: every stage that ran records its CPU time and an energy estimate in its manifest, the
+    # run summary totals them, and the sweep's table has them per trial
+    for stage_dir in (
+        "data",
+        "generator",
+        "synthetic",
+        "models/classifier",
+        "audit",
+        "eval/classifier",
+        "tune/demo_sweep",
+    ):
+        compute = json.loads((local / stage_dir / "manifest.json").read_text())["compute"]
+        assert compute["cpu_s"] > 0 and compute["energy_kwh"] > 0 and compute["co2e_kg"] > 0, stage_dir
+        assert compute["energy_method"] and compute["wall_s"] > 0 and compute["peak_rss_mb"] > 0, stage_dir
+    assert re.search(r"^  TOTAL \(7 ran\)\s+[0-9.]+\s+[0-9.]+", printed, re.MULTILINE), printed
+    trials = pd.read_csv(local / "tune" / "demo_sweep" / "trials.csv")
+    assert (trials[["wall_s", "cpu_s", "energy_kwh", "co2e_kg"]] > 0).all().all(), trials
     assert re.search(r"== stage prepare: done in [0-9.]+ s; \d+ file\(s\) pushed to s3://", printed)
     assert "testing:testing" not in printed  # the URI's credentials are masked in every line
     assert re.search(r"^  evaluate\s+[0-9.]+ s  test balanced accuracy", printed, re.MULTILINE)
@@ -268,7 +298,6 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     assert any(re.match(r"ray_train/generator-\w+/checkpoint_", p) for p in remote)
     swept = sorted(p for p in remote if p.startswith("tune/"))
     assert any(re.match(r"tune/demo_sweep/trials/trial-\w+/.+/checkpoint_", p) for p in remote), swept
-    local = tmp_path / "machine-a" / "s3" / BUCKET / "runs" / "demo"
     assert not list((local / "ray_train").glob("classifier-*/checkpoint_*"))
     card = json.loads((local / "synthetic" / "synthetic_card.json").read_text())
     assert card["images"] > 0 and card["synthetic"] is True
@@ -313,6 +342,8 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
         assert wait_for_job(client, first, 120) == JobStatus.STOPPED
         logs = client.get_job_logs(first)
         assert "run summary" not in logs and "== stage tune: done" not in logs
+        for internal in RAY_INTERNALS:  # the job's stdout and stderr: a process's real file descriptors
+            assert internal not in logs, internal
         assert "== stage prepare: done in" in logs
         for stage in ("generate", "train", "audit", "evaluate", "tune"):
             assert re.search(rf"^{stage}: running \(data changed \(\w+ -> \w+\)", logs, re.MULTILINE), stage
@@ -322,6 +353,8 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
         status = wait_for_job(client, second, 900)
         logs = client.get_job_logs(second)
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        for internal in RAY_INTERNALS:
+            assert internal not in logs, internal
         summary = logs[logs.index("run summary: demo") :]
         for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate"):
             assert _skipped(stage, summary), (stage, summary)

@@ -448,3 +448,31 @@ def test_bench_train_plain_loop_trains_with_the_training_loss(overrides, monkeyp
         else:  # the mixer's soft targets: each row a blend of two labels, summing to 1
             assert targets.shape == (len(logits), 7) and targets.dtype.is_floating_point
             assert torch.allclose(targets.sum(1), torch.ones(len(logits)))
+
+
+def test_a_stage_failing_inside_a_ray_worker_puts_its_error_and_log_path_on_the_terminal(
+    phantom_prepared, tmp_path, capsys
+):
+    """Ray's lines go to RUN_DIR/logs/<stage>.log, not the terminal; an error raised inside a Ray Train worker (here
+    the training loop's PNG decode, on shards whose image bytes were overwritten) still reaches the terminal, with
+    the path of the log that holds its whole traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from skinsynth.cli import main
+    from tests.conftest import PHANTOM_SMALL, TINY_CLASSIFIER, copy_run
+
+    out = copy_run(phantom_prepared, tmp_path / "run")
+    for shard in sorted((out / "data" / "images").glob("*.parquet")):
+        table = pq.read_table(shard)
+        garbage = pa.array([b"not a png"] * len(table), pa.binary())
+        pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", garbage), shard)
+    settings = [arg for value in [*PHANTOM_SMALL, *TINY_CLASSIFIER] for arg in ("--set", value)]
+    assert main(["train", "--out", str(out), *settings]) == 1
+    captured = capsys.readouterr()
+    log = out / "logs" / "train.log"
+    assert "skinsynth: error:" in captured.err and "cvtColor" in captured.err, captured.err[-2000:]
+    assert f"full log: {log}" in captured.err
+    assert "Traceback" in log.read_text() and "cvtColor" in log.read_text()
+    assert "(RayTrainWorker pid=" not in captured.out + captured.err  # Ray's worker lines: in the log only
+    assert "(RayTrainWorker pid=" in log.read_text() or "(TrainController pid=" in log.read_text()

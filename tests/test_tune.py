@@ -151,6 +151,7 @@ def _sweep_command(config: Path) -> list[str]:
 @pytest.mark.slow
 def test_phantom_sweep_of_3_trials_killed_after_one_resumes_without_repeating_finished_trials(ray_local, tmp_path):
     from skinsynth.data.prepare import prepare_images
+    from tests.conftest import RAY_INTERNALS
 
     out = tmp_path / "run"
     config = tmp_path / "sweep.yaml"
@@ -175,6 +176,14 @@ def test_phantom_sweep_of_3_trials_killed_after_one_resumes_without_repeating_fi
     resumed = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"{len(finished_before)} finished before" in resumed.stdout
+    # the terminal holds skinsynth's lines; Ray's and Tune's own go to RUN_DIR/logs/tune.log
+    terminal = resumed.stdout + resumed.stderr
+    for internal in RAY_INTERNALS:
+        assert internal not in terminal, internal
+    assert "Configuration for experiment" in (out / "logs" / "tune.log").read_text()  # Tune's box, in the log
+    # where to watch: TensorBoard over the sweep's own folder, which holds the trials' event files
+    assert f"tensorboard --logdir {sweep_dir}" in resumed.stdout
+    assert list(sweep_dir.glob("trial-*/events.out.tfevents.*"))
     events = read_trial_log(sweep_dir)
     after = events[len(before) :]
     restarted = {e["trial_id"] for e in after if e["event"] == "start"}

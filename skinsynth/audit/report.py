@@ -194,6 +194,8 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         f"held-out real images"
     )
     extractors, notes = choose_extractors(ac.extractor, layout(run_dir).model(cfg.train.name), ac.batch_size)
+    for note in notes:  # e.g. no FID Inception network: said here, not only in report.json
+        progress(f"audit: note: {note}")
 
     # fidelity, on a seeded subset of each set per extractor
     real_sub = train.subset(ac.max_images, ac.seed)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from skinsynth.config import ExperimentConfig, TrainConfig, changed_settings, config_to_dict, section_from_dict
+from skinsynth.core.console import worker_progress
 from skinsynth.core.rundir import (
     MODEL_TRAINING,
     MODEL_WEIGHTS,
@@ -97,9 +98,9 @@ def balanced_repeats(labels: np.ndarray, seed: int, num_classes: int = len(CLASS
     Repeat-factor sampling (Gupta et al. 2019, "LVIS: a dataset for large vocabulary instance segmentation"; the
     oversampling Buda et al. 2018 found best for CNNs on imbalanced data): every class rarer than the mean class
     share 1/K is brought up to exactly ceil(N/K) rows by repeating its images - each one ``target // n`` times,
-    a seeded draw of them once more - while commoner classes keep their rows. An epoch grows (HAM10000: 1.5x)
-    instead of dropping majority images, and HAM10000's 58:1 imbalance shrinks to about 5:1, which the loss weights
-    of ``train.imbalance`` then handle without a 50x weight on a few dozen images.
+    a seeded draw of them once more - while commoner classes keep their rows. An epoch grows instead of dropping
+    majority images, and HAM10000's 58:1 imbalance shrinks to about 5:1, which the loss weights of
+    ``train.imbalance`` then handle without a 50x weight on a few dozen images.
     """
     counts = np.bincount(labels, minlength=num_classes)
     target = math.ceil(len(labels) / max(int((counts > 0).sum()), 1))
@@ -205,10 +206,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from skinsynth.core.shards import SHUFFLE_BUFFER_ROWS, collated_batches
 
     tc = section_from_dict(TrainConfig, config["train"])
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # this run's compute, reported with every epoch
     rank, world = raytrain.start_worker(config, tc.seed)
     setup = build_training_model(tc)
     if setup.frozen and rank == 0:
-        print(f"train: kept at pretrained values: {', '.join(setup.frozen)}")
+        worker_progress(f"train: kept at pretrained values: {', '.join(setup.frozen)}")
     mean, std, memory_format = setup.mean, setup.std, setup.memory_format
     model = ray.train.torch.prepare_model(setup.model)
     device = ray.train.torch.get_device()
@@ -266,8 +268,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "best_model": None,
         }
     elif rank == 0:
-        print(f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})")
+        worker_progress(
+            f"train: resuming from the checkpoint of epoch {state['epoch']} (best {state['best_score']:.3f})"
+        )
 
+    # a resumed run goes on from what its checkpoint recorded (a sweep's per-trial compute: skinsynth.tune.sweep)
+    compute_before = (state.get("workers_cpu_s", 0.0), state.get("worker_wall_s", 0.0))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     unlabelled_shard = ray.train.get_dataset_shard("unlabelled") if ssl.method != "none" else None
@@ -363,15 +369,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if mask_n:  # share of unlabelled images confident enough to be trained on (FixMatch's "mask rate")
             metrics["pseudo_label_rate"] = mask_sum / mask_n
+        # the run's compute so far, over restarts: this worker process's CPU time x the workers (alike under DDP),
+        # and the time since this worker began, model set-up included (Ray Data's read tasks are not counted)
+        metrics["workers_cpu_s"] = compute_before[0] + (time.process_time() - cpu0) * world
+        metrics["worker_wall_s"] = compute_before[1] + (time.perf_counter() - wall0)
+        state.update(workers_cpu_s=metrics["workers_cpu_s"], worker_wall_s=metrics["worker_wall_s"])
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
         if rank == 0:
             pseudo = f"  pseudo-labelled {metrics['pseudo_label_rate']:.0%}" if mask_n else ""
             tone = "" if math.isnan(worst_tone) else f"  worst-tone malignant sens {worst_tone:.2f}"
-            print(
+            worker_progress(
                 f"train: epoch {epoch + 1}/{tc.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val balanced acc {val_bacc:.3f} (best {state['best_score']:.3f} @ {state['best_epoch'] + 1}){tone}  "
-                f"{metrics['train_images_per_s']:.0f} img/s{pseudo}"
+                f"{metrics['train_images_per_s']:.0f} img/s{pseudo}",
+                epoch + 1,
+                tc.epochs,
+                "epochs",
             )
         raytrain.save_training_state(stateful, state, metrics, rank)
 

@@ -24,13 +24,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner needs: without it the
     # cleaner cannot tell that a finished run's controller has gone, and a sweep of many training runs in one
-    # driver piles up their placement groups until no CPU is left for the next trial (seen on Ray 2.60).
+    # driver piles up their placement groups until no CPU is left for the next trial.
     kwargs: dict = {"include_dashboard": True, "logging_level": logging.WARNING}
     if not os.environ.get("RAY_ADDRESS"):
         # "local": always an embedded Ray of our own, even when `ray start` left a cluster running on this machine
         # (ray.init() would join it, and refuse num_cpus); RAY_ADDRESS is how to use that cluster instead
         kwargs.update(address="local", num_cpus=num_cpus)
     ray.init(**kwargs)
+    from skinsynth.core.console import attach_ray
+
+    attach_ray()  # the lines Ray forwards from its workers go to the command's log, progress to its terminal
 
 
 def machine_info() -> dict:

@@ -26,10 +26,10 @@ def torch_worker_runtime_env(threads: int) -> dict:
     :func:`allocator_env`.
 
     Ray starts a worker that holds one CPU with ``OMP_NUM_THREADS=1`` unless its environment names a value, and
-    ``torch.set_num_threads`` in the training loop does not undo all of that: a bf16 EfficientNet-Lite0 step on
-    2 cores ran at 71 images/s in a thread of such a process against 88 without the variable (``skinsynth bench
-    train`` on the HAM10000 128 px recipe: 0.68x of the plain loop before, 0.78x after). The training loop runs in
-    a thread Ray starts, which without the allocator settings pays glibc's per-thread arena as well.
+    ``torch.set_num_threads`` in the training loop does not undo all of that: a bf16 step in a thread of such a
+    process runs measurably slower than with the variable set (``skinsynth bench train``; figures in
+    docs/results.md). The training loop runs in a thread Ray starts, which without the allocator settings pays
+    glibc's per-thread arena as well.
 
     ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: Ray Train 2.60 routes a worker's ``print`` to its logger *and*, because Ray
     has replaced the worker's ``sys.stdout``, to that stream as well, so every progress line reached the driver twice.
@@ -149,8 +149,8 @@ def mixed_precision_dtype(enabled: bool, device, cpu_bf16: bool = False, announc
     prefix) a CPU worker that was asked for bf16 says whether it got it.
 
     Why CPU autocast is opt-in: it changes a run's numbers (bf16 activations), and only pays on CPUs with native bf16.
-    Where it does, a whole-network fine-tune of EfficientNet-Lite0 at 128 px trains about 1.6x faster (measured on
-    2 AVX512-BF16 cores: 64 against 41 images/s, batch 64, model only).
+    Where it does, a whole-network fine-tune of EfficientNet-Lite0 trains markedly faster than in fp32 (figures in
+    docs/results.md).
     """
     import torch
 
@@ -163,7 +163,9 @@ def mixed_precision_dtype(enabled: bool, device, cpu_bf16: bool = False, announc
     native = cpu_has_native_bf16()
     if announce:
         got = "bf16 autocast on CPU" if native else "cpu_amp is on, but this CPU lacks native bf16"
-        print(f"{announce}: {got}")
+        from skinsynth.core.console import worker_progress
+
+        worker_progress(f"{announce}: {got}")
     return torch.bfloat16 if native else None
 
 

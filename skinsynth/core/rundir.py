@@ -303,6 +303,19 @@ def write_manifest(stage_dir: str | Path, identity: StageIdentity, **extra: Any)
     return path
 
 
+def update_manifest(stage_dir: str | Path, **fields: Any) -> Path | None:
+    """Merge ``fields`` into ``stage_dir/manifest.json`` (replaced atomically, like :func:`write_manifest`) and return
+    its path; None, writing nothing, when the stage has no readable manifest."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        return None
+    path = Path(stage_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({**manifest, **fields}, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
 def why_rerun(run_dir: str | Path, expected: StageIdentity) -> str | None:
     """None when the stage's manifest matches ``expected``; else one line saying why it must run."""
     manifest = read_manifest(layout(run_dir).stage_dir(expected.stage))

@@ -210,7 +210,10 @@ def synced_run(run: Any, progress: Any = print, push: bool = True) -> Iterator[R
     Raises:
         SkinsynthError: an unusable URI (see :func:`open_run_store`).
     """
+    from skinsynth.core.console import set_run_dir
+
     store = open_run_store(run.out, getattr(run, "cache_dir", ""))
+    set_run_dir(store.local)  # the command's log files: RUN_DIR/logs/ (see skinsynth.core.console)
     if not store.remote:
         yield store
         return

@@ -172,6 +172,9 @@ class _BatchPreprocessor:
         return process_batch(batch, self._cfg, self._shard_dir)
 
 
+QUARANTINE_SHOWN = 5  # quarantined files named on the terminal; quarantine.csv holds them all
+
+
 def _batches(records: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [records.iloc[i : i + size] for i in range(0, len(records), size)]
 
@@ -181,24 +184,28 @@ def _run_ray(records: pd.DataFrame, cfg: DataConfig, shard_dir: Path) -> pd.Data
     import ray
     import ray.data
 
+    from skinsynth.core.console import counter
     from skinsynth.core.ray import ensure_ray
 
     ensure_ray(cfg.num_cpus)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # results in record order
     batches = _batches(records, cfg.batch_size)
     workers = max(1, min(len(batches), int(ray.cluster_resources().get("CPU", 1))))
-    return (
-        ray.data.from_pandas(batches)
-        .map_batches(
-            _BatchPreprocessor,
-            batch_format="pandas",
-            batch_size=cfg.batch_size,
-            fn_constructor_kwargs={"cfg": cfg.preprocess, "shard_dir": str(shard_dir)},
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=1,
-        )
-        .to_pandas()
+    processed = ray.data.from_pandas(batches).map_batches(
+        _BatchPreprocessor,
+        batch_format="pandas",
+        batch_size=cfg.batch_size,
+        fn_constructor_kwargs={"cfg": cfg.preprocess, "shard_dir": str(shard_dir)},
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
     )
+    images = counter("prepare", len(records), "images")  # a bar on a terminal, periodic lines elsewhere
+    frames = []
+    for frame in processed.iter_batches(batch_format="pandas", batch_size=None):
+        frames.append(frame)
+        if images is not None:
+            images.update(len(frame))
+    return pd.concat(frames, ignore_index=True) if frames else processed.to_pandas()  # no rows: its schema
 
 
 def _process_batches(batches: list[pd.DataFrame], cfg: PreprocessConfig, shard_dir: str) -> pa.Table:
@@ -376,4 +383,10 @@ def prepare_images(
         f"prepare: wrote {len(good)} images to {layout(run_dir).data_images}, {len(quarantine)} quarantined "
         f"({time.perf_counter() - started:.1f} s)"
     )
+    if len(quarantine):
+        shown = QUARANTINE_SHOWN
+        for item in quarantine.head(shown).itertuples(index=False):
+            progress(f"  quarantined {item.image_id} ({item.uri}): {item.reason}")
+        more = f"; {len(quarantine) - shown} more" if len(quarantine) > shown else ""
+        progress(f"  every quarantined file and its reason{more}: {layout(run_dir).quarantine}")
     return PrepareResult(data_dir, card)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from skinsynth.config import ExperimentConfig, GeneratorConfig, changed_settings, config_to_dict
+from skinsynth.core.console import worker_progress
 from skinsynth.core.rundir import (
     GENERATOR_CARD,
     GENERATOR_GRID,
@@ -166,7 +167,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     else:
         ema.to(device)  # the checkpoint's averages were loaded onto the CPU
         if rank == 0:
-            print(f"generate train: resuming from the checkpoint of step {state['step']}")
+            worker_progress(f"generate train: resuming from the checkpoint of step {state['step']}")
 
     collate = GeneratorCollate(conditioning)
     shard = ray.train.get_dataset_shard("train")
@@ -219,9 +220,12 @@ def generator_train_loop(config: dict[str, Any]) -> None:
                 state["history"].append(row)
                 state["seconds"] += elapsed
                 if rank == 0:
-                    print(
+                    worker_progress(
                         f"generate train: step {step}/{gc.train_steps}  loss {row['loss']:.4f}  "
-                        f"{row['images_per_s']:.1f} img/s  lr {row['lr']:.1e}"
+                        f"{row['images_per_s']:.1f} img/s  lr {row['lr']:.1e}",
+                        step,
+                        gc.train_steps,
+                        "steps",
                     )
                 window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
             paused = time.perf_counter()  # grids and checkpoints are not training time

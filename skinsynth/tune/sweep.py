@@ -67,6 +67,8 @@ REPORTED = (
     "train_images_per_s",
     "lr",
     "pseudo_label_rate",
+    "workers_cpu_s",
+    "worker_wall_s",
     "checkpoint_path",
 )
 
@@ -137,19 +139,28 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> N
         )
 
 
-def trial_log_callback(sweep_dir: Path):
+def trial_log_callback(sweep_dir: Path, planned: int = 0, progress: Progress | None = None):
     """A Tune callback that records, from the driver, when each trial ended: completed, stopped by ASHA (Tune stops
-    the trial's process, so the trial itself cannot say so) or failed."""
+    the trial's process, so the trial itself cannot say so) or failed; and says so to ``progress`` with the count
+    of trials ended out of ``planned``."""
     import ray.tune
+
+    def ended(trial, what: str) -> None:
+        done = len({e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] in ("end", "error")})
+        if progress is not None:
+            progress(f"tune: trial {trial.trial_id} {what} ({done}/{planned} trials ended)")
 
     class TrialLog(ray.tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
             result = {key: last[key] for key in REPORTED if key in last}
             _log_event(sweep_dir, {"trial_id": trial.trial_id, "event": "end", "result": result})
+            score = result.get("best_val_balanced_accuracy")
+            ended(trial, "ended" + (f": best validation balanced accuracy {score:.3f}" if score is not None else ""))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             _log_event(sweep_dir, {"trial_id": trial.trial_id, "event": "error"})
+            ended(trial, "failed")
 
     return TrialLog()
 
@@ -320,10 +331,26 @@ def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any
             reuse_actors=False,
         ),
         run_config=ray.tune.RunConfig(
-            name=tc.name, storage_path=tune_root, storage_filesystem=filesystem, verbose=1, callbacks=[callback]
+            # verbose 0: no trial tables on the terminal; skinsynth says when each trial ends (trial_log_callback)
+            name=tc.name,
+            storage_path=tune_root,
+            storage_filesystem=filesystem,
+            verbose=0,
+            callbacks=[callback],
         ),
     )
     return tuner, False
+
+
+def _watch_hint(sweep_dir: Path) -> str:
+    """Where to watch a running sweep: the Ray dashboard (while this Ray runs) and TensorBoard over the trials'
+    event files, which Tune writes into the sweep's own folder (``trial-<id>/events.out.tfevents.*``), so they
+    outlive the Ray session."""
+    import ray._private.worker
+
+    dashboard = ray._private.worker.get_dashboard_url()
+    where = f"Ray dashboard http://{dashboard}, " if dashboard else ""
+    return f"{where}tensorboard --logdir {sweep_dir} (pip install tensorboard)"
 
 
 @dataclass
@@ -357,6 +384,7 @@ def run_sweep(
     """
     import ray.tune
 
+    from skinsynth.core.console import active_console, say, stdout_to_log
     from skinsynth.core.ray import ensure_ray
 
     check_space(cfg)
@@ -394,14 +422,18 @@ def run_sweep(
     # CPU, not even a fraction: 0.01 of one leaves 0.99 free beside a worker on a 2-core machine, and Ray Data's
     # one-CPU read tasks then wait forever. Tune refuses an empty request, so it reserves one byte of memory.
     trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 1})
-    tuner, restored = _tuner(cfg, store, trainable, trial_log_callback(sweep_dir))
-    done_before = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] == "end"}
     planned = cfg.tune.num_samples if cfg.tune.search == "optuna" else grid_size(cfg.tune)
+    # the trial lines come from Tune's thread while fit() runs with its own prints sent to the log
+    trial_lines = say if active_console() is not None else progress
+    tuner, restored = _tuner(cfg, store, trainable, trial_log_callback(sweep_dir, planned, trial_lines))
+    done_before = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] == "end"}
     progress(
         f"tune: {'resuming' if restored else 'starting'} sweep '{cfg.tune.name}' ({cfg.tune.search}, {planned} "
         f"trials, {len(done_before)} finished before) over {', '.join(cfg.tune.space)} -> {sweep_dir}"
     )
-    grid = tuner.fit()
+    progress(f"tune: watch it: {_watch_hint(sweep_dir)}")
+    with stdout_to_log():  # Tune prints its own boxes and tables: RUN_DIR/logs/tune.log, not the terminal
+        grid = tuner.fit()
     # Tune catches Ctrl-C itself and returns what it has: an unfinished sweep must not pick and export a "best"
     ended = {e["trial_id"] for e in read_trial_log(sweep_dir) if e["event"] in ("end", "error")}
     if len(ended) < planned:
@@ -441,12 +473,23 @@ def run_sweep(
 
 
 def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
-    """One row per trial of a Tune ``ResultGrid``: its values, last-reported metrics and checkpoint."""
+    """One row per trial of a Tune ``ResultGrid``: its values, last-reported metrics and checkpoint.
+
+    Each trial's compute (NaN for a trial that never reported): ``wall_s``, the time its training worker ran (from
+    its start, model set-up included, to its last epoch; summed over restarts); ``cpu_s``, that worker process's
+    CPU time x the trial's workers (Ray Data's read tasks not counted); ``energy_kwh`` and ``co2e_kg``, ``cpu_s``
+    under the per-core watt model (``run.cpu_watts_per_core``, ``run.carbon_intensity_g_per_kwh``;
+    :func:`skinsynth.core.compute.cpu_model_energy`), an estimate, not a measurement.
+    """
+    from skinsynth.core.compute import cpu_model_energy
+
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         config = result.config or {}  # None for a trial whose process died before it reported
         row = {"trial_id": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")}
+        cpu_s = float(metrics.get("workers_cpu_s", float("nan")))
+        energy_kwh, co2e_kg = cpu_model_energy(cpu_s, cfg.run)
         row.update({key: config.get(key) for key in cfg.tune.space})
         if cfg.tune.seeds:
             row[SEED_KEY] = config.get(SEED_KEY)
@@ -457,6 +500,10 @@ def trials_table(grid: Any, cfg: ExperimentConfig) -> pd.DataFrame:
                 TONE_METRIC: metrics.get(TONE_METRIC, float("nan")),
                 "last_val_balanced_accuracy": metrics.get("val_balanced_accuracy", float("nan")),
                 "pseudo_label_rate": metrics.get("pseudo_label_rate", float("nan")),
+                "wall_s": metrics.get("worker_wall_s", float("nan")),
+                "cpu_s": cpu_s,
+                "energy_kwh": energy_kwh,
+                "co2e_kg": co2e_kg,
                 "checkpoint_path": metrics.get("checkpoint_path"),
                 "error": str(result.error).splitlines()[0][:300] if result.error else None,
             }

@@ -121,6 +121,19 @@ def page_overview(run_dir: Path, endpoint: str) -> None:
     for status in statuses:
         for line in status.stale:
             st.warning(f"Stale: {line}")
+    st.subheader("Compute and energy")
+    compute = R.compute_table(run_dir)
+    if compute is None:
+        st.info(f"No stage of {run_dir} recorded its compute: stages record it in their {MANIFEST} when they run.")
+    else:
+        st.dataframe(compute, hide_index=True)
+        st.caption(
+            f"Each stage's figures as its {MANIFEST} recorded them when it last ran; TOTAL sums them (peak MB: the "
+            "highest). CPU time and energy cover this machine's processes (the driver and its descendants, a local "
+            "Ray's included). Energy is CodeCarbon's estimate (its TDP model where the CPU has no RAPL counters) or, "
+            "where it could not run, CPU time x run.cpu_watts_per_core; CO2e = energy x "
+            "run.carbon_intensity_g_per_kwh."
+        )
     st.subheader("Each stage's config")
     st.caption(f"The resolved config each stage ran with (`--set` values included), from its {MANIFEST}.")
     for status in statuses:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from skinsynth.core.compute import COMPUTE, total_compute
 from skinsynth.core.rundir import (
     AUDIT_FOLDER,
     AUDIT_REPORT,
@@ -41,6 +42,7 @@ from skinsynth.core.rundir import (
     SYNTHETIC_FOLDER,
     TUNE_FOLDER,
     layout,
+    stage_manifests,
     stale_stages,
 )
 from skinsynth.data.schema import CLASSES
@@ -278,6 +280,43 @@ def stage_statuses(run_dir: Path) -> list[StageStatus]:
             status.detail = ", ".join(p.name for p in _stage_dirs(run_dir, stage))
         statuses.append(status)
     return statuses
+
+
+def compute_table(run_dir: Path) -> pd.DataFrame | None:
+    """Each stage's compute and energy as its manifest recorded them when it last ran (skinsynth.core.compute): one
+    row per stage folder (``model:classifier``, ...), then a TOTAL row (sums; peak memory: the highest). None when
+    no stage recorded any."""
+    rows = []
+    for stage, manifest in stage_manifests(run_dir).items():
+        figures = manifest.get(COMPUTE)
+        if isinstance(figures, dict):
+            rows.append({"stage": stage, **figures})
+    if not rows:
+        return None
+    total = total_compute(rows)
+    methods = sorted({str(r["energy_method"]) for r in rows if r.get("energy_method")})
+    rows.append({"stage": "TOTAL", **total, "energy_method": "; ".join(methods)})
+
+    def number(value: Any, scale: float = 1.0) -> float | None:
+        return None if value is None else float(value) * scale
+
+    return pd.DataFrame(
+        [
+            {
+                "stage": r["stage"],
+                "wall s": number(r.get("wall_s")),
+                "CPU s": number(r.get("cpu_s")),
+                "GPU s": number(r.get("gpu_s")),
+                "peak MB": number(r.get("peak_rss_mb")),
+                "energy Wh": number(r.get("energy_kwh"), 1000),
+                "CO2e g": number(r.get("co2e_kg"), 1000),
+                "g/kWh": number(r.get("carbon_intensity_g_per_kwh")),
+                "GPU": r.get("gpu_model") or "",
+                "energy measured by": r.get("energy_method") or "",
+            }
+            for r in rows
+        ]
+    )
 
 
 # --- data and synthetic images ------------------------------------------------------------------------------------
