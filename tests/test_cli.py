@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,10 @@ def test_prepare_then_summary_on_messy_folder(messy_ham_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "images: 15 at 32 px" in printed and "quarantined: 9" in printed
+    # the terminal names the first quarantined files with their reasons, and where the rest are
+    named = re.findall(r"^  quarantined (\S+)(?: \(.+\))?: (.+)$", printed, re.MULTILINE)
+    assert len(named) == 5 and all(reason for _id, reason in named), printed
+    assert f"4 more: {out / 'data' / 'quarantine.csv'}" in printed
     assert (out / "config.yaml").is_file()
     assert main(["data", "summary", str(out)]) == 0
     summary = capsys.readouterr().out

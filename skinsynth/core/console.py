@@ -16,7 +16,9 @@ file) it is a plain line every ``PLAIN_EVERY_S`` seconds and at the end, with th
 copies the log lines to the terminal as well.
 
 Ray's worker lines arrive through ``ray._private.ray_logging.global_worker_stdstream_dispatcher``, whose handler
-``ray.init`` installs; :func:`attach_ray` swaps it for the console's while one is active (and back after).
+``ray.init`` installs, and the raylet's messages through ``ray._private.worker.print_to_stdstream``;
+:func:`attach_ray` points both at the console while one is active (and back after). Both are Ray internals, so a
+Ray upgrade that renames them leaves those lines on the terminal, nothing worse.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ _active: Console | None = None
 
 def worker_progress(text: str, done: int | None = None, total: int | None = None, unit: str = "") -> None:
     """Progress from inside a Ray worker (a training loop): the command's terminal shows it as a bar when it has a
-    count, else as the line ``text``; without an active console it is the plain line ``text`` in Ray's log.
+    count, else as the line ``text``. Without a console (a test calling the stage, a sweep trial's own driver) it
+    stays a worker line, mark included, in Ray's usual output.
 
     Args:
         text: the line (``"train: epoch 2/3  loss 1.76 ..."``).

@@ -386,7 +386,8 @@ def prepare_images(
     if len(quarantine):
         shown = QUARANTINE_SHOWN
         for item in quarantine.head(shown).itertuples(index=False):
-            progress(f"  quarantined {item.image_id} ({item.uri}): {item.reason}")
+            where = f" ({item.uri})" if isinstance(item.uri, str) and item.uri else ""  # none: no file found
+            progress(f"  quarantined {item.image_id}{where}: {item.reason}")
         more = f"; {len(quarantine) - shown} more" if len(quarantine) > shown else ""
         progress(f"  every quarantined file and its reason{more}: {layout(run_dir).quarantine}")
     return PrepareResult(data_dir, card)
