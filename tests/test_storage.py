@@ -298,6 +298,9 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     assert any(re.match(r"ray_train/generator-\w+/checkpoint_", p) for p in remote)
     swept = sorted(p for p in remote if p.startswith("tune/"))
     assert any(re.match(r"tune/demo_sweep/trials/trial-\w+/.+/checkpoint_", p) for p in remote), swept
+    # where to watch the sweep: TensorBoard over its folder on the bucket, which holds the trials' event files
+    assert f"tensorboard --logdir s3://{BUCKET}/runs/demo/tune/demo_sweep " in printed
+    assert any(re.match(r"tune/demo_sweep/trial-\w+/events\.out\.tfevents\.", p) for p in remote), swept
     assert not list((local / "ray_train").glob("classifier-*/checkpoint_*"))
     card = json.loads((local / "synthetic" / "synthetic_card.json").read_text())
     assert card["images"] > 0 and card["synthetic"] is True

@@ -23,6 +23,7 @@ Ray upgrade that renames them leaves those lines on the terminal, nothing worse.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -460,6 +461,27 @@ def _pump(read_fd: int, console: Console) -> None:
             current.write_log(line)
 
 
+# loggers whose console handlers write to the log under a console: their handlers hold the stream that was
+# sys.stderr when the library was imported, which is fd 2 in a command (the pipe catches it) but need not be (a
+# command run in-process under a test's capture, a notebook)
+_LIBRARY_LOGGERS = ("ray", "optuna")
+
+
+def _route_library_loggers(stream: io.TextIOBase) -> list[tuple[logging.StreamHandler, object]]:
+    """Point the stream handlers of Ray's and Optuna's loggers at ``stream``; returns what to restore."""
+    rerouted = []
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or name.split(".")[0] not in _LIBRARY_LOGGERS:
+            continue
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                # not setStream: it flushes the old stream, which may be long closed (a finished test's capture)
+                with handler.lock or contextlib.nullcontext():
+                    rerouted.append((handler, handler.stream))
+                    handler.stream = stream
+    return rerouted
+
+
 @contextmanager
 def quiet_terminal(*, verbose: bool = False) -> Iterator[Console]:
     """Run a command with skinsynth's lines on the terminal and everything else in the run's log files.
@@ -487,10 +509,19 @@ def quiet_terminal(*, verbose: bool = False) -> Iterator[Console]:
     logging.captureWarnings(True)  # warnings go through logging to stderr, i.e. the log
     saved_filters = warnings.filters[:]
     _active = console
+    saved_stderr = sys.stderr
+    rerouted: list = []
     try:
+        # Python-level stderr too: a logging handler made during the command (Ray Data's, on its first dataset)
+        # binds the sys.stderr of that moment; one made before (Ray's own, at import) is pointed at the log here
+        sys.stderr = _LogWriter(console)
+        rerouted = _route_library_loggers(sys.stderr)
         attach_ray()  # when Ray is already up (a session's Ray); ensure_ray attaches one it starts
         yield console
     finally:
+        for handler, stream in rerouted:
+            handler.stream = stream
+        sys.stderr = saved_stderr
         _detach_ray()
         _active = None
         warnings.filters[:] = saved_filters

@@ -342,15 +342,20 @@ def _tuner(cfg: ExperimentConfig, store: RunStore, trainable: Any, callback: Any
     return tuner, False
 
 
-def _watch_hint(sweep_dir: Path) -> str:
+def _watch_hint(store: RunStore, sweep_dir: Path) -> str:
     """Where to watch a running sweep: the Ray dashboard (while this Ray runs) and TensorBoard over the trials'
-    event files, which Tune writes into the sweep's own folder (``trial-<id>/events.out.tfevents.*``), so they
-    outlive the Ray session."""
+    event files, which Tune writes into the sweep's own folder in the run's storage
+    (``trial-<id>/events.out.tfevents.*``), so they outlive the Ray session: the local folder, or for a remote run
+    its URI (without credentials; TensorBoard reads ``s3://`` itself), where Tune keeps them."""
     import ray._private.worker
 
     dashboard = ray._private.worker.get_dashboard_url()
     where = f"Ray dashboard http://{dashboard}, " if dashboard else ""
-    return f"{where}tensorboard --logdir {sweep_dir} (pip install tensorboard)"
+    logdir: str | Path = sweep_dir
+    if store.remote:
+        scheme = store.out.split("://", 1)[0]
+        logdir = f"{scheme}://{store.ray_storage(TUNE_FOLDER, sweep_dir.name)[0].lstrip('/')}"
+    return f"{where}tensorboard --logdir {logdir} (pip install tensorboard)"
 
 
 @dataclass
@@ -431,7 +436,7 @@ def run_sweep(
         f"tune: {'resuming' if restored else 'starting'} sweep '{cfg.tune.name}' ({cfg.tune.search}, {planned} "
         f"trials, {len(done_before)} finished before) over {', '.join(cfg.tune.space)} -> {sweep_dir}"
     )
-    progress(f"tune: watch it: {_watch_hint(sweep_dir)}")
+    progress(f"tune: watch it: {_watch_hint(store, sweep_dir)}")
     with stdout_to_log():  # Tune prints its own boxes and tables: RUN_DIR/logs/tune.log, not the terminal
         grid = tuner.fit()
     # Tune catches Ctrl-C itself and returns what it has: an unfinished sweep must not pick and export a "best"
