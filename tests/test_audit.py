@@ -187,7 +187,7 @@ def test_utility_probe_on_copies_equals_the_real_baseline_and_on_shuffled_labels
     copies = utility_report(
         extractor, images[train], labels[train], images[train], labels[train], images[test], labels[test]
     )
-    assert copies["n_test"] == 140 and copies["chance_balanced_accuracy"] == pytest.approx(1 / 7)
+    assert copies["n_scored"] == 140 and copies["chance_balanced_accuracy"] == pytest.approx(1 / 7)
     assert copies["synthetic_only"]["n_train"] == copies["real_only"]["n_train"] == 140
     assert copies["synthetic_only"]["balanced_accuracy"] == copies["real_only"]["balanced_accuracy"]
     assert copies["synthetic_only"]["balanced_accuracy"] > 0.35  # phantom classes are told apart well above 1/7
@@ -228,6 +228,32 @@ def audited_run(tiny_generator, tmp_path_factory):
     return cfg, run_audit(cfg, out, progress=print)
 
 
+def test_the_audit_reads_no_test_image(audited_run, monkeypatch):
+    """The test split keeps its one look for a model's evaluation: every real image the audit loads (what the
+    generator learnt from, and the held-out images its comparisons and the utility probe's score use) is a training
+    or validation image, and the held-out ones are the whole validation split."""
+    import skinsynth.core.shards as shards
+    from skinsynth.audit.report import load_audit_images
+    from skinsynth.core.shards import load_split_table, split_ids
+
+    cfg, _report = audited_run
+    run_dir = Path(cfg.run.out)
+    read = []
+    original = shards.read_rows
+
+    def spy(run_dir, image_ids, columns=None):
+        read.extend(image_ids)
+        return original(run_dir, image_ids, columns)
+
+    monkeypatch.setattr(shards, "read_rows", spy)
+    train, held_out, _synthetic = load_audit_images(run_dir)
+    splits = load_split_table(run_dir)
+    test_ids = set(split_ids(splits, "test"))
+    assert read and test_ids and not test_ids & set(read)
+    assert not test_ids & (set(train.ids) | set(held_out.ids))
+    assert set(held_out.ids) == set(split_ids(splits, "val"))
+
+
 @pytest.mark.slow
 def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     cfg, report = audited_run
@@ -242,9 +268,11 @@ def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     memo = report["privacy"]["memorisation"]
     assert memo["n_synthetic"] == 16 and 0.0 <= memo["memorised_share"] <= 1.0
     attack = report["privacy"]["membership_inference"]
-    assert attack["n_members"] == 24 and attack["n_non_members"] == 24 and 0.0 <= attack["auc"] <= 1.0
+    held_out = report["images"]["held_out"]  # the validation split only
+    assert attack["n_members"] == 24 and attack["n_non_members"] == min(24, held_out) and 0.0 <= attack["auc"] <= 1.0
     utility = report["utility"]
-    assert utility["n_test"] == report["images"]["test"] > 0
+    assert utility["scored_on"] == "validation" and utility["n_scored"] == held_out > 0
+    assert "test" not in report["images"]
     assert utility["synthetic_only"]["n_train"] == 16 and set(utility["synthetic_only"]["train_per_class"]) == {
         "mel",
         "nv",

@@ -165,6 +165,12 @@ def test_generator_training_writes_weights_grid_and_card(generator_run):
     assert sum(card["training_data"]["class_counts"].values()) == card["training_data"]["images"]
     assert card["generator_id"] == result.generator_id and len(result.generator_id) == 16
     assert card["training"]["steps"] == 6 and "never a diagnosis" in card["intended_use"]
+    # the ids it learnt from, for the provenance guard of any run that mixes its samples in (their hash: the card's)
+    from skinsynth.core.rundir import ids_hash
+
+    learnt = json.loads((gen / "training_ids.json").read_text())
+    assert learnt == sorted(splits.loc[(splits["split"] == "train") & splits["labelled"], "image_id"])
+    assert ids_hash(learnt) == card["training_data"]["image_ids_sha256"]
 
 
 @pytest.mark.slow

@@ -192,7 +192,26 @@ def mixed_run(tmp_path_factory):
     (out / "synthetic" / "images").mkdir(parents=True)
     shard = out / "synthetic" / "images" / "part-0.parquet"
     pq.write_table(pa.Table.from_pandas(synthetic, preserve_index=False), shard)
+    _record_generator(out, labelled_train_ids(out))  # as 'generate train' would, on the prepared labelled 30%
     return cfg, out
+
+
+def labelled_train_ids(out) -> list[str]:
+    from skinsynth.core.shards import load_split_table, split_ids
+
+    return split_ids(load_split_table(out), "train", labelled_only=True)
+
+
+def _record_generator(out, ids: list[str], generator_id: str = "test-generator") -> None:
+    """What a trained generator leaves for the provenance guard: its card's id and the ids it learnt from."""
+    import json
+
+    from skinsynth.core.rundir import layout
+
+    run = layout(out)
+    run.generator.mkdir(parents=True, exist_ok=True)
+    run.generator_card.write_text(json.dumps({"generator_id": generator_id}))
+    run.generator_training_ids.write_text(json.dumps(sorted(ids)))
 
 
 @pytest.mark.parametrize("cache_rows", [True, False])  # read once by the driver, or streamed by Ray Data
@@ -250,13 +269,45 @@ def test_a_mix_without_a_synthetic_set_or_with_too_few_images_is_refused(mixed_r
     with pytest.raises(SkinsynthError, match="have/need"):
         training_inputs(out, load_config(None, ["train.mix.ratio=50"]).train)
     # the generator learnt from the prepared 30%: a mix in a run that hides some of those labels is refused ...
-    with pytest.raises(SkinsynthError, match="labels would reach it through the generator"):
+    with pytest.raises(SkinsynthError, match=r"in the unlabelled pool.*their labels would reach the run"):
         training_inputs(out, load_config(None, ["train.mix.ratio=1", "train.label_fraction=0.2"]).train)
-    # ... and allowed in one whose budget contains them
+    # ... and allowed in one whose budget contains them, which records the generator and the ids it checked
     larger = training_inputs(out, load_config(None, ["train.mix.ratio=1", "train.label_fraction=0.6"]).train)
     assert len(larger.synthetic) == len(larger.labelled)
+    provenance = larger.synthetic_provenance
+    assert provenance["generator_id"] == "test-generator"
+    assert provenance["training_images"] == len(labelled_train_ids(out)) and provenance["ids_sha256"]
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "data").symlink_to(out / "data")
     with pytest.raises(SkinsynthError, match="generate sample"):
         training_inputs(bare, load_config(None, ["train.mix.ratio=1"]).train)
+
+
+def test_the_provenance_guard_refuses_a_full_label_generator_after_a_re_prepare_at_10_percent(mixed_run, tmp_path):
+    """A generator trained while every training label was visible carries those labels in its samples; after the
+    run is prepared again at 10% labels, its samples may not be mixed in: the ids it actually learnt from are
+    checked, not the split table's current flags, and the message gives both counts."""
+    from skinsynth.classify.train import training_inputs
+    from skinsynth.data.prepare import prepare_images
+    from tests.conftest import copy_run
+
+    cfg, mixed = mixed_run
+    out = copy_run(mixed, tmp_path / "run")
+    full = load_config(None, [f"run.out={out}", "data.phantom.n_images=140", "data.preprocess.size=32"])
+    prepare_images(full.data, out, engine="local", force=True, progress=lambda _m: None)  # 100% labels
+    all_train = labelled_train_ids(out)
+    _record_generator(out, all_train, "full-label-generator")
+    ten = load_config(
+        None,
+        [f"run.out={out}", "data.phantom.n_images=140", "data.preprocess.size=32", "data.split.label_fraction=0.1"],
+    )
+    prepare_images(ten.data, out, engine="local", force=True, progress=lambda _m: None)
+    labelled = labelled_train_ids(out)
+    assert len(labelled) < len(all_train)
+    with pytest.raises(SkinsynthError) as refused:
+        training_inputs(out, load_config(None, ["train.mix.ratio=0.5"]).train)
+    message = str(refused.value)
+    assert f"trained on {len(all_train)} images, but this run labels {len(labelled)}" in message
+    assert f"{len(all_train) - len(labelled)} in the unlabelled pool, 0 in validation or test" in message
+    assert "full-label-generator" in message and "Retrain the generator" in message

@@ -476,3 +476,37 @@ def test_a_stage_failing_inside_a_ray_worker_puts_its_error_and_log_path_on_the_
     assert "Traceback" in log.read_text() and "cvtColor" in log.read_text()
     assert "(RayTrainWorker pid=" not in captured.out + captured.err  # Ray's worker lines: in the log only
     assert "(RayTrainWorker pid=" in log.read_text() or "(TrainController pid=" in log.read_text()
+
+
+def test_every_look_at_test_is_in_the_ledger_and_evaluate_reports_the_count(tiny_classifier, tmp_path, capsys):
+    """Evaluating twice writes two ledger lines and reports two looks; a grid's per-trial test scoring adds one
+    line per trial (here two 'trials' made of the classifier's own checkpoint)."""
+    import pandas as pd
+
+    from skinsynth.classify.evaluate import evaluate_model
+    from skinsynth.core.ledger import count_test_looks, read_ledger
+    from skinsynth.tune.sweep import add_test_metrics
+    from tests.conftest import copy_config, copy_run
+
+    trained, _ = tiny_classifier
+    out = copy_run(Path(trained.run.out), tmp_path / "run")
+    cfg = copy_config(trained, out)
+    evaluate_model(cfg, n_boot=10, progress=print)
+    report = evaluate_model(cfg, n_boot=10, progress=print)
+    assert report["test_looks"]["looks"] == 2 and report["test_looks"]["models"] == 1
+    assert "test split looked at 2 times, by 1 model" in capsys.readouterr().out
+    card = json.loads((out / "models" / cfg.train.name / "model_card.json").read_text())
+    assert card["test_looks"]["looks"] == 2
+    ledger = read_ledger(out)
+    data_identity = json.loads((out / "data" / "manifest.json").read_text())["identity"]
+    assert len(ledger) == 2 and {e["data_identity"] for e in ledger} == {data_identity}
+    assert all(e["n_images"] > 0 and "balanced_accuracy" in e["metrics"] and e["command"] for e in ledger)
+
+    checkpoint = str(sorted(p for p in (out / "ray_train").glob("classifier-*/checkpoint_*") if p.is_dir())[-1])
+    grid = pd.DataFrame({"trial_id": ["t1", "t2"], "checkpoint_path": [checkpoint, checkpoint]})
+    cfg.tune.space = {}
+    scored = add_test_metrics(grid, cfg, out, progress=print)
+    assert scored["test_balanced_accuracy"].notna().all()
+    looks = count_test_looks(out)
+    assert looks["looks"] == 4 and looks["models"] == 3  # the model, and the two trials
+    assert [e["model_id"] for e in read_ledger(out)[2:]] == ["trial:t1", "trial:t2"]

@@ -1,9 +1,11 @@
 """``skinsynth audit RUN_DIR``: fidelity, utility and privacy of ``RUN_DIR/synthetic`` against real data; the gate.
 
-Reads the real training split (what the generator learnt from), the held-out real images (validation and test,
-never seen by the generator), the synthetic shards and the generator; writes ``RUN_DIR/audit/report.json``,
-``gallery.png`` and ``similarity.png``. The report's ``gate.share_ok`` is what ``skinsynth generate export``
-checks before synthetic images leave the run.
+Reads the real training split (what the generator learnt from), the held-out real images (the validation split,
+never seen by the generator), the synthetic shards and the generator. It never reads the test split, whose labels
+are kept for a model's single scoring (``skinsynth evaluate``): the audit's comparisons, the utility probe's score
+included, are made on validation, so choosing between generators by them spends no look at test. Writes
+``RUN_DIR/audit/report.json``, ``gallery.png`` and ``similarity.png``. The report's ``gate.share_ok`` is what
+``skinsynth generate export`` checks before synthetic images leave the run.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ def _decode(frame: pd.DataFrame) -> AuditImages:
     return AuditImages(images, frame["label"].to_numpy(np.int64), list(frame["image_id"]))
 
 
-def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages, set[str]]:
-    """(real training images the generator saw, held-out real images, synthetic images, the held-out test ids).
+def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages]:
+    """(real training images the generator saw, held-out real images - the validation split, never test -,
+    synthetic images).
 
     Raises:
         AuditError: no synthetic set, or no held-out real images to compare with.
@@ -82,14 +85,14 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
     splits = load_split_table(run_dir)
     columns = ["image_id", "image", "label"]
     train = _decode(read_rows(run_dir, split_ids(splits, "train", labelled_only=True), columns))
-    held_out = _decode(read_rows(run_dir, split_ids(splits, "val") + split_ids(splits, "test"), columns))
+    held_out = _decode(read_rows(run_dir, split_ids(splits, "val"), columns))
     synthetic = _decode(pq.read_table(shards, columns=columns).to_pandas().sort_values("image_id"))
     if len(held_out.ids) < 2 or len(synthetic.ids) < 2 or len(train.ids) < 2:
         raise AuditError(
             f"too few images to audit: {len(train.ids)} training, {len(held_out.ids)} held-out, "
             f"{len(synthetic.ids)} synthetic (need at least 2 each)"
         )
-    return train, held_out, synthetic, set(split_ids(splits, "test"))
+    return train, held_out, synthetic
 
 
 def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: AuditConfig, progress) -> dict:
@@ -116,11 +119,12 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
 
 
 def _utility(
-    train: AuditImages, held_out: AuditImages, synthetic: AuditImages, test_ids: set[str], ac: AuditConfig, progress
+    train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
 ) -> dict[str, Any]:
-    """Classification Accuracy Score of the synthetic set against a count-matched real set (see ``utility``)."""
+    """Classification Accuracy Score of the synthetic set against a count-matched real set (see ``utility``),
+    scored on the validation split."""
     t0 = time.perf_counter()
-    test = held_out.select(np.isin(held_out.ids, list(test_ids))).subset(ac.max_images, ac.seed + 3)
+    val = held_out.subset(ac.max_images, ac.seed + 3)
     syn = synthetic.subset(ac.max_images, ac.seed + 2)
     report = utility_report(
         imagenet_features(ac.batch_size),
@@ -128,8 +132,8 @@ def _utility(
         train.labels,
         syn.images,
         syn.labels,
-        test.images,
-        test.labels,
+        val.images,
+        val.labels,
         seed=ac.seed,
     )
 
@@ -138,7 +142,7 @@ def _utility(
 
     syn_arm, real_arm = report["synthetic_only"], report["real_only"]
     progress(
-        f"audit: utility (linear probe, {report['n_test']} real test images, chance "
+        f"audit: utility (linear probe, scored on {report['n_scored']} real validation images, chance "
         f"{report['chance_balanced_accuracy']:.3f}): trained on {syn_arm['n_train']} synthetic -> balanced accuracy "
         f"{shown(syn_arm['balanced_accuracy'])}; on {real_arm['n_train']} real -> "
         f"{shown(real_arm['balanced_accuracy'])} ({time.perf_counter() - t0:.0f} s)"
@@ -188,7 +192,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
     identity = audit_identity(cfg, run_dir)
     started = time.perf_counter()
     torch.manual_seed(ac.seed)
-    train, held_out, synthetic, test_ids = load_audit_images(run_dir)
+    train, held_out, synthetic = load_audit_images(run_dir)
     progress(
         f"audit: {len(synthetic.ids)} synthetic images against {len(train.ids)} training and {len(held_out.ids)} "
         f"held-out real images"
@@ -237,7 +241,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             f"recall {entry['recall']:.2f}"
         )
 
-    utility = _utility(train, held_out, synthetic, test_ids, ac, progress) if ac.utility else None
+    utility = _utility(train, held_out, synthetic, ac, progress) if ac.utility else None
 
     # memorisation: every synthetic image against the whole training set, by pixel correlation
     size = min(ac.pixel_size, train.images.shape[1])
@@ -308,8 +312,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             "images": {
                 "synthetic": len(synthetic.ids),
                 "train": len(train.ids),
-                "held_out": len(held_out.ids),
-                "test": int(np.isin(held_out.ids, list(test_ids)).sum()),
+                "held_out": len(held_out.ids),  # the validation split: the audit reads no test image
             },
             "extractors": [{"name": e.name, "description": e.description} for e in extractors],
             "notes": notes,

@@ -1,8 +1,10 @@
 """Utility of a synthetic set: the Classification Accuracy Score, next to the real-only baseline.
 
 Ravuri & Vinyals 2019, "Classification Accuracy Score for Conditional Generative Models" (NeurIPS): train a
-classifier on synthetic images only, test it on real test images, and compare with the same classifier trained on
-real images. A generator whose samples carry the class (not just the look of skin) scores close to the baseline;
+classifier on synthetic images only, score it on real held-out images, and compare with the same classifier trained
+on real images. Here the held-out images are the validation split, never test: generators are compared by this
+score, and a choice made on test would spend the test split's one look. A generator whose samples carry the class
+(not just the look of skin) scores close to the baseline;
 one that ignores its conditioning scores at chance however good its FID.
 
 The classifier here is a linear probe (multinomial logistic regression, balanced class weights) on frozen ImageNet
@@ -48,17 +50,17 @@ def matched_indices(source_labels: np.ndarray, target_labels: np.ndarray, seed: 
 def probe_scores(
     train_features: torch.Tensor,
     train_labels: np.ndarray,
-    test_features: torch.Tensor,
-    test_labels: np.ndarray,
+    scored_features: torch.Tensor,
+    scored_labels: np.ndarray,
     num_classes: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Fit the linear probe on one set and score it on the real test images.
+    """Fit the linear probe on one set and score it on the real held-out images.
 
     Returns:
-        ``balanced_accuracy`` and ``macro_auroc`` on the test images (classes the probe never saw get probability
-        0, so their test images count as misses), or ``None`` for both with a ``reason`` when the training set has
-        fewer than two classes.
+        ``balanced_accuracy`` and ``macro_auroc`` on the held-out images (classes the probe never saw get
+        probability 0, so their images count as misses), or ``None`` for both with a ``reason`` when the training
+        set has fewer than two classes.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -76,11 +78,11 @@ def probe_scores(
         LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER, class_weight="balanced", random_state=seed),
     )
     probe.fit(train_features.numpy(), train_labels)
-    probs = np.zeros((len(test_labels), num_classes))
-    probs[:, probe.classes_] = probe.predict_proba(test_features.numpy())
+    probs = np.zeros((len(scored_labels), num_classes))
+    probs[:, probe.classes_] = probe.predict_proba(scored_features.numpy())
     return {
-        "balanced_accuracy": balanced_accuracy(probs, test_labels),
-        "macro_auroc": macro_auroc(probs, test_labels),
+        "balanced_accuracy": balanced_accuracy(probs, scored_labels),
+        "macro_auroc": macro_auroc(probs, scored_labels),
     }
 
 
@@ -94,46 +96,49 @@ def utility_report(
     real_labels: np.ndarray,
     synthetic_images: np.ndarray,
     synthetic_labels: np.ndarray,
-    test_images: np.ndarray,
-    test_labels: np.ndarray,
+    scored_images: np.ndarray,
+    scored_labels: np.ndarray,
     seed: int = 0,
     class_names: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
-    """Classification Accuracy Score of the synthetic set and of a count-matched real set, on the real test split.
+    """Classification Accuracy Score of the synthetic set and of a count-matched real set, on real held-out images
+    (the audit passes the validation split: never test).
 
     Args:
         extractor: a frozen feature extractor (``images -> [N, D]``) that saw none of this run's labels.
         real_images, real_labels: the real labelled training images (uint8 ``N x H x W x 3``) and labels.
         synthetic_images, synthetic_labels: the synthetic set and the classes it was sampled for.
-        test_images, test_labels: the real test split.
+        scored_images, scored_labels: the real held-out images the probes are scored on.
         seed: draws the count-matched real subset and seeds the probe.
         class_names: label index -> class name.
 
     Returns:
-        Both arms' balanced accuracy and macro AUROC with their training counts, the test counts, and
+        Both arms' balanced accuracy and macro AUROC with their training counts, the scored counts, and
         ``balanced_accuracy_ratio`` (synthetic / real; ``None`` when either is undefined or real is 0).
     """
     matched = matched_indices(real_labels, synthetic_labels, seed)
     real_images, real_labels = real_images[matched], real_labels[matched]
-    test_features = extractor(test_images)
+    scored_features = extractor(scored_images)
     arms: dict[str, Any] = {}
     for arm, images, labels in (
         ("synthetic_only", synthetic_images, synthetic_labels),
         ("real_only", real_images, real_labels),
     ):
-        scores = probe_scores(extractor(images), labels, test_features, test_labels, len(class_names), seed)
+        scores = probe_scores(extractor(images), labels, scored_features, scored_labels, len(class_names), seed)
         arms[arm] = {"n_train": len(labels), "train_per_class": _counts(labels, class_names), **scores}
     syn, real = arms["synthetic_only"]["balanced_accuracy"], arms["real_only"]["balanced_accuracy"]
     return {
         "method": (
             "Classification Accuracy Score (Ravuri & Vinyals 2019): a linear probe (logistic regression, balanced "
             "class weights) on frozen features, trained on synthetic images only and, as the baseline, on real "
-            "training images matched to the synthetic per-class counts; both tested on the real test split"
+            "training images matched to the synthetic per-class counts; both scored on real held-out images, the "
+            "validation split (never test)"
         ),
         "features": extractor.description,
-        "n_test": len(test_labels),
-        "test_per_class": _counts(test_labels, class_names),
-        "chance_balanced_accuracy": 1.0 / max(1, len(np.unique(test_labels))),
+        "scored_on": "validation",
+        "n_scored": len(scored_labels),
+        "scored_per_class": _counts(scored_labels, class_names),
+        "chance_balanced_accuracy": 1.0 / max(1, len(np.unique(scored_labels))),
         **arms,
         "balanced_accuracy_ratio": syn / real if syn is not None and real else None,
     }

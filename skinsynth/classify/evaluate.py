@@ -21,6 +21,7 @@ import torch
 from skinsynth import DISCLAIMER, __version__
 from skinsynth.classify import metrics as M
 from skinsynth.config import ExperimentConfig
+from skinsynth.core.ledger import count_test_looks, describe_looks, record_test_look
 from skinsynth.core.ray import git_commit
 from skinsynth.core.rundir import (
     EVAL_FAIRNESS,
@@ -28,6 +29,7 @@ from skinsynth.core.rundir import (
     MODEL_CARD,
     MODEL_TRAINING,
     MODEL_WEIGHTS,
+    current_identity,
     layout,
     write_manifest,
 )
@@ -179,6 +181,10 @@ def evaluate_model(
     test_report, fairness, test_probs = evaluate_split(
         model, test, threshold, n_boot=n_boot, seed=cfg.run.seed, tta=tta
     )
+    # every score on test is a look at it: recorded before anything else is done with the numbers
+    model_id = current_identity(run_dir, f"model:{cfg.train.name}") or info["model"]
+    record_test_look(run_dir, model_id=model_id, metrics=sorted(test_report), n_images=len(test))
+    looks = count_test_looks(run_dir)
     fairness.to_csv(out_dir / EVAL_FAIRNESS, index=False)
     report: dict[str, Any] = {
         "model": info["model"],
@@ -189,6 +195,7 @@ def evaluate_model(
         "operating_point": {"threshold": threshold, "chosen_on": "val", "min_sensitivity": min_sensitivity},
         "validation": {"n": int(len(val)), **M.classification_metrics(val_probs, val_labels)},
         "test": test_report,
+        "test_looks": looks,
         "external": {},
     }
     adjustment = info.get("logit_adjustment")
@@ -207,7 +214,7 @@ def evaluate_model(
     progress(
         f"evaluate: test balanced accuracy {test_report['balanced_accuracy']:.3f} "
         f"{_fmt_ci(test_report['intervals_95']['balanced_accuracy'])}, macro AUROC {test_report['macro_auroc']:.3f} "
-        f"{_fmt_ci(test_report['intervals_95']['macro_auroc'])} on {len(test)} images"
+        f"{_fmt_ci(test_report['intervals_95']['macro_auroc'])} on {len(test)} images; {describe_looks(looks)}"
     )
     for ext_location in external:
         # a prepared set on a storage URI is read from a pulled local copy; the report names it as given
@@ -333,6 +340,8 @@ def write_model_card(model_dir: Path, info: dict[str, Any], report: dict[str, An
             "ece": test["ece"],
             "intervals_95": test["intervals_95"],
         },
+        # how often this data set's test split had been looked at, by how many models, when these were computed
+        "test_looks": report.get("test_looks"),
         "operating_point": report["operating_point"],
         "logit_adjustment": report.get("logit_adjustment"),
         "intended_use": "Research on skin-lesion classification, data efficiency and fairness. " + DISCLAIMER,

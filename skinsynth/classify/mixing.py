@@ -13,7 +13,8 @@ that large contains them.
 
 The generator is the other way labels can reach a run: a class-conditional model trained on an image's label passes
 that label on through its samples. A run that mixes in synthetic images must therefore label every image the
-generator learnt from; :func:`check_generator_labels` refuses it otherwise.
+generator learnt from; :func:`check_generator_provenance` refuses it otherwise, from the ids the generator actually
+trained on.
 
 Synthetic images are added to the labelled set only: ``ratio`` synthetic images per labelled real image, spread
 evenly over all classes (``uniform``) or over the minority classes only (``minority``: classes with fewer labelled
@@ -157,17 +158,46 @@ def select_synthetic(synthetic_rows: pd.DataFrame, counts: dict[str, int], seed:
     return sorted(chosen)
 
 
-def check_generator_labels(generator_images: set[str], labelled: list[str]) -> None:
-    """Refuse a synthetic mix whose generator learnt from images this run treats as unlabelled.
+def check_generator_provenance(
+    generator_images: list[str], labelled: list[str], splits: pd.DataFrame, generator: str
+) -> dict[str, object]:
+    """Refuse a synthetic mix whose generator learnt from an image this run may not learn the label of.
+
+    ``generator_images`` are the ids the generator actually trained on (``generator/training_ids.json``), not the
+    current split table's ``labelled`` flags: a generator trained before a re-prepare at a lower label fraction
+    still carries the labels it saw. Each must be one of this run's labelled training images; one in validation or
+    test, in the unlabelled pool (its label would reach the run through the samples), or not in this data set at all
+    is refused.
+
+    Args:
+        generator_images: the generator's training image ids.
+        labelled: this run's labelled training ids.
+        splits: the run's split table (``image_id``, ``split``).
+        generator: the generator's id, for the message and the record.
+
+    Returns:
+        What was checked, for the model's training record: the generator, how many ids, their hash.
 
     Raises:
-        SkinsynthError: naming how many of the generator's training images are in the unlabelled pool.
+        SkinsynthError: naming how many of the generator's images fall in each refused place.
     """
-    hidden = generator_images - set(labelled)
-    if hidden:
+    from skinsynth.core.rundir import ids_hash
+
+    outside = set(generator_images) - set(labelled)
+    if outside:
+        split_of = splits.set_index("image_id")["split"].to_dict()
+        held_out = sum(split_of.get(i) in ("val", "test") for i in outside)
+        pool = sum(split_of.get(i) == "train" for i in outside)
+        unknown = len(outside) - held_out - pool
         raise SkinsynthError(
-            f"train.mix would add synthetic images from a generator trained on {len(generator_images)} labelled "
-            f"images, {len(hidden)} of which this run keeps unlabelled: their labels would reach it through the "
-            "generator. Prepare with data.split.label_fraction at (or below) this run's budget and train the "
-            "generator on that, or set train.mix.ratio=0"
+            f"train.mix would add synthetic images from generator {generator}, trained on {len(generator_images)} "
+            f"images, but this run labels {len(labelled)}: {len(outside)} of the generator's images are not among "
+            f"them ({pool} in the unlabelled pool, {held_out} in validation or test, {unknown} not in this data "
+            "set), and their labels would reach the run through the samples. Retrain the generator on this split "
+            "('skinsynth generate train', then 'skinsynth generate sample'), or set train.mix.ratio=0"
         )
+    return {
+        "generator_id": generator,
+        "training_images": len(generator_images),
+        "ids_sha256": ids_hash(generator_images),
+    }

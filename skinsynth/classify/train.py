@@ -440,6 +440,8 @@ class TrainingInputs:
     labels: np.ndarray  # of labelled then synthetic images (class weights, class prior)
     synthetic_per_class: dict[str, int]
     repeats: np.ndarray  # per labelled then synthetic image: times shown per epoch (train.sampling)
+    # the generator whose samples are mixed in, and the training ids checked against this run's labels (None: no mix)
+    synthetic_provenance: dict[str, Any] | None = None
 
     @property
     def sampled_labels(self) -> np.ndarray:
@@ -460,7 +462,7 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
             synthetic images of a class.
     """
     from skinsynth.classify.mixing import (
-        check_generator_labels,
+        check_generator_provenance,
         labelled_partition,
         select_synthetic,
         synthetic_counts,
@@ -477,15 +479,16 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
     labelled_rows = train_rows.set_index("image_id").loc[partition.labelled]
     synthetic, labels = [], labelled_rows["label"].to_numpy(np.int64)
     counts = synthetic_counts(labelled_rows["dx"].value_counts().to_dict(), tc.mix)
+    provenance = None
     if sum(counts.values()):
-        # 'generate train' learns from the prepared labelled set (see generate/train.py)
-        check_generator_labels(set(train_rows.loc[train_rows["labelled"], "image_id"]), partition.labelled)
         synthetic_dir = layout(run_dir).synthetic_images
         if not synthetic_dir.is_dir():
             raise SkinsynthError(
                 f"train.mix.ratio is {tc.mix.ratio} but {synthetic_dir} does not exist: run 'skinsynth generate "
                 "train' and 'skinsynth generate sample' first (or set train.mix.ratio=0)"
             )
+        generator_ids, generator = _generator_training_ids(run_dir)
+        provenance = check_generator_provenance(generator_ids, partition.labelled, splits, generator)
         import pyarrow.parquet as pq
 
         pool = pq.read_table(synthetic_dir, columns=["image_id", "dx", "label"]).to_pandas()
@@ -493,8 +496,34 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
         labels = np.concatenate([labels, pool.set_index("image_id").loc[synthetic, "label"].to_numpy(np.int64)])
     repeats = balanced_repeats(labels, tc.seed) if tc.sampling == "balanced" else np.ones(len(labels), np.int64)
     return TrainingInputs(
-        partition.labelled, synthetic, partition.unlabelled, split_ids(splits, "val"), labels, counts, repeats
+        partition.labelled,
+        synthetic,
+        partition.unlabelled,
+        split_ids(splits, "val"),
+        labels,
+        counts,
+        repeats,
+        provenance,
     )
+
+
+def _generator_training_ids(run_dir: Path) -> tuple[list[str], str]:
+    """The ids the run's generator trained on and its id (``generator/training_ids.json`` and its card).
+
+    Raises:
+        SkinsynthError: no generator, or one written before it recorded its ids (the check must be exact).
+    """
+    run = layout(run_dir)
+    try:
+        ids = json.loads(run.generator_training_ids.read_text())
+        generator = json.loads(run.generator_card.read_text())["generator_id"]
+    except (OSError, ValueError, KeyError):
+        raise SkinsynthError(
+            f"train.mix needs the generator's training image ids ({run.generator_training_ids}) to check that its "
+            "labels are this run's: retrain the generator ('skinsynth generate train', then 'skinsynth generate "
+            "sample'), or set train.mix.ratio=0"
+        ) from None
+    return list(ids), generator
 
 
 def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) -> dict[str, Any]:
@@ -669,6 +698,7 @@ def train_classifier(
             "labelled_images": len(inputs.labelled),
             "unlabelled_images": len(inputs.unlabelled),
             "synthetic_per_class": inputs.synthetic_per_class,
+            "synthetic_provenance": inputs.synthetic_provenance,
         }
         # the identity of the settings as asked for (what `skinsynth run` compares), even where SSL had no pool
         identity = model_identity(cfg.train, run_dir)

@@ -36,7 +36,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-LOGS_FOLDER = "logs"  # RUN_DIR/logs/<stage>.log
+from skinsynth.core.rundir import LOGS_FOLDER  # RUN_DIR/logs/<stage>.log
+
 COMMAND_LOG = "command"  # the log's name before any stage has started
 # a line a Ray worker prints with this prefix is progress for the terminal, not a log line
 WORKER_PROGRESS_MARK = "[skinsynth-progress] "
@@ -469,11 +470,15 @@ _LIBRARY_LOGGERS = ("ray", "optuna")
 
 def _route_library_loggers(stream: io.TextIOBase) -> list[tuple[logging.StreamHandler, object]]:
     """Point the stream handlers of Ray's and Optuna's loggers at ``stream``; returns what to restore."""
-    rerouted = []
+    rerouted: list[tuple[logging.StreamHandler, object]] = []
+    seen: set[int] = set()  # a handler shared by several loggers is pointed (and restored) once
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if not isinstance(logger, logging.Logger) or name.split(".")[0] not in _LIBRARY_LOGGERS:
             continue
         for handler in logger.handlers:
+            if id(handler) in seen or type(handler).__module__.startswith("_pytest"):
+                continue  # pytest's own capture handlers (copied onto a library's logger) keep their streams
+            seen.add(id(handler))
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 # not setStream: it flushes the old stream, which may be long closed (a finished test's capture)
                 with handler.lock or contextlib.nullcontext():

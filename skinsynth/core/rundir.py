@@ -12,6 +12,8 @@ Layout of ``RUN_DIR/``::
     eval/<name>/      evaluation of models/<name>: report.json, fairness_test.csv, figures (stage "eval:<name>")
     tune/<sweep>/     a sweep: trials.csv, trials.parquet, summary.csv (grid), best.json   (stage "sweep:<sweep>")
     ray_train/        Ray Train runs (checkpoints), named by their stage's identity
+    logs/             <stage>.log: Ray's log lines for each stage (skinsynth.core.console)
+    test_ledger.jsonl every look at the test split: when, by which command, which model (skinsynth.core.ledger)
 
 These names are spelt here and nowhere else (bar ``config.yaml``, spelt by :mod:`skinsynth.config`, which writes it
 and sits below this layer): other modules take folders and files from :class:`RunLayout`
@@ -59,6 +61,8 @@ MODELS_FOLDER = "models"
 EVAL_FOLDER = "eval"
 TUNE_FOLDER = "tune"
 RAY_TRAIN_FOLDER = "ray_train"
+TEST_LEDGER = "test_ledger.jsonl"  # RUN_DIR/test_ledger.jsonl
+LOGS_FOLDER = "logs"  # RUN_DIR/logs/<stage>.log
 
 # stage kinds -> folder under RUN_DIR; a kind with a name ("model:best") lives in <folder>/<name>
 STAGE_FOLDERS = {
@@ -79,6 +83,7 @@ SPLITS = "splits.parquet"
 QUARANTINE = "quarantine.csv"
 GENERATOR_CARD = "generator_card.json"
 GENERATOR_GRID = "grid.png"  # one row of samples per class
+GENERATOR_TRAINING_IDS = "training_ids.json"  # the image ids the generator learnt from (the provenance guard's)
 SYNTHETIC_CARD = "synthetic_card.json"
 AUDIT_REPORT = "report.json"
 AUDIT_GALLERY = "gallery.png"  # the most training-like synthetic images beside their nearest training image
@@ -149,6 +154,10 @@ class RunLayout:
         return self.generator / GENERATOR_GRID
 
     @property
+    def generator_training_ids(self) -> Path:
+        return self.generator / GENERATOR_TRAINING_IDS
+
+    @property
     def synthetic(self) -> Path:
         return self.root / SYNTHETIC_FOLDER
 
@@ -167,6 +176,10 @@ class RunLayout:
     @property
     def audit_report(self) -> Path:
         return self.audit / AUDIT_REPORT
+
+    @property
+    def test_ledger(self) -> Path:
+        return self.root / TEST_LEDGER
 
     @property
     def ray_train(self) -> Path:

@@ -40,6 +40,7 @@ from skinsynth.core.console import worker_progress
 from skinsynth.core.rundir import (
     GENERATOR_CARD,
     GENERATOR_GRID,
+    GENERATOR_TRAINING_IDS,
     RAY_TRAIN_FOLDER,
     StageIdentity,
     current_identity,
@@ -405,6 +406,9 @@ def export_generator(
     class_counts = {dx: int(learnt.get(dx, 0)) for dx in conditioning.classes}
     card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card, class_counts)
     (tmp / GENERATOR_CARD).write_text(json.dumps(card, indent=2, default=str))
+    # the ids themselves, not only their hash: a classifier run that mixes in this generator's samples checks them
+    # one by one against its own labelled images (skinsynth.classify.mixing.check_generator_provenance)
+    (tmp / GENERATOR_TRAINING_IDS).write_text(json.dumps(sorted(train_ids)))
     write_manifest(tmp, identity, generator_id=generator_id, steps=state["step"])
     replace_dir(tmp, generator_dir)
     return generator_dir

@@ -537,6 +537,7 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
     from skinsynth.classify import metrics as M
     from skinsynth.classify.evaluate import predict_probs
     from skinsynth.classify.models import create_classifier
+    from skinsynth.core.ledger import count_test_looks, describe_looks, record_test_look
     from skinsynth.core.shards import load_split_table, read_rows, split_ids
     from skinsynth.data.schema import CLASSES
 
@@ -554,9 +555,16 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
         )
         model.load_state_dict(_best_state(row["checkpoint_path"], cfg)["best_model"])
         report = M.classification_metrics(predict_probs(model.eval(), test["image"]), labels)
+        record_test_look(
+            run_dir,
+            model_id=f"trial:{row['trial_id']}",
+            metrics=["balanced_accuracy", "macro_auroc"],
+            n_images=len(test),
+        )
         bacc.append(report["balanced_accuracy"])
         auroc.append(report["macro_auroc"])
-    progress(f"tune: scored {sum(not math.isnan(b) for b in bacc)} trials on {len(test)} test images")
+    looks = describe_looks(count_test_looks(run_dir))
+    progress(f"tune: scored {sum(not math.isnan(b) for b in bacc)} trials on {len(test)} test images; {looks}")
     return trials.assign(test_balanced_accuracy=bacc, test_macro_auroc=auroc)
 
 

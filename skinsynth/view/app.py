@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from skinsynth import DISCLAIMER
+from skinsynth.core.ledger import count_test_looks
 from skinsynth.core.rundir import (
     AUDIT_GALLERY,
     AUDIT_SIMILARITY,
@@ -327,7 +328,9 @@ def page_audit(run_dir: Path, endpoint: str) -> None:
         cols = st.columns(3)
         cols[0].metric("balanced accuracy ratio (synthetic / real)", _fmt(utility.get("balanced_accuracy_ratio")))
         cols[1].metric("chance balanced accuracy", _fmt(utility.get("chance_balanced_accuracy")))
-        cols[2].metric("real test images", utility.get("n_test"))
+        # older reports scored on test ("n_test"); since then on validation ("n_scored")
+        scored_on = utility.get("scored_on", "test")
+        cols[2].metric(f"real {scored_on} images scored", utility.get("n_scored", utility.get("n_test")))
         st.caption(utility.get("method", ""))
 
     st.subheader("Privacy")
@@ -457,6 +460,15 @@ def page_evaluation(run_dir: Path, endpoint: str) -> None:
     test = report.get("test") or {}
     intervals = test.get("intervals_95") or {}
     st.markdown(f"**{report.get('model')}** on {report.get('data_source')} test split, n = {test.get('n')}")
+    # the ledger now (every look since, by any model) and what it held when this report was written
+    now = count_test_looks(run_dir)
+    then = report.get("test_looks") or {}
+    looked = f"this report was look {then['looks']}; " if then.get("looks") else ""
+    st.caption(
+        f"Test split looked at {now['looks']} time(s) by {now['models']} model(s) for this data set ({looked}ledger: "
+        f"{run.relative(Path(now['ledger']))}). Every look that informs a choice spends the test set's independence: "
+        "choose on validation."
+    )
     cols = st.columns(4)
     for col, metric in zip(cols, ("balanced_accuracy", "macro_auroc", "malignant_auroc", "ece")):
         ci = intervals.get(metric)
