@@ -91,6 +91,13 @@ class DataConfig:
 
     source: Literal["phantom", "ham10000", "isic", "folder"] = "phantom"
     path: str | None = None  # source folder or storage URI (pulled into a local copy); not needed for phantom
+    # source folder: a CSV with image_id (the file stem) and any of lesion_id, age, sex, localization, fitzpatrick;
+    # None = DIR/metadata.csv when it exists
+    metadata: str | None = None
+    # without lesion ids, images whose DCT perceptual hashes (pHash, Zauner 2010) differ in at most this many of 64
+    # bits join one estimated lesion group; None = each image its own group. Calibrated on HAM10000's lesion ids:
+    # the largest distance whose false merges of different lesions stay rare (docs/stages/prepare.md)
+    group_similar: int | None = 6
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
@@ -250,6 +257,18 @@ class AuditConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """``skinsynth evaluate``: which per-group (fairness) figures are judged: named as worst or best, and in the gaps.
+
+    Other groups stay in the table, flagged with the reason (a group's balanced accuracy averages over the classes it
+    has, so a one-class group is not comparable with the rest).
+    """
+
+    min_class_images: int = 10  # a judged group has at least this many images of each of two classes or more
+    min_positives: int = 5  # ... and at least this many malignant lesions and as many benign ones (distinct group_id)
+
+
+@dataclass
 class SearchDimension:
     """One hyperparameter of a sweep: exactly one of the fields is set."""
 
@@ -307,6 +326,7 @@ class ExperimentConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 

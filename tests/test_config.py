@@ -153,7 +153,7 @@ def test_cli_config_errors_are_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "skinsynth: error: unknown config key 'data.sise' (did you mean 'data.preprocess.size'?); "
-        "valid keys here: batch_size, num_cpus, path, phantom, preprocess, source, split"
+        "valid keys here: batch_size, group_similar, metadata, num_cpus, path, phantom, preprocess, source, split"
     ]
     assert "Traceback" not in proc.stderr
 

@@ -28,6 +28,8 @@ def build_data_card(
     listing: SourceListing,
     cfg: DataConfig,
     duplicates: list[list[str]],
+    grouping: str = "lesion_id",
+    similar: list[list[str]] | None = None,
     ita_truth: pd.DataFrame | None,
     seconds: dict[str, float],
     engine: str,
@@ -45,6 +47,8 @@ def build_data_card(
         "image_size": cfg.preprocess.size,
         "images": int(len(good)),
         "lesion_groups": int(good["group_id"].nunique()) if len(good) else 0,
+        # lesion_id: from the source; estimated: joined by image similarity (skinsynth.data.grouping); image: none
+        "grouping": grouping,
         "classes": _counts(good["dx"], CLASSES),
         "splits": _counts(with_split["split"], SPLITS),
         "labelled_train_images": int(with_split.loc[with_split["split"] == "train", "labelled"].sum()),
@@ -57,6 +61,7 @@ def build_data_card(
         "quarantined": int(len(quarantine)),
         "quarantine_reasons": _counts(quarantine["reason"].str.split(":").str[0]) if len(quarantine) else {},
         "exact_duplicate_sets": duplicates,
+        "similar_image_sets": similar or [],
         "preprocess": config_to_dict(cfg.preprocess),
         "split_config": config_to_dict(cfg.split),
         "engine": engine,
@@ -71,6 +76,13 @@ def build_data_card(
                 "tone_group_agreement": round(float(np.mean(joined["tone"] == joined["tone_true"])), 3),
             }
     return card
+
+
+GROUPING_TEXT = {
+    "lesion_id": "lesion ids from the source",
+    "estimated": "ESTIMATED from image similarity (no lesion ids; views of one lesion may still sit in two splits)",
+    "image": "one per image (no lesion ids; views of one lesion may sit in two splits)",
+}
 
 
 def _table(title: str, counts: dict[str, int], total: int | None = None) -> list[str]:
@@ -92,6 +104,7 @@ def format_data_card(card: dict[str, Any]) -> str:
         f"cite: {card['citation']}",
         f"images: {card['images']} at {card['image_size']} px in {card['lesion_groups']} lesion groups; "
         f"quarantined: {card['quarantined']}",
+        "lesion groups: " + GROUPING_TEXT.get(card.get("grouping", "lesion_id"), str(card.get("grouping"))),
         "",
     ]
     split_header = "  ".join(f"{s:>7}" for s in card["class_by_split"])
@@ -118,6 +131,8 @@ def format_data_card(card: dict[str, Any]) -> str:
         lines += _table("quarantine reasons", card["quarantine_reasons"], card["quarantined"])
     if card.get("exact_duplicate_sets"):
         lines.append(f"byte-identical image sets merged into one lesion group: {len(card['exact_duplicate_sets'])}")
+    if card.get("similar_image_sets"):
+        lines.append(f"similar image sets joined into one estimated lesion group: {len(card['similar_image_sets'])}")
     lines.append("")
     lines.append(card["disclaimer"])
     return "\n".join(lines)

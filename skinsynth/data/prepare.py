@@ -50,6 +50,7 @@ from skinsynth.core.rundir import (
 )
 from skinsynth.core.storage import read_source_bytes
 from skinsynth.data.card import build_data_card
+from skinsynth.data.grouping import merge_similar_groups, perceptual_hash
 from skinsynth.data.preprocess import BadImage, encode_png, preprocess_image
 from skinsynth.data.schema import (
     CLASS_TO_LABEL,
@@ -257,6 +258,43 @@ def hash_files(records: pd.DataFrame) -> pd.Series:
     return pd.Series(hashes, index=records.index, dtype=object)
 
 
+def perceptual_hashes(records: pd.DataFrame) -> pd.Series:
+    """64-bit pHash of every record's file (None for phantom rows and files that do not read or decode)."""
+    hashes = []
+    for uri in records["uri"]:
+        try:
+            hashes.append(perceptual_hash(read_source_bytes(uri)) if uri else None)
+        except OSError:
+            hashes.append(None)
+    return pd.Series(hashes, index=records.index, dtype=object)
+
+
+def estimate_groups(
+    records: pd.DataFrame, listing: SourceListing, cfg: DataConfig, progress: Progress
+) -> tuple[str, list[list[str]]]:
+    """Without lesion ids, join likely views of one lesion (:mod:`skinsynth.data.grouping`) into ``group_id`` in
+    place, and say in one line that the splits follow estimated groups. Returns the grouping the data card records
+    (``lesion_id``, ``estimated`` or ``image``) and the image sets joined by similarity."""
+    if listing.grouping != "image":
+        return listing.grouping, []
+    if cfg.group_similar is None:
+        progress(
+            f"prepare: WARNING {listing.name} has no lesion ids and data.group_similar is off: splits are by image, "
+            "so views of one lesion can sit in two splits (add a lesion_id column to the metadata CSV)"
+        )
+        return "image", []
+    hashed = records[records["sha256"].notna()]
+    frame = hashed[["image_id", "group_id"]].assign(phash=perceptual_hashes(hashed))
+    merged, similar = merge_similar_groups(frame, cfg.group_similar)
+    records.loc[hashed.index, "group_id"] = merged
+    progress(
+        f"prepare: WARNING {listing.name} has no lesion ids: splits follow lesion groups estimated from image "
+        f"similarity ({records['group_id'].nunique()} groups for {len(records)} images, {len(similar)} sets "
+        f"joined; data.group_similar={cfg.group_similar}); add a lesion_id column to the metadata CSV for exact ones"
+    )
+    return "estimated", similar
+
+
 def input_fingerprint(records: pd.DataFrame, quarantine: list[dict[str, Any]]) -> str:
     """Hash of what the stage reads: every record (with its file's sha256) and every listing-time refusal."""
     digest = hashlib.sha256()
@@ -314,6 +352,7 @@ def prepare_images(
     hashed = records[records["sha256"].notna()]
     merged_groups, duplicates = merge_duplicate_groups(hashed)
     records.loc[hashed.index, "group_id"] = merged_groups
+    grouping, similar = estimate_groups(records, listing, cfg, progress)
     fingerprint = input_fingerprint(records, listing.quarantine)
     identity = data_identity(cfg, fingerprint)
     manifest = read_manifest(data_dir)
@@ -372,6 +411,8 @@ def prepare_images(
         listing=listing,
         cfg=cfg,
         duplicates=duplicates,
+        grouping=grouping,
+        similar=similar,
         ita_truth=extra_truth,
         seconds={"total": round(time.perf_counter() - started, 2), "process": round(process_s, 2)},
         engine=engine,

@@ -10,7 +10,8 @@ Layouts:
     release splits them over ``HAM10000_images_part_1/_2``), found by ``image_id``.
   * ``isic``: an ISIC-style CSV with one image-id column and either a ``dx`` column or one-hot class columns
     (ISIC 2017 ``melanoma,seborrheic_keratosis``; ISIC 2018/2019 ``MEL,NV,BCC,AKIEC,BKL,DF,VASC``).
-  * ``folder``: one sub-folder per class code, images inside.
+  * ``folder``: one sub-folder per class code, images inside; optionally a metadata CSV (``metadata.csv`` at the top,
+    or ``data.metadata``) with ``image_id`` (the file stem) and any of ``lesion_id,age,sex,localization,fitzpatrick``.
   * ``phantom``: the simulated set of :mod:`skinsynth.data.phantom`.
 """
 
@@ -104,6 +105,8 @@ class SourceListing:
     records: pd.DataFrame
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     files_indexed: int = 0
+    # what group_id holds: "lesion_id" (from the source) or "image" (one group per image, plus marked copies)
+    grouping: str = "lesion_id"
 
 
 def normalise_label(value: Any) -> str | None:
@@ -342,11 +345,74 @@ def list_isic(path: str | None) -> SourceListing:
         dup = records.pop("duplicate_of")
         records["group_id"] = np.where(dup.notna(), dup, records["group_id"])
     quarantine += clashes + _unreferenced(images, set(table[id_column].astype(str).str.strip()), "metadata")
-    return SourceListing("isic", records, quarantine, files_indexed=len(images))
+    grouping = "lesion_id" if group_column else "image"
+    return SourceListing("isic", records, quarantine, files_indexed=len(images), grouping=grouping)
 
 
-def list_class_folders(path: str | None) -> SourceListing:
-    """List a folder with one sub-folder per class (folder names are class codes or known aliases)."""
+FOLDER_METADATA_COLUMNS = ("lesion_id", "age", "sex", "localization", "fitzpatrick")
+
+
+def _clean_fitzpatrick(value: Any) -> int | None:
+    text = (_clean_text(value) or "").upper().removeprefix("TYPE").strip()
+    roman = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
+    if text in roman:
+        return roman[text]
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number in {1, 2, 3, 4, 5, 6} else None
+
+
+def _apply_folder_metadata(
+    records: pd.DataFrame, meta_path: Path, quarantine: list[dict[str, Any]]
+) -> tuple[pd.DataFrame, bool]:
+    """Join a folder's metadata CSV onto its records by ``image_id``; quarantine rows without a file and files
+    without a row, as the ham10000 source does. Returns the kept records and whether they carry lesion ids."""
+    table = _read_csv(meta_path)
+    if "image_id" not in table.columns:
+        raise SourceError(f"{meta_path} lacks column image_id (the image file name without its extension)")
+    files = dict(zip(records["image_id"], records["uri"]))
+    rows: dict[str, dict[str, Any]] = {}
+    for row in table.to_dict("records"):
+        image_id = str(row["image_id"]).strip()
+        if not image_id:
+            quarantine.append(_quarantine(None, "", "metadata row without an image id"))
+        elif image_id in rows:
+            quarantine.append(_quarantine(image_id, files.get(image_id), "duplicate image_id (first row kept)"))
+        elif image_id not in files:
+            quarantine.append(_quarantine(image_id, "", "image file not found for this image_id"))
+        else:
+            rows[image_id] = row
+    quarantine += [
+        {**item, "dx": dx}
+        for item, dx in (
+            (_quarantine(r.image_id, r.uri, "image file has no metadata row in the metadata table"), r.dx)
+            for r in records.itertuples(index=False)
+            if r.image_id not in rows
+        )
+    ]
+    kept = records[records["image_id"].isin(rows)].reset_index(drop=True)
+    meta = [rows[i] for i in kept["image_id"]]
+    lesion_ids = "lesion_id" in table.columns
+    if lesion_ids:
+        kept["group_id"] = [_clean_text(r["lesion_id"]) or r["image_id"].strip() for r in meta]
+    for column, clean in (("age", _clean_age), ("sex", _clean_text), ("localization", _clean_text)):
+        if column in table.columns:
+            kept[column] = pd.Series([clean(r[column]) for r in meta], dtype="float64" if column == "age" else object)
+    if "fitzpatrick" in table.columns:
+        kept["fitzpatrick"] = pd.Series([_clean_fitzpatrick(r["fitzpatrick"]) for r in meta], dtype=object)
+    return kept, lesion_ids
+
+
+def list_class_folders(path: str | None, metadata: str | None = None) -> SourceListing:
+    """List a folder with one sub-folder per class (folder names are class codes or known aliases).
+
+    Args:
+        path: the folder.
+        metadata: a metadata CSV (see the module docstring); None = ``path/metadata.csv`` when it exists. With a
+            ``lesion_id`` column, ``group_id`` is the lesion; without one, every image is its own group.
+    """
     root = _require_dir(path, "folder")
     rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
@@ -375,7 +441,15 @@ def list_class_folders(path: str | None) -> SourceListing:
                 rows.append(
                     {"image_id": image_id, "uri": str(file), "dx": dx, "group_id": image_id, "source": "folder"}
                 )
-    return SourceListing("folder", _as_records(rows), quarantine, files_indexed=len(rows) + len(quarantine))
+    records, indexed = _as_records(rows), len(rows) + len(quarantine)
+    meta_path = Path(metadata).expanduser() if metadata else root / "metadata.csv"
+    if metadata and not meta_path.is_file():
+        raise SourceError(f"data.metadata is not a file: {meta_path}")
+    lesion_ids = False
+    if meta_path.is_file() and len(records):
+        records, lesion_ids = _apply_folder_metadata(records, meta_path, quarantine)
+    grouping = "lesion_id" if lesion_ids else "image"
+    return SourceListing("folder", records, quarantine, files_indexed=indexed, grouping=grouping)
 
 
 def list_phantom(cfg: DataConfig) -> SourceListing:
@@ -404,7 +478,11 @@ def list_source(cfg: DataConfig, progress: Callable[[str], None] = print) -> Sou
     """
     if cfg.source == "phantom":
         return list_phantom(cfg)
-    listers = {"ham10000": list_ham10000, "isic": list_isic, "folder": list_class_folders}
+    listers: dict[str, Callable[[str | None], SourceListing]] = {
+        "ham10000": list_ham10000,
+        "isic": list_isic,
+        "folder": lambda path: list_class_folders(path, cfg.metadata),
+    }
     if cfg.source not in listers:
         raise SourceError(f"unknown source '{cfg.source}'")
     if not (cfg.path and is_uri(cfg.path)):
