@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--tta", action="store_true", help="average predictions over the four flips")
     evaluate.add_argument("--n-boot", type=int, default=1000, help="lesion-bootstrap resamples for the 95%% CIs")
+    evaluate.add_argument(
+        "--shift",
+        action="store_true",
+        help="also score test under a seeded suite of acquisition corruptions (blur, JPEG, exposure, colour cast, "
+        "noise, rotation/zoom, hair, vignette, ruler/ink) at 3 severities: eval/<name>/shift.csv and shift.png",
+    )
     _add_config_args(evaluate)
 
     generate = commands.add_parser("generate", help="class-conditional diffusion generator: train, sample, export")
@@ -339,7 +345,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _data_overrides(args))
     with _synced(cfg) as store:
         with track_compute(cfg.run) as meter:
-            evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot)
+            evaluate_model(cfg, external=args.external, tta=args.tta, n_boot=args.n_boot, shift=args.shift)
         record_compute(layout(store.local).evaluation(cfg.train.name), meter.figures)
     print(DISCLAIMER)
     return 0

@@ -31,7 +31,8 @@ def test_track_compute_counts_this_process_and_its_children(use_codecarbon, tmp_
         _burn(0.5)
     figures = meter.figures
     assert figures["cpu_s"] >= 0.95, figures
-    assert figures["wall_s"] >= figures["cpu_s"] - 0.1  # one core busy at a time
+    # the two burns ran one after the other (CPU time may exceed wall time: CodeCarbon's and the sampler's threads)
+    assert figures["wall_s"] >= 0.95
     assert figures["energy_kwh"] > 0
     assert figures["co2e_kg"] == pytest.approx(figures["energy_kwh"] * 300.0 / 1000)
     assert figures["carbon_intensity_g_per_kwh"] == 300.0

@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 from torchmetrics.classification import MulticlassAUROC, MulticlassRecall
 
 from skinsynth.classify.metrics import (
+    LesionBootstrap,
     adjust_probs,
     balanced_accuracy,
     binary_metrics_at,
@@ -22,6 +23,7 @@ from skinsynth.classify.metrics import (
     classification_metrics,
     expected_calibration_error,
     external_metrics,
+    fairness_report,
     fairness_summary,
     fairness_table,
     group_bootstrap_indices,
@@ -363,6 +365,154 @@ def test_fairness_table_rejects_bad_metadata():
         fairness_table(probs, labels, meta.iloc[:-1], threshold=0.5)
     with pytest.raises(ValueError, match="none of the columns"):
         fairness_table(probs, labels, meta[["image_id"]], threshold=0.5)
+
+
+def two_group_case(accuracy_b: float, accuracy_a: float = 1.0, n_lesions: int = 80, seed: int = 0, exact=False):
+    """Tone groups 'light' and 'brown', each ``n_lesions`` one-image lesions, half mel and half nv; each image's
+    prediction is right with probability ``accuracy_a`` (light) / ``accuracy_b`` (brown), else the other class
+    (``exact``: exactly that share of each class is right)."""
+    mel, nv = CLASS_TO_LABEL["mel"], CLASS_TO_LABEL["nv"]
+    rng = np.random.default_rng(seed)
+    labels, probs, tones = [], [], []
+    for tone, accuracy in (("light", accuracy_a), ("brown", accuracy_b)):
+        for i in range(n_lesions):
+            label = mel if i % 2 else nv
+            right = (i // 2) % 10 < 10 * accuracy if exact else rng.random() < accuracy
+            labels.append(label)
+            probs.append(confident(label, label if right else (nv if label == mel else mel)))
+            tones.append(tone)
+    return np.stack(probs), np.array(labels), pd.DataFrame({"tone": tones})
+
+
+def _gap(gaps: pd.DataFrame, metric: str, comparison: str, group: str) -> pd.Series:
+    rows = gaps[(gaps["metric"] == metric) & (gaps["comparison"] == comparison) & (gaps["group"] == group)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_fairness_gap_interval_finds_a_known_gap_and_contains_zero_without_one():
+    # light is always right (balanced accuracy 1), brown right half the time by chance (0.5): the true gap is 0.5
+    probs, labels, meta = two_group_case(accuracy_b=0.5)
+    table, gaps = fairness_report(probs, labels, meta, threshold=0.5, n_boot=400, seed=0)
+    tone = table.set_index("group")
+    assert not tone["flagged"].any()
+    assert tone.loc["light", "balanced_accuracy_lo"] == pytest.approx(1.0)
+    assert tone.loc["brown", "balanced_accuracy_lo"] < tone.loc["brown", "balanced_accuracy"]
+    assert tone.loc["brown", "balanced_accuracy"] < tone.loc["brown", "balanced_accuracy_hi"]
+    extreme = _gap(gaps, "balanced_accuracy", "worst_vs_best", "light")
+    assert extreme["versus"] == "brown"
+    assert extreme["gap_lo"] <= 0.5 <= extreme["gap_hi"] and extreme["gap_lo"] > 0 and extreme["excludes_zero"]
+    vs_rest = _gap(gaps, "balanced_accuracy", "vs_rest", "brown")  # brown minus the rest (= light)
+    assert vs_rest["gap"] == pytest.approx(-extreme["gap"])
+    assert vs_rest["gap_lo"] <= -0.5 <= vs_rest["gap_hi"] < 0 and vs_rest["excludes_zero"]
+    summary = fairness_summary(table, gaps)["tone"]["gaps"]["balanced_accuracy"]
+    assert summary["worst_vs_best"]["worst_group"] == "brown" and summary["worst_vs_best"]["excludes_zero"] is True
+    assert summary["worst_vs_best"]["ci_95"] == pytest.approx([extreme["gap_lo"], extreme["gap_hi"]])
+    assert summary["vs_rest"]["brown"]["excludes_zero"] is True
+    json.dumps(fairness_summary(table, gaps), allow_nan=False)
+
+    # both groups right on 80% of each class: no gap, and the intervals say it may be 0
+    probs, labels, meta = two_group_case(accuracy_b=0.8, accuracy_a=0.8, exact=True)
+    table, gaps = fairness_report(probs, labels, meta, threshold=0.5, n_boot=400, seed=0)
+    for metric in ("balanced_accuracy", "malignant_sensitivity", "malignant_specificity"):
+        for comparison, group in (("vs_rest", "light"), ("vs_rest", "brown")):
+            row = _gap(gaps, metric, comparison, group)
+            assert row["gap_lo"] < 0 < row["gap_hi"] and not row["excludes_zero"], (metric, group)
+    extreme = gaps[(gaps["metric"] == "balanced_accuracy") & (gaps["comparison"] == "worst_vs_best")].iloc[0]
+    assert extreme["gap_lo"] < 0 < extreme["gap_hi"] and not extreme["excludes_zero"]
+    assert (
+        fairness_summary(table, gaps)["tone"]["gaps"]["balanced_accuracy"]["worst_vs_best"]["excludes_zero"] is False
+    )
+
+
+def test_fairness_flags_a_one_class_group_with_its_reason():
+    probs, labels, meta = two_group_case(accuracy_b=0.5, n_lesions=40)
+    mel = CLASS_TO_LABEL["mel"]
+    # 'dark': 12 melanoma images of 3 lesions, all called melanoma (a perfect-looking group that proves nothing)
+    probs = np.concatenate([probs, np.stack([confident(mel, mel)] * 12)])
+    labels = np.concatenate([labels, np.full(12, mel)])
+    meta = pd.concat([meta, pd.DataFrame({"tone": ["dark"] * 12})], ignore_index=True)
+    lesions = np.concatenate([np.arange(80), 1000 + np.arange(12) // 4])
+    table, gaps = fairness_report(probs, labels, meta, 0.5, lesions, n_boot=50)
+    dark = table.set_index("group").loc["dark"]
+    assert dark["flagged"] and dark["too_small"] and dark["n_malignant_lesions"] == 3
+    assert dark["reason"] == (
+        "2 classes with >= 10 images needed, has 1 (mel); 5 malignant lesions needed, has 3; "
+        "5 benign lesions needed, has 0"
+    )
+    assert table.loc[~table["flagged"], "reason"].eq("").all() and table["flagged"].sum() == 1
+    assert "dark" not in set(gaps["group"]) | set(gaps["versus"])  # not judged: in no gap
+    summary = fairness_summary(table, gaps)["tone"]
+    assert summary["flagged_groups"] == ["dark"] and summary["flag_reasons"]["dark"] == dark["reason"]
+    assert summary["best_group"] == "light"  # dark's balanced accuracy of 1 is not a 'best group'
+    # the thresholds are settings: with 1 image per class and 1 lesion the group only lacks a second class
+    relaxed = fairness_table(probs, labels, meta, 0.5, lesions, min_class_images=1, min_positives=1, n_boot=20)
+    assert relaxed.set_index("group").loc["dark", "reason"] == (
+        "2 classes with >= 1 images needed, has 1 (mel); 1 benign lesions needed, has 0"
+    )
+
+
+def test_fairness_intervals_resample_lesions_not_images():
+    probs, labels, meta = two_group_case(accuracy_b=0.7, accuracy_a=0.9, seed=2)
+    once, once_gaps = fairness_report(probs, labels, meta, 0.5, np.arange(len(labels)), n_boot=300, seed=4)
+    # every lesion photographed twice (identical images): resampling lesions sees the same evidence
+    twice = np.repeat(np.arange(len(labels)), 2)
+    lesion, lesion_gaps = fairness_report(
+        probs[twice], labels[twice], meta.iloc[twice], 0.5, twice, n_boot=300, seed=4
+    )
+    columns = [
+        f"{m}_{end}" for m in ("balanced_accuracy", "macro_auroc", "malignant_specificity") for end in ("lo", "hi")
+    ]
+    assert np.allclose(lesion[columns], once[columns])
+    assert np.allclose(lesion_gaps[["gap_lo", "gap_hi"]], once_gaps[["gap_lo", "gap_hi"]])
+    # resampling the copies as independent images narrows every interval (by about 1/sqrt(2))
+    image, image_gaps = fairness_report(
+        probs[twice], labels[twice], meta.iloc[twice], 0.5, np.arange(len(twice)), n_boot=300, seed=4
+    )
+    width = lambda t, m: (t[f"{m}_hi"] - t[f"{m}_lo"]).to_numpy()  # noqa: E731
+    assert (width(image, "balanced_accuracy") < 0.85 * width(lesion, "balanced_accuracy")).all()
+    gap_width = lambda g: (g["gap_hi"] - g["gap_lo"]).to_numpy()  # noqa: E731
+    assert (gap_width(image_gaps) < 0.85 * gap_width(lesion_gaps)).all()
+
+
+def _figures(p: np.ndarray, y: np.ndarray, mask: np.ndarray) -> dict:
+    at = binary_metrics_at(malignant_scores(p[mask]), is_malignant_label(y[mask]), 0.3)
+    return {
+        "balanced_accuracy": balanced_accuracy(p[mask], y[mask]),
+        "macro_auroc": macro_auroc(p[mask], y[mask]),
+        "malignant_sensitivity": at["sensitivity"],
+        "malignant_specificity": at["specificity"],
+    }
+
+
+def test_fairness_resamples_are_the_overall_resamples_and_agree_with_the_metric_functions():
+    probs, labels = random_probs(240, seed=11)
+    probs = np.round(probs, 2)  # ties in the scores, as saturated softmax outputs give
+    probs = probs / probs.sum(1, keepdims=True)
+    rng = np.random.default_rng(12)
+    lesions = rng.integers(0, 150, 240)
+    meta = pd.DataFrame(
+        {"tone": rng.choice(["light", "brown", None], 240), "sex": rng.choice(["female", "male"], 240)}
+    )
+    for seed in range(3):
+        resamples = LesionBootstrap(lesions, 1, seed)  # one resample: its interval is that resample's figure
+        (rows,) = list(resamples.indices())
+        assert np.array_equal(rows, next(group_bootstrap_indices(lesions, 1, seed)))
+        assert bootstrap_ci(balanced_accuracy, probs, labels, None, resamples=resamples) == bootstrap_ci(
+            balanced_accuracy, probs, labels, lesions, n_boot=1, seed=seed
+        )
+        table, gaps = fairness_report(
+            probs, labels, meta, 0.3, resamples=resamples, min_class_images=1, min_positives=1
+        )
+        p, y, m = probs[rows], labels[rows], meta.iloc[rows].fillna("unknown").reset_index(drop=True)
+
+        for row in table.itertuples():
+            inside = (m[row.attribute] == row.group).to_numpy()
+            group, rest = _figures(p, y, inside), _figures(p, y, ~inside)
+            for metric, value in group.items():
+                assert getattr(row, f"{metric}_lo") == pytest.approx(value, abs=1e-6)
+                gap = _gap(gaps[gaps["attribute"] == row.attribute], metric, "vs_rest", row.group)
+                assert gap["gap_lo"] == pytest.approx(value - rest[metric], abs=1e-6)
 
 
 # -------------------------------------------------------------------------------------------------- external sets

@@ -20,7 +20,7 @@ import torch
 
 from skinsynth import DISCLAIMER, __version__
 from skinsynth.classify import metrics as M
-from skinsynth.config import ExperimentConfig
+from skinsynth.config import EvaluateConfig, ExperimentConfig
 from skinsynth.core.ledger import count_test_looks, describe_looks, record_test_look
 from skinsynth.core.ray import git_commit
 from skinsynth.core.rundir import (
@@ -78,21 +78,21 @@ def predict_probs(model: torch.nn.Module, images: pd.Series, batch_size: int = 1
     return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
-def _with_intervals(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
+def _with_intervals(probs: np.ndarray, labels: np.ndarray, resamples: M.LesionBootstrap) -> dict:
     intervals = {}
     for name, fn in CI_METRICS.items():
         try:
-            low, high = M.bootstrap_ci(fn, probs, labels, groups, n_boot=n_boot, seed=seed)
+            low, high = M.bootstrap_ci(fn, probs, labels, None, resamples=resamples)
             intervals[name] = [low, high]
         except ValueError:  # undefined on every resample (e.g. no malignant lesion at all)
             intervals[name] = None
     return intervals
 
 
-def _binary_with_intervals(scores, is_mal, groups, threshold, n_boot, seed) -> dict:
+def _binary_with_intervals(scores, is_mal, threshold, resamples: M.LesionBootstrap) -> dict:
     point = M.binary_metrics_at(scores, is_mal, threshold)
     sens, spec = [], []
-    for idx in M.group_bootstrap_indices(groups, n_boot, seed):
+    for idx in resamples.indices():
         res = M.binary_metrics_at(scores[idx], is_mal[idx], threshold)
         if res["sensitivity"] is not None and res["specificity"] is not None:
             sens.append(res["sensitivity"])
@@ -104,26 +104,45 @@ def _binary_with_intervals(scores, is_mal, groups, threshold, n_boot, seed) -> d
 
 
 def evaluate_split(
-    model, rows: pd.DataFrame, threshold: float, *, n_boot: int, seed: int, tta: bool
+    model,
+    rows: pd.DataFrame,
+    threshold: float,
+    *,
+    n_boot: int,
+    seed: int,
+    tta: bool,
+    judging: EvaluateConfig | None = None,
 ) -> tuple[dict, pd.DataFrame, np.ndarray]:
-    """Metrics, intervals and the fairness table of one set of shard rows."""
+    """Metrics, intervals and the fairness table of one set of shard rows.
+
+    One set of lesion resamples serves every interval: the overall metrics, each group's and the gaps between groups.
+    ``judging`` holds the rule for which groups are judged (default: ``EvaluateConfig()``).
+    """
+    judging = judging or EvaluateConfig()
     probs = predict_probs(model, rows["image"], tta=tta)
     labels = rows["label"].to_numpy(np.int64)
-    groups = rows["group_id"].to_numpy()
+    resamples = M.LesionBootstrap(rows["group_id"].to_numpy(), n_boot, seed)
     report = M.classification_metrics(probs, labels)
-    report["intervals_95"] = _with_intervals(probs, labels, groups, n_boot, seed)
+    report["intervals_95"] = _with_intervals(probs, labels, resamples)
     scores = M.malignant_scores(probs).numpy()
     is_mal = M.is_malignant_label(labels).numpy()
-    report["malignant_vs_benign"] = _binary_with_intervals(scores, is_mal, groups, threshold, n_boot, seed)
+    report["malignant_vs_benign"] = _binary_with_intervals(scores, is_mal, threshold, resamples)
+    rule = {"min_class_images": judging.min_class_images, "min_positives": judging.min_positives}
     attributes = rows[["tone", "sex", "localization"]].assign(age_band=rows["age"].map(age_band))
-    fairness = M.fairness_table(probs, labels, attributes, threshold)
+    fairness, gaps = M.fairness_report(probs, labels, attributes, threshold, resamples=resamples, **rule)
     if rows["tone_true"].notna().all():
         # simulated data knows each image's true tone: report it beside the ITA estimate, so the two can be compared
-        true_tone = M.fairness_table(
-            probs, labels, rows[["tone_true"]].rename(columns={"tone_true": "tone"}), threshold
+        true_tone, true_gaps = M.fairness_report(
+            probs,
+            labels,
+            rows[["tone_true"]].rename(columns={"tone_true": "tone"}),
+            threshold,
+            resamples=resamples,
+            **rule,
         )
         fairness = pd.concat([true_tone.assign(attribute="tone_true"), fairness], ignore_index=True)
-    report["fairness"] = M.fairness_summary(fairness)
+        gaps = pd.concat([true_gaps.assign(attribute="tone_true"), gaps], ignore_index=True)
+    report["fairness"] = M.fairness_summary(fairness, gaps)
     return report, fairness, probs
 
 
@@ -145,6 +164,7 @@ def evaluate_model(
     tta: bool = False,
     n_boot: int = 1000,
     min_sensitivity: float = 0.90,
+    shift: bool = False,
     progress: Progress = print,
 ) -> dict[str, Any]:
     """Evaluate ``RUN_DIR/models/<train.name>`` on validation (operating point), test and external run dirs.
@@ -156,6 +176,8 @@ def evaluate_model(
         tta: average predictions over the four flips.
         n_boot: lesion-bootstrap resamples for the 95% intervals.
         min_sensitivity: malignant sensitivity the validation operating point must reach.
+        shift: also score test under the acquisition-shift corruption suite (``skinsynth.classify.shift``):
+            ``shift.csv``, ``shift.png`` and a ``shift`` block in the report.
         progress: receives one-line messages.
 
     Returns:
@@ -179,7 +201,7 @@ def evaluate_model(
 
     test = read_rows(run_dir, split_ids(splits, "test"), EVAL_COLUMNS)
     test_report, fairness, test_probs = evaluate_split(
-        model, test, threshold, n_boot=n_boot, seed=cfg.run.seed, tta=tta
+        model, test, threshold, n_boot=n_boot, seed=cfg.run.seed, tta=tta, judging=cfg.evaluate
     )
     # every score on test is a look at it: recorded before anything else is done with the numbers
     model_id = current_identity(run_dir, f"model:{cfg.train.name}") or info["model"]
@@ -190,6 +212,10 @@ def evaluate_model(
         "model": info["model"],
         "model_dir": str(model_dir),
         "data_source": info.get("data_source"),
+        # how the splits were grouped (data card): lesion_id, estimated (image similarity) or image
+        "lesion_grouping": json.loads(card.read_text()).get("grouping")
+        if (card := layout(run_dir).data_card).is_file()
+        else None,
         "disclaimer": DISCLAIMER,
         "tta": tta,
         "operating_point": {"threshold": threshold, "chosen_on": "val", "min_sensitivity": min_sensitivity},
@@ -239,6 +265,27 @@ def evaluate_model(
             f"evaluate: external {name}: balanced accuracy {ext['balanced_accuracy']:.3f} over {present} "
             f"(internal test, same classes: {internal_restricted['balanced_accuracy']:.3f})"
         )
+    if shift:
+        from skinsynth.classify.shift import METRICS as SHIFT_METRICS
+        from skinsynth.classify.shift import evaluate_shift, preprocess_of_run
+
+        # every corruption x severity is scored on test: one look, recorded before the numbers exist
+        record_test_look(run_dir, model_id=model_id, metrics=[f"shift.{m}" for m in SHIFT_METRICS], n_images=len(test))
+        report["shift"] = evaluate_shift(
+            test,
+            lambda images: predict_probs(model, images, tta=tta),
+            preprocess_of_run(run_dir, cfg.data.preprocess),
+            threshold,
+            out_dir,
+            n_boot=n_boot,
+            seed=cfg.run.seed,
+            clean_stored={
+                "balanced_accuracy": test_report["balanced_accuracy"],
+                "malignant_sensitivity": test_report["malignant_vs_benign"]["sensitivity"],
+            },
+            progress=progress,
+        )
+        report["test_looks"] = count_test_looks(run_dir)
     synthetic = synthetic_conditioning(model, run_dir, tta=tta)
     if synthetic is not None:
         report["synthetic_conditioning"] = synthetic

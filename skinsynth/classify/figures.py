@@ -90,19 +90,25 @@ def reliability_figure(labels: np.ndarray, probs: np.ndarray, ece: float, path: 
 
 
 def group_bars_figure(fairness: pd.DataFrame, path: Path) -> str:
-    """Balanced accuracy per group for each attribute; groups too small to judge are hatched."""
+    """Balanced accuracy per group for each attribute, with its 95% lesion-bootstrap interval as an error bar (when
+    the table has ``balanced_accuracy_lo`` / ``_hi``); groups not judged (too small) are hatched."""
     attributes = list(dict.fromkeys(fairness["attribute"]))
     fig, axes = plt.subplots(len(attributes), 1, figsize=(7, 2.2 * len(attributes)), squeeze=False)
     for ax, attribute in zip(axes[:, 0], attributes):
         rows = fairness[fairness["attribute"] == attribute]
         values = rows["balanced_accuracy"].fillna(0).to_numpy()
-        bars = ax.bar(range(len(rows)), values, color="tab:blue")
+        yerr = None
+        if {"balanced_accuracy_lo", "balanced_accuracy_hi"} <= set(rows.columns):
+            below = (values - rows["balanced_accuracy_lo"].to_numpy()).clip(0)
+            above = (rows["balanced_accuracy_hi"].to_numpy() - values).clip(0)
+            yerr = np.nan_to_num(np.stack([below, above]))  # no interval (undefined): no bar
+        bars = ax.bar(range(len(rows)), values, color="tab:blue", yerr=yerr, capsize=3, ecolor="black")
         for bar, small in zip(bars, rows["too_small"]):
             if small:
                 bar.set_hatch("//")
                 bar.set_alpha(0.4)
         ax.set_xticks(range(len(rows)), [f"{g}\n(n={n})" for g, n in zip(rows["group"], rows["n"])], fontsize=7)
-        ax.set(ylim=(0, 1), ylabel="bal. acc.", title=f"{attribute} (hatched: too small to judge)")
+        ax.set(ylim=(0, 1), ylabel="bal. acc.", title=f"{attribute} (95% lesion-bootstrap CI; hatched: not judged)")
     return save_figure(fig, path)
 
 

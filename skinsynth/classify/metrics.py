@@ -44,17 +44,46 @@ from skinsynth.data.schema import CLASSES, MALIGNANT, TONES
 ECE_BINS = 15
 FAIRNESS_ATTRIBUTES: tuple[str, ...] = ("tone", "sex", "age_band", "localization")
 UNKNOWN_GROUP = "unknown"
+FAIRNESS_CI_METRICS: tuple[str, ...] = (
+    "balanced_accuracy",
+    "macro_auroc",
+    "malignant_sensitivity",
+    "malignant_specificity",
+)
 FAIRNESS_COLUMNS: tuple[str, ...] = (
     "attribute",
     "group",
     "n",
     "n_malignant",
+    "n_malignant_lesions",
+    "n_benign_lesions",
     "balanced_accuracy",
+    "balanced_accuracy_lo",
+    "balanced_accuracy_hi",
     "macro_auroc",
+    "macro_auroc_lo",
+    "macro_auroc_hi",
     "malignant_auroc",
     "malignant_sensitivity",
+    "malignant_sensitivity_lo",
+    "malignant_sensitivity_hi",
     "malignant_specificity",
-    "too_small",
+    "malignant_specificity_lo",
+    "malignant_specificity_hi",
+    "flagged",  # not judged (see fairness_report); the reason is in "reason"
+    "reason",
+    "too_small",  # = flagged (the column's older name, still read by the viewer)
+)
+FAIRNESS_GAP_COLUMNS: tuple[str, ...] = (
+    "attribute",
+    "metric",
+    "comparison",
+    "group",
+    "versus",
+    "gap",
+    "gap_lo",
+    "gap_hi",
+    "excludes_zero",
 )
 _SUM_TOLERANCE = 1e-3  # float32 softmax rows sum to 1 within ~1e-6; rows further off than this are not probabilities
 # torchmetrics warns when a class has no positives or no negatives; those figures are replaced by None here
@@ -549,13 +578,63 @@ def binary_metrics_at(scores: Any, is_malignant: Any, threshold: float) -> dict[
 # ------------------------------------------------------------------------------------------------------- bootstrap
 
 
+class LesionBootstrap:
+    """One set of lesion-bootstrap resamples (a cluster bootstrap over lesions), drawn once and reused.
+
+    Each resample draws as many lesions as there are, uniformly with replacement, and takes every image of each drawn
+    lesion (a lesion drawn twice contributes its images twice), so resamples vary in size when lesions do. The draws
+    for all resamples come from one ``numpy.random.default_rng(seed)`` call. An evaluation draws them once and uses
+    them for every interval it reports - the overall metrics (:func:`bootstrap_ci`), each group's metrics and the
+    gaps between groups (:func:`fairness_report`) - so all of them describe the same resampled lesion sets.
+
+    Args:
+        groups: ``[N]`` group id per row (e.g. ``group_id``, the lesion).
+        n_boot: number of resamples.
+        seed: seed of the random generator.
+    """
+
+    def __init__(self, groups: Any, n_boot: int, seed: int = 0) -> None:
+        g = np.asarray(groups, dtype=object)
+        if g.ndim != 1:
+            raise ValueError(f"groups must have shape [N], got {g.shape}")
+        codes, uniques = pd.factorize(g, use_na_sentinel=False)
+        if len(codes) == 0:
+            raise ValueError("groups is empty")
+        if n_boot < 1:
+            raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        self.codes = codes.astype(np.int64)
+        self.n_lesions = len(uniques)
+        self.n_boot = int(n_boot)
+        self.seed = seed
+        self.draws = np.random.default_rng(seed).integers(0, self.n_lesions, size=(n_boot, self.n_lesions))
+
+    @property
+    def n_rows(self) -> int:
+        """The number of rows (images) the resamples are drawn from."""
+        return len(self.codes)
+
+    def indices(self) -> Iterator[np.ndarray]:
+        """Row indices of each resample (one int64 array per resample), gathered without a Python loop over lesions."""
+        order = np.argsort(self.codes, kind="stable")  # rows of lesion g are order[starts[g] : starts[g] + counts[g]]
+        counts = np.bincount(self.codes, minlength=self.n_lesions)
+        starts = np.cumsum(counts) - counts
+        for drawn in self.draws:
+            sizes = counts[drawn]
+            offsets = np.cumsum(sizes) - sizes  # where each drawn lesion begins in the resample
+            within = np.arange(sizes.sum()) - np.repeat(offsets, sizes)
+            yield order[np.repeat(starts[drawn], sizes) + within]
+
+    def weights(self) -> np.ndarray:
+        """``[n_boot, N]`` float64: how many times each row appears in each resample (its lesion's draw count)."""
+        flat = (self.draws + self.n_lesions * np.arange(self.n_boot)[:, None]).ravel()
+        drawn = np.bincount(flat, minlength=self.n_boot * self.n_lesions).reshape(self.n_boot, self.n_lesions)
+        return drawn[:, self.codes].astype(np.float64)
+
+
 def group_bootstrap_indices(groups: Any, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
     """Row indices of ``n_boot`` cluster-bootstrap resamples: groups drawn with replacement, each with all its rows.
 
-    Each resample draws as many groups as there are, uniformly with replacement, and takes every row of each drawn
-    group (a group drawn twice contributes its rows twice), so resamples vary in size when groups do. The draws for
-    all resamples come from one ``numpy.random.default_rng(seed)`` call; rows are gathered without a Python loop over
-    groups.
+    The resamples of ``LesionBootstrap(groups, n_boot, seed).indices()`` (see :class:`LesionBootstrap`).
 
     Args:
         groups: ``[N]`` group id per row (e.g. ``group_id``, the lesion).
@@ -565,21 +644,7 @@ def group_bootstrap_indices(groups: Any, n_boot: int, seed: int = 0) -> Iterator
     Yields:
         One int64 array of row indices per resample.
     """
-    codes, uniques = pd.factorize(np.asarray(groups, dtype=object), use_na_sentinel=False)
-    if len(codes) == 0:
-        raise ValueError("groups is empty")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    n_groups = len(uniques)
-    order = np.argsort(codes, kind="stable")  # rows of group g are order[starts[g] : starts[g] + counts[g]]
-    counts = np.bincount(codes, minlength=n_groups)
-    starts = np.cumsum(counts) - counts
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
-    for drawn in draws:
-        sizes = counts[drawn]
-        offsets = np.cumsum(sizes) - sizes  # where each drawn group begins in the resample
-        within = np.arange(sizes.sum()) - np.repeat(offsets, sizes)
-        yield order[np.repeat(starts[drawn], sizes) + within]
+    yield from LesionBootstrap(groups, n_boot, seed).indices()
 
 
 @contextlib.contextmanager
@@ -605,6 +670,7 @@ def bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    resamples: LesionBootstrap | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a metric, resampling lesions rather than images.
 
@@ -621,30 +687,36 @@ def bootstrap_ci(
             tensors).
         probs: ``[N, C]`` class probabilities.
         labels: ``[N]`` integer labels.
-        groups: ``[N]`` group id (lesion) per row.
+        groups: ``[N]`` group id (lesion) per row (not used when ``resamples`` is given).
         n_boot: number of resamples.
         alpha: 1 - coverage (0.05 gives a 95% interval).
         seed: seed of the resampling; the same seed gives the same interval.
+        resamples: lesion resamples drawn once for several figures (:class:`LesionBootstrap` over ``groups``);
+            when given, ``n_boot`` and ``seed`` are not used.
 
     Returns:
         ``(low, high)``, the ``alpha/2`` and ``1 - alpha/2`` quantiles of the metric over the valid resamples.
     """
     p = _as_probs(probs)
     y = _as_labels(labels, p.shape[0], p.shape[1])
-    g = np.asarray(groups, dtype=object)
-    if g.ndim != 1 or g.shape[0] != p.shape[0]:
-        raise ValueError(f"groups must have shape [{p.shape[0]}], got {g.shape}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if resamples is None:
+        g = np.asarray(groups, dtype=object)
+        if g.ndim != 1 or g.shape[0] != p.shape[0]:
+            raise ValueError(f"groups must have shape [{p.shape[0]}], got {g.shape}")
+        resamples = LesionBootstrap(g, n_boot, seed)
+    elif resamples.n_rows != p.shape[0]:
+        raise ValueError(f"resamples are drawn over {resamples.n_rows} rows but probs has {p.shape[0]}")
     values = []
     with _one_torch_thread():
-        for rows in group_bootstrap_indices(g, n_boot, seed):
+        for rows in resamples.indices():
             idx = torch.from_numpy(rows)
             value = metric_fn(p[idx], y[idx])
             if value is not None and not math.isnan(value):
                 values.append(float(value))
     if not values:
-        raise ValueError(f"the metric was undefined on all {n_boot} resamples")
+        raise ValueError(f"the metric was undefined on all {resamples.n_boot} resamples")
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
@@ -668,21 +740,218 @@ def _group_order(attribute: str, values: Sequence[str]) -> list[str]:
     return known + ([UNKNOWN_GROUP] if UNKNOWN_GROUP in values else [])
 
 
-def fairness_table(
+def _weight_below(
+    wt: np.ndarray,
+    order: np.ndarray,
+    new_block: np.ndarray,
+    new_segment: np.ndarray,
+    source: np.ndarray,
+    at: np.ndarray,
+) -> np.ndarray:
+    """Weighted counts behind an AUROC: for each row ``at``, the weight of the ``source`` rows of its segment with a
+    lower score, plus half of those with the same score (a tie counts one half).
+
+    Args:
+        wt: ``[N, B]`` row weights (one column per resample).
+        order: ``[N]`` rows sorted by segment, then score.
+        new_block / new_segment: ``[N]`` bool in sorted order, True where a tie block / a segment begins (a segment
+            begins a block; position 0 begins both).
+        source / at: ``[N]`` bool in sorted order, disjoint (e.g. negatives / positives of a class).
+
+    Returns:
+        ``[at.sum(), B]``, rows in sorted order.
+    """
+    source_pos, at_pos = np.flatnonzero(source), np.flatnonzero(at)
+    cumulative = np.zeros((len(source_pos) + 1, wt.shape[1]))
+    np.cumsum(wt[order[source_pos]], axis=0, out=cumulative[1:])  # row m: weight of the first m source rows
+
+    def upto(positions: np.ndarray) -> np.ndarray:  # weight of the source rows before each sorted position
+        return cumulative[np.searchsorted(source_pos, positions)]
+
+    starts = np.flatnonzero(new_block)
+    block = np.cumsum(new_block)[at_pos] - 1
+    below = upto(starts[block])
+    if len(starts) < len(order):  # ties: half of the source rows in the same block
+        ends = np.append(starts[1:], len(order))
+        below += 0.5 * (upto(ends[block]) - below)
+    segment_starts = np.flatnonzero(new_segment)
+    if len(segment_starts) > 1:
+        below -= upto(segment_starts[np.cumsum(new_segment)[at_pos] - 1])
+    return below
+
+
+def _subset_metrics(
+    weights: np.ndarray,
+    partitions: Sequence[np.ndarray],
+    n_subsets: int,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    malignant: np.ndarray,
+    called: np.ndarray,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Balanced accuracy, macro AUROC and malignant sensitivity/specificity of every subset and of its complement,
+    under every row weighting at once (no loop over resamples).
+
+    Args:
+        weights: ``[B, N]`` row multiplicities (one row per resample; a row of ones is the plain set).
+        partitions: ``[N]`` int arrays, each giving every row's subset (column in ``[0, n_subsets)``); the subsets of
+            one partition (the groups of one attribute) are disjoint and cover the rows.
+        n_subsets: the number of subsets over all partitions.
+        probs: ``[N, C]`` probabilities; labels ``[N]``; malignant and called ``[N]`` bool (truth, and score at or
+            above the threshold).
+
+    Returns:
+        Metric -> ``(inside, outside)``, two ``[B, n_subsets]`` float64 arrays, NaN where undefined. The weighted
+        figures equal the unweighted ones on the resampled rows (a row of weight ``k`` counted ``k`` times): balanced
+        accuracy over the classes present, AUROC as the Mann-Whitney statistic with ties counted one half (what the
+        ROC trapezoid gives), macro AUROC over the classes with positives and negatives.
+    """
+    w = weights
+    n, num_classes = probs.shape
+    onehots = []
+    for part in partitions:
+        onehots.append(np.zeros((n, n_subsets)))
+        onehots[-1][np.arange(n), part] = 1.0
+    member = np.sum(onehots, axis=0)  # [N, n_subsets]: 1 where a row belongs to a subset
+    correct = probs.argmax(1) == labels
+    onehot = np.eye(num_classes)[labels]
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+    # balanced accuracy: recall per (subset, class), mean over the classes present
+    cls = (member[:, :, None] * onehot[:, None, :]).reshape(n, -1)
+    den_in = (w @ cls).reshape(len(w), n_subsets, num_classes)
+    num_in = (w @ (cls * correct[:, None])).reshape(den_in.shape)
+    den_out = (w @ onehot)[:, None, :] - den_in
+    num_out = (w @ (onehot * correct[:, None]))[:, None, :] - num_in
+
+    def mean_present(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        present = den > 0
+        total = np.where(present, ratio(num, den), 0.0).sum(-1)
+        return ratio(total, present.sum(-1).astype(float))
+
+    out["balanced_accuracy"] = (mean_present(num_in, den_in), mean_present(num_out, den_out))
+
+    # malignant sensitivity / specificity at the fixed threshold
+    for name, hit, base in (
+        ("malignant_sensitivity", malignant & called, malignant),
+        ("malignant_specificity", ~malignant & ~called, ~malignant),
+    ):
+        num, den = w @ (member * hit[:, None]), w @ (member * base[:, None])
+        num_all, den_all = w @ hit.astype(float), w @ base.astype(float)
+        out[name] = (ratio(num, den), ratio(num_all[:, None] - num, den_all[:, None] - den))
+
+    # macro one-vs-rest AUROC: U(A, B) = sum over positives i in A and negatives j in B of w_i w_j H(s_i - s_j);
+    # inside = U(S, S), outside U(R, R) = U(all, all) - U(S, all) - U(all, S) + U(S, S) with R the rest
+    sums = [np.zeros((len(w), n_subsets)) for _ in range(4)]  # AUROC sums and counts, inside and outside
+    wt = np.ascontiguousarray(w.T)  # [N, B]: rows gathered in score order are contiguous
+    whole = np.zeros(n, dtype=bool)
+    whole[0] = True
+    for c in range(num_classes):
+        s, pos = probs[:, c], labels == c
+        neg = ~pos
+        p_in, n_in = w @ (member * pos[:, None]), w @ (member * neg[:, None])
+        p_all, n_all = w @ pos.astype(float), w @ neg.astype(float)
+        if not pos.any() or not neg.any():
+            continue  # undefined on every subset
+        order = np.argsort(s, kind="stable")
+        so = s[order]
+        new_block = whole | np.r_[True, so[1:] != so[:-1]]
+        pos_rows, neg_rows = order[pos[order]], order[neg[order]]
+        contrib = wt[pos_rows] * _weight_below(wt, order, new_block, whole, neg[order], pos[order])
+        u_all = contrib.sum(0)
+        u_s_all = (member[pos_rows].T @ contrib).T
+        # U(all, S) = P(all) N(S) - sum over negatives j in S of w_j (positive weight under s_j, ties halved)
+        pos_below = wt[neg_rows] * _weight_below(wt, order, new_block, whole, pos[order], neg[order])
+        u_all_s = p_all[:, None] * n_in - (member[neg_rows].T @ pos_below).T
+        u_ss = np.zeros((len(w), n_subsets))
+        for part, onehot_part in zip(partitions, onehots):
+            order_p = np.lexsort((s, part))
+            part_o, s_o = part[order_p], s[order_p]
+            new_segment = np.r_[True, part_o[1:] != part_o[:-1]]
+            new_block_p = new_segment | np.r_[True, s_o[1:] != s_o[:-1]]
+            rows_p = order_p[pos[order_p]]
+            inside = wt[rows_p] * _weight_below(wt, order_p, new_block_p, new_segment, neg[order_p], pos[order_p])
+            u_ss += (onehot_part[rows_p].T @ inside).T
+        p_out, n_out = p_all[:, None] - p_in, n_all[:, None] - n_in
+        u_rr = u_all[:, None] - u_s_all - u_all_s + u_ss
+        for k, (u, pairs) in enumerate(((u_ss, p_in * n_in), (u_rr, p_out * n_out))):
+            auc = ratio(u, pairs)
+            sums[2 * k] += np.nan_to_num(auc)
+            sums[2 * k + 1] += ~np.isnan(auc)
+    out["macro_auroc"] = (ratio(sums[0], sums[1]), ratio(sums[2], sums[3]))
+    return out
+
+
+def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``alpha/2`` and ``1 - alpha/2`` quantiles of each column over its defined (non-NaN) resamples; NaN where
+    no resample is defined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        low, high = np.nanquantile(values, [alpha / 2, 1 - alpha / 2], axis=0)
+    return low, high
+
+
+def _judge(
+    y: np.ndarray,
+    malignant: np.ndarray,
+    lesions: np.ndarray,
+    names: Sequence[str],
+    min_class_images: int,
+    min_positives: int,
+) -> tuple[int, int, str]:
+    """Malignant and benign lesion counts of a group, and why it cannot be judged (``""`` when it can)."""
+    counts = np.bincount(y, minlength=len(names))
+    enough = [names[c] for c in range(len(names)) if counts[c] >= min_class_images]
+    n_mal = len(np.unique(lesions[malignant]))
+    n_ben = len(np.unique(lesions[~malignant]))
+    reasons = []
+    if len(enough) < 2:
+        have = f" ({', '.join(enough)})" if enough else ""
+        reasons.append(f"2 classes with >= {min_class_images} images needed, has {len(enough)}{have}")
+    if n_mal < min_positives:
+        reasons.append(f"{min_positives} malignant lesions needed, has {n_mal}")
+    if n_ben < min_positives:
+        reasons.append(f"{min_positives} benign lesions needed, has {n_ben}")
+    return n_mal, n_ben, "; ".join(reasons)
+
+
+def fairness_report(
     probs: Any,
     labels: Any,
     groups_df: pd.DataFrame,
     threshold: float,
-    min_group_size: int = 30,
+    lesions: Any = None,
+    min_class_images: int = 10,
     min_positives: int = 5,
     class_names: Sequence[str] = CLASSES,
-) -> pd.DataFrame:
-    """Per-group performance, one row per (attribute, group value), small groups flagged rather than hidden.
+    *,
+    resamples: LesionBootstrap | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-group performance with lesion-bootstrap intervals, and the gaps between groups with theirs.
 
     Subgroup reporting across skin tone follows Kinyanjui et al. 2020 ("Fairness of classifiers across skin tones in
     dermatology", MICCAI; ITA-estimated tone) and Daneshjou et al. 2022 ("Disparities in dermatology AI performance on
     a diverse, curated clinical image set", Science Advances). The malignant operating point is the one fixed on
     validation, so sensitivity differences between groups are what a deployed threshold would do to each.
+
+    Balanced accuracy inside a group is the mean recall over the classes present in that group (as everywhere in
+    this module), so a group with one class scores that class's recall alone and is not comparable with the others:
+    hence the judging rule. A group is judged (may be the worst or best group, enters the gaps) only when it has at
+    least ``min_class_images`` images of each of at least two classes, and at least ``min_positives`` malignant and
+    ``min_positives`` benign lesions (distinct ``lesions``); other groups are flagged with the reason, not hidden.
+
+    The 95% (``1 - alpha``) percentile intervals resample lesions, on the same resamples as the overall figures when
+    ``resamples`` is the evaluation's :class:`LesionBootstrap`; a gap's interval is the percentile interval of the
+    difference on each resample (resamples where either side is undefined are skipped). The worst and best groups are
+    picked on the point estimates, so a worst-vs-best gap is biased away from 0 (the largest of several differences);
+    a group-vs-rest gap is not.
 
     Args:
         probs: ``[N, C]`` class probabilities.
@@ -691,15 +960,25 @@ def fairness_table(
             (see ``skinsynth.data.schema.age_band``), ``localization``; other columns are ignored. Missing values
             form their own group ``unknown``.
         threshold: malignancy threshold from :func:`choose_operating_point` on validation.
-        min_group_size: groups with fewer images are flagged ``too_small``.
-        min_positives: groups with fewer malignant images are flagged ``too_small``.
+        lesions: ``[N]`` lesion (``group_id``) per row; default: that of ``resamples``, else one lesion per image.
+        min_class_images: images a class needs in a group to count towards the two classes a judged group needs.
+        min_positives: malignant lesions, and benign lesions, a judged group needs.
         class_names: the class of each column.
+        resamples: the lesion resamples to use; default: ``LesionBootstrap(lesions, n_boot, seed)``.
+        n_boot: number of resamples when ``resamples`` is not given.
+        seed: seed of the resampling when ``resamples`` is not given.
+        alpha: 1 - coverage.
 
     Returns:
-        A DataFrame with columns ``attribute, group, n, n_malignant, balanced_accuracy, macro_auroc,
-        malignant_auroc, malignant_sensitivity, malignant_specificity, too_small``; undefined figures are NaN.
-        Attributes in the order of ``FAIRNESS_ATTRIBUTES``; tone groups lightest first, others sorted, ``unknown``
-        last.
+        ``(table, gaps)``. ``table``: one row per (attribute, group) with the columns of ``FAIRNESS_COLUMNS``:
+        counts (``n_malignant_lesions``, ``n_benign_lesions`` distinct lesions), the figures (NaN when undefined),
+        ``<metric>_lo`` / ``<metric>_hi`` for the metrics of ``FAIRNESS_CI_METRICS``, ``flagged`` and ``reason`` (why
+        a group is not judged, ``""`` when it is) and ``too_small`` (= ``flagged``, the older name). Attributes in the
+        order of ``FAIRNESS_ATTRIBUTES``; tone groups lightest first, others sorted, ``unknown`` last. ``gaps``: the
+        columns of ``FAIRNESS_GAP_COLUMNS``, one row per metric of ``FAIRNESS_CI_METRICS`` and attribute with two
+        judged groups or more (``comparison`` ``worst_vs_best``: ``group`` the best, ``versus`` the worst) and per
+        metric and judged group (``comparison`` ``vs_rest``: ``versus`` ``rest``, all other images); ``gap`` is the
+        figure of ``group`` minus that of ``versus``.
     """
     names = _class_names(class_names)
     p = _as_probs(probs, len(names))
@@ -711,51 +990,157 @@ def fairness_table(
     attributes = [a for a in FAIRNESS_ATTRIBUTES if a in groups_df.columns]
     if not attributes:
         raise ValueError(f"groups_df has none of the columns {list(FAIRNESS_ATTRIBUTES)}: {list(groups_df.columns)}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if min_class_images < 1 or min_positives < 1:
+        raise ValueError(f"min_class_images and min_positives must be >= 1, got {min_class_images}, {min_positives}")
+    if resamples is None:
+        resamples = LesionBootstrap(np.arange(p.shape[0]) if lesions is None else lesions, n_boot, seed)
+    elif resamples.n_rows != p.shape[0]:
+        raise ValueError(f"resamples are drawn over {resamples.n_rows} rows but probs has {p.shape[0]}")
+    lesion_codes = resamples.codes if lesions is None else pd.factorize(np.asarray(lesions, dtype=object))[0]
+    if len(lesion_codes) != p.shape[0]:
+        raise ValueError(f"lesions has {len(lesion_codes)} rows but probs has {p.shape[0]}")
     scores = malignant_scores(p, names)
     malignant = is_malignant_label(y, names)
+    y_np, mal_np = y.numpy(), malignant.numpy()
 
-    rows = []
+    rows, partitions = [], []
     for attribute in attributes:
-        values = _group_values(groups_df[attribute].reset_index(drop=True))
-        for value in _group_order(attribute, values.unique().tolist()):
-            idx = torch.from_numpy(np.flatnonzero((values == value).to_numpy()))
+        values = _group_values(groups_df[attribute].reset_index(drop=True)).to_numpy()
+        part = np.zeros(len(values), dtype=np.int64)
+        for value in _group_order(attribute, list(set(values.tolist()))):
+            where = values == value
+            part[where] = len(rows)
+            idx = torch.from_numpy(np.flatnonzero(where))
             binary = binary_metrics_at(scores[idx], malignant[idx], threshold)
-            n = int(idx.shape[0])
             per_class = _per_class_auroc(p[idx], y[idx])
             defined = [a for a in per_class if a is not None]
+            n_mal, n_ben, reason = _judge(
+                y_np[where], mal_np[where], lesion_codes[where], names, min_class_images, min_positives
+            )
             rows.append(
                 {
                     "attribute": attribute,
                     "group": value,
-                    "n": n,
+                    "n": int(idx.shape[0]),
                     "n_malignant": binary["n_pos"],
+                    "n_malignant_lesions": n_mal,
+                    "n_benign_lesions": n_ben,
                     "balanced_accuracy": _balanced_accuracy(p[idx], y[idx]),
                     "macro_auroc": float(np.mean(defined)) if defined else None,
                     "malignant_auroc": binary["auroc"],
                     "malignant_sensitivity": binary["sensitivity"],
                     "malignant_specificity": binary["specificity"],
-                    "too_small": n < min_group_size or binary["n_pos"] < min_positives,
+                    "flagged": bool(reason),
+                    "reason": reason,
+                    "too_small": bool(reason),
                 }
             )
-    table = pd.DataFrame(rows, columns=list(FAIRNESS_COLUMNS))
-    figures = FAIRNESS_COLUMNS[4:-1]  # None -> NaN in a float column
-    return table.astype({column: "float64" for column in figures})
+        partitions.append(part)
+    table = pd.DataFrame(rows)
+
+    probs_np = p.numpy()
+    called = scores.numpy() >= threshold
+    with _one_torch_thread():
+        point = _subset_metrics(np.ones((1, len(y_np))), partitions, len(rows), probs_np, y_np, mal_np, called)
+        boot = _subset_metrics(resamples.weights(), partitions, len(rows), probs_np, y_np, mal_np, called)
+    gaps = []
+    for metric in FAIRNESS_CI_METRICS:
+        table[f"{metric}_lo"], table[f"{metric}_hi"] = _percentile_interval(boot[metric][0], alpha)
+        inside, outside = boot[metric]
+        for attribute, judged in table[~table["flagged"]].groupby("attribute", sort=False):
+            judged = judged.dropna(subset=[metric])
+            pairs = [(k, "rest", float(judged.loc[k, metric]) - point[metric][1][0, k]) for k in judged.index]
+            if len(judged) >= 2:
+                # the last of equal lowest values: with every group equal, the gap is still between two groups
+                best, worst = judged[metric].idxmax(), judged[metric][::-1].idxmin()
+                gap = float(judged.loc[best, metric] - judged.loc[worst, metric])
+                pairs.insert(0, (best, worst, gap))
+            for k, versus, gap in pairs:
+                diff = inside[:, k] - (outside[:, k] if versus == "rest" else inside[:, versus])
+                low, high = (float(v[0]) for v in _percentile_interval(diff[:, None], alpha))
+                gaps.append(
+                    {
+                        "attribute": attribute,
+                        "metric": metric,
+                        "comparison": "vs_rest" if versus == "rest" else "worst_vs_best",
+                        "group": table.loc[k, "group"],
+                        "versus": "rest" if versus == "rest" else table.loc[versus, "group"],
+                        "gap": gap,
+                        "gap_lo": low,
+                        "gap_hi": high,
+                        "excludes_zero": bool(low > 0 or high < 0),  # False when undefined (NaN)
+                    }
+                )
+    table = table.reindex(columns=list(FAIRNESS_COLUMNS))
+    floats = [c for c in FAIRNESS_COLUMNS[6:] if c not in ("flagged", "reason", "too_small")]
+    gaps_df = pd.DataFrame(gaps, columns=list(FAIRNESS_GAP_COLUMNS))
+    return table.astype({column: "float64" for column in floats}), gaps_df
 
 
-def fairness_summary(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+def fairness_table(
+    probs: Any,
+    labels: Any,
+    groups_df: pd.DataFrame,
+    threshold: float,
+    lesions: Any = None,
+    min_class_images: int = 10,
+    min_positives: int = 5,
+    class_names: Sequence[str] = CLASSES,
+    *,
+    resamples: LesionBootstrap | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-group performance with lesion-bootstrap intervals, small groups flagged rather than hidden: the table of
+    :func:`fairness_report` (see there for the arguments, the judging rule and the columns)."""
+    table, _ = fairness_report(
+        probs,
+        labels,
+        groups_df,
+        threshold,
+        lesions,
+        min_class_images,
+        min_positives,
+        class_names,
+        resamples=resamples,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    return table
+
+
+def _gap_entry(row: pd.Series) -> dict[str, Any]:
+    low, high = row["gap_lo"], row["gap_hi"]
+    defined = bool(np.isfinite(low) and np.isfinite(high))
+    return {
+        "gap": float(row["gap"]),
+        "ci_95": [float(low), float(high)] if defined else None,
+        "excludes_zero": bool(row["excludes_zero"]) and defined,
+    }
+
+
+def fairness_summary(table: pd.DataFrame, gaps: pd.DataFrame | None = None) -> dict[str, dict[str, Any]]:
     """Per attribute: the worst group, the largest gaps between groups, and the groups too small to judge.
 
-    Only groups not flagged ``too_small`` are judged; a gap is the max - min over judged groups with a defined value.
+    Only groups not flagged are judged (see :func:`fairness_report`); a gap is the max - min over judged groups with a
+    defined value.
 
     Args:
-        table: the output of :func:`fairness_table`.
+        table: the table of :func:`fairness_report` (or :func:`fairness_table`).
+        gaps: the gaps of :func:`fairness_report`; with them each attribute also gets ``gaps``.
 
     Returns:
         Attribute -> ``worst_group`` and ``worst_balanced_accuracy`` (lowest balanced accuracy), ``best_group`` and
         ``best_balanced_accuracy``, ``balanced_accuracy_gap``, ``malignant_sensitivity_gap`` (``None`` with fewer than
-        two judged groups), ``judged_groups`` and ``flagged_groups`` (lists of group values).
+        two judged groups), ``judged_groups`` and ``flagged_groups`` (lists of group values), ``flag_reasons``
+        (flagged group -> reason) and, with ``gaps``, ``gaps``: metric -> ``worst_vs_best`` (``best_group``,
+        ``worst_group``, ``gap`` = best - worst, ``ci_95``, ``excludes_zero``; ``None`` with fewer than two judged
+        groups) and ``vs_rest`` (judged group -> ``gap`` = group - rest of the images, ``ci_95``, ``excludes_zero``).
+        ``ci_95`` is ``None`` and ``excludes_zero`` False where no resample defines the gap.
     """
-    missing = set(FAIRNESS_COLUMNS) - set(table.columns)
+    missing = {"attribute", "group", "balanced_accuracy", "malignant_sensitivity", "too_small"} - set(table.columns)
     if missing:
         raise ValueError(f"table lacks the columns {sorted(missing)}; pass the output of fairness_table")
 
@@ -765,11 +1150,13 @@ def fairness_summary(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
     summary: dict[str, dict[str, Any]] = {}
     for attribute, rows in table.groupby("attribute", sort=False):
-        judged = rows[~rows["too_small"].astype(bool)]
+        flagged = rows["too_small"].astype(bool)
+        judged = rows[~flagged]
         accuracy = judged.dropna(subset=["balanced_accuracy"])
         worst = accuracy.loc[accuracy["balanced_accuracy"].idxmin()] if len(accuracy) else None
         best = accuracy.loc[accuracy["balanced_accuracy"].idxmax()] if len(accuracy) else None
-        summary[str(attribute)] = {
+        reasons = rows["reason"] if "reason" in rows.columns else pd.Series("too small", index=rows.index)
+        block: dict[str, Any] = {
             "worst_group": None if worst is None else str(worst["group"]),
             "worst_balanced_accuracy": None if worst is None else float(worst["balanced_accuracy"]),
             "best_group": None if best is None else str(best["group"]),
@@ -777,8 +1164,28 @@ def fairness_summary(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
             "balanced_accuracy_gap": gap(judged["balanced_accuracy"]),
             "malignant_sensitivity_gap": gap(judged["malignant_sensitivity"]),
             "judged_groups": [str(g) for g in judged["group"]],
-            "flagged_groups": [str(g) for g in rows.loc[rows["too_small"].astype(bool), "group"]],
+            "flagged_groups": [str(g) for g in rows.loc[flagged, "group"]],
+            "flag_reasons": {str(g): str(r) for g, r in zip(rows.loc[flagged, "group"], reasons[flagged])},
         }
+        if gaps is not None:
+            mine = gaps[gaps["attribute"] == attribute]
+            block["gaps"] = {}
+            for metric in FAIRNESS_CI_METRICS:
+                these = mine[mine["metric"] == metric]
+                extreme = these[these["comparison"] == "worst_vs_best"]
+                worst_vs_best = None
+                if len(extreme):
+                    row = extreme.iloc[0]
+                    worst_vs_best = {"best_group": str(row["group"]), "worst_group": str(row["versus"])}
+                    worst_vs_best.update(_gap_entry(row))
+                block["gaps"][metric] = {
+                    "worst_vs_best": worst_vs_best,
+                    "vs_rest": {
+                        str(row["group"]): _gap_entry(row)
+                        for _, row in these[these["comparison"] == "vs_rest"].iterrows()
+                    },
+                }
+        summary[str(attribute)] = block
     return summary
 
 
