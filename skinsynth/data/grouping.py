@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from skinsynth.data.splits import GroupJoiner
+
 HASH_BITS = 64
 _BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -63,22 +65,13 @@ def merge_similar_groups(frame: pd.DataFrame, threshold: int) -> tuple[pd.Series
         The new ``group_id`` per row (the smallest id among the joined groups) and the sets of images joined by
         similarity (each set sorted; only sets that span more than one former group).
     """
-    parent: dict[str, str] = {g: g for g in frame["group_id"]}
-
-    def find(g: str) -> str:
-        while parent[g] != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
-
+    joiner = GroupJoiner(frame["group_id"])
     hashed = frame[frame["phash"].notna()]
     groups = hashed["group_id"].tolist()
     hashes = np.array([int(h) for h in hashed["phash"]], dtype=np.uint64)
     for i, j in hamming_pairs(hashes, threshold):
-        a, b = sorted((find(groups[i]), find(groups[j])))
-        if a != b:
-            parent[b] = a
-    merged = frame["group_id"].map(find)
+        joiner.join(groups[i], groups[j])
+    merged = frame["group_id"].map(joiner.find)
     sets = [
         sorted(members["image_id"])
         for _, members in frame.assign(merged=merged).groupby("merged", sort=True)

@@ -23,6 +23,29 @@ class SplitError(SkinsynthError, ValueError):
     """A split that would leak a lesion between splits, or impossible split settings."""
 
 
+class GroupJoiner:
+    """Union-find over lesion group ids (path halving): joined groups take the smallest id among them, so the result
+    does not depend on the order of the joins. Shared by the byte-identical merge and the similarity merge
+    (:mod:`skinsynth.data.grouping`)."""
+
+    def __init__(self, group_ids) -> None:
+        self._parent: dict[str, str] = {g: g for g in group_ids}
+
+    def find(self, group: str) -> str:
+        """The id of the joined set ``group`` belongs to."""
+        parent = self._parent
+        while parent[group] != group:
+            parent[group] = parent[parent[group]]
+            group = parent[group]
+        return group
+
+    def join(self, a: str, b: str) -> None:
+        """Join the sets of ``a`` and ``b`` under the smaller of their ids."""
+        root_a, root_b = sorted((self.find(a), self.find(b)))
+        if root_a != root_b:
+            self._parent[root_b] = root_a
+
+
 def merge_duplicate_groups(frame: pd.DataFrame) -> tuple[pd.Series, list[list[str]]]:
     """Give byte-identical images (same ``sha256``) one group, so copies never sit on both sides of a split.
 
@@ -33,23 +56,16 @@ def merge_duplicate_groups(frame: pd.DataFrame) -> tuple[pd.Series, list[list[st
         The new ``group_id`` per row (the smallest id among the merged groups) and the duplicate sets found
         (lists of image ids, each set sorted).
     """
-    parent: dict[str, str] = {g: g for g in frame["group_id"]}
-
-    def find(g: str) -> str:
-        while parent[g] != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
-
+    groups = GroupJoiner(frame["group_id"])
     duplicates: list[list[str]] = []
     # Only hashes seen more than once matter; grouping the (mostly unique) rest costs seconds on HAM10000.
     repeated = frame[frame["sha256"].duplicated(keep=False)]
     for _, same in repeated.groupby("sha256", sort=True):
         duplicates.append(sorted(same["image_id"]))
-        roots = sorted({find(g) for g in same["group_id"]})
-        for other in roots[1:]:
-            parent[other] = roots[0]
-    return frame["group_id"].map(find), duplicates
+        first, *others = same["group_id"]
+        for other in others:
+            groups.join(first, other)
+    return frame["group_id"].map(groups.find), duplicates
 
 
 def stratified_group_assign(frame: pd.DataFrame, shares: list[float], seed: int) -> np.ndarray:
