@@ -273,6 +273,25 @@ GENERATOR_SMALL = [
 TINY_SAMPLES = ["sample.plan=counts", "sample.counts.nv=8", "sample.counts.mel=8", "sample.steps=3"]
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build):
+    """A session fixture's value, built by whichever pytest-xdist process asks first and read (unpickled) by the
+    others: each process used to train its own copy of the tiny models, and the suite is CPU-bound on 2 cores.
+    The value must pickle, and its folders are read-only for every test (copy_run to change one)."""
+    if worker_id == "master":  # no xdist
+        return build()
+    import pickle
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / f"{name}.pickle"
+    with FileLock(f"{shared}.lock"):
+        if shared.is_file():
+            return pickle.loads(shared.read_bytes())
+        value = build()
+        shared.write_bytes(pickle.dumps(value))
+        return value
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a fixture's run directory (Ray Train's checkpoint index names its folders relatively, so a
     copied run resumes from its own copy)."""
@@ -292,40 +311,49 @@ def copy_config(cfg, out: Path):
 
 
 @pytest.fixture(scope="session")
-def phantom_prepared(ray_local, tmp_path_factory) -> Path:
+def phantom_prepared(ray_local, tmp_path_factory, worker_id) -> Path:
     """140 phantom images at 32 px, prepared once for the session (read it; copy it to change it)."""
     from skinsynth.config import load_config
     from skinsynth.data.prepare import prepare_images
 
-    out = tmp_path_factory.mktemp("phantom") / "run"
-    prepare_images(load_config(None, [f"run.out={out}", *PHANTOM_SMALL]).data, out, progress=lambda _m: None)
-    return out
+    def build() -> Path:
+        out = tmp_path_factory.mktemp("phantom") / "run"
+        prepare_images(load_config(None, [f"run.out={out}", *PHANTOM_SMALL]).data, out, progress=lambda _m: None)
+        return out
+
+    return built_once(tmp_path_factory, worker_id, "phantom_prepared", build)
 
 
 @pytest.fixture(scope="session")
-def tiny_classifier(phantom_prepared, tmp_path_factory):
+def tiny_classifier(phantom_prepared, tmp_path_factory, worker_id):
     """A tiny timm model trained for one epoch on the session's phantom set: ``(cfg, TrainResult)``."""
     from skinsynth.classify.train import train_classifier
     from skinsynth.config import load_config
 
-    out = copy_run(phantom_prepared, tmp_path_factory.mktemp("classifier") / "run")
-    cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *TINY_CLASSIFIER])
-    return cfg, train_classifier(cfg, progress=print)
+    def build():
+        out = copy_run(phantom_prepared, tmp_path_factory.mktemp("classifier") / "run")
+        cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *TINY_CLASSIFIER])
+        return cfg, train_classifier(cfg, progress=print)
+
+    return built_once(tmp_path_factory, worker_id, "tiny_classifier", build)
 
 
 @pytest.fixture(scope="session")
-def tiny_generator(phantom_prepared, tmp_path_factory):
+def tiny_generator(phantom_prepared, tmp_path_factory, worker_id):
     """A tiny generator trained for 6 steps on the session's phantom set, and a 16-image synthetic set sampled from
     it: ``(cfg, GeneratorResult)``."""
     from skinsynth.config import load_config
     from skinsynth.generate.sample import sample_synthetic
     from skinsynth.generate.train import train_generator
 
-    out = copy_run(phantom_prepared, tmp_path_factory.mktemp("generator") / "run")
-    cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *GENERATOR_SMALL, *TINY_SAMPLES])
-    result = train_generator(cfg, progress=print)
-    sample_synthetic(cfg.sample, out, progress=lambda _m: None)
-    return cfg, result
+    def build():
+        out = copy_run(phantom_prepared, tmp_path_factory.mktemp("generator") / "run")
+        cfg = load_config(None, [f"run.out={out}", *PHANTOM_SMALL, *GENERATOR_SMALL, *TINY_SAMPLES])
+        result = train_generator(cfg, progress=print)
+        sample_synthetic(cfg.sample, out, progress=lambda _m: None)
+        return cfg, result
+
+    return built_once(tmp_path_factory, worker_id, "tiny_generator", build)
 
 
 # --- a real Ray head for `ray job submit` ----------------------------------------------------------------------------

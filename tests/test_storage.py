@@ -228,11 +228,10 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
     ray_local, s3_endpoint, tmp_path, capsys, monkeypatch
 ):
     """The whole pipeline with run.out on S3: stages work in a local copy and push after each one, Ray Train and Tune
-    checkpoint straight to the bucket, training reads the shards from it; a second machine (an empty local copy)
-    finds every stage done; a changed setting re-runs what reads it; and a re-split, submitted through
+    checkpoint straight to the bucket, training reads the shards from it; a re-split, submitted through
     `ray job submit`'s API to a real Ray head, re-runs every stage downstream of the data in new Ray Train runs and,
-    stopped during tuning, finishes when submitted again (one run of the demo covers all of it: each is minutes on
-    2 cores)."""
+    stopped during tuning, finishes when submitted again; a second machine (an empty local copy) then finds every
+    stage done (two runs of the demo cover all of it: each is minutes on 2 cores)."""
     from ray.job_submission import JobStatus
 
     from skinsynth.cli import main
@@ -311,21 +310,15 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
 
     machine_b = tmp_path / "machine-b" / "s3" / BUCKET / "runs" / "demo"
     args_b = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-b'}"]
-    assert main(args_b) == 0
-    summary = capsys.readouterr().out
-    for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
-        assert _skipped(stage, summary), stage
-    assert (machine_b / "eval" / "best" / "report.json").is_file()
-
     # (which settings reach which stage's identity, an audit setting re-running the audit alone among them:
-    # tests/test_identity.py)
+    # tests/test_identity.py; a second machine finding every stage done is machine B's pull at the end)
 
     # Regression: a re-split once resumed the finished Ray Train runs of the old split (their names hashed only the
     # source files) and exported their weights, whose training lesions could now be test lesions. A re-split is a
     # new data identity: every stage downstream re-runs, saying why, in new Ray Train runs with new weights.
     # It runs as a Ray job on a real head (the demo's own process on the cluster, as `ray job submit` starts it),
     # stopped as its sweep starts and submitted again: the second job finds every finished stage on S3.
-    before = _trained_outputs(filesystem, machine_b)
+    before = _trained_outputs(filesystem, local)
     resplit = ["--set", "audit.gallery_pairs=4", "--set", "data.split.seed=7"]
     job_args = ["demo", *DEMO_SMALL, "--set", f"run.out={out}", "--set", f"run.cache_dir={tmp_path / 'machine-c'}"]
     entrypoint = shlex.join([sys.executable, "-m", "skinsynth", *job_args, *resplit])  # a shell runs it
@@ -358,11 +351,13 @@ def test_the_demo_runs_on_s3_resumes_on_a_fresh_machine_reruns_what_changed_and_
         assert re.search(r"^  tune\s+[0-9.]+ s  best trial", summary, re.MULTILINE), summary
         assert "STALE" not in summary
 
-    # machine B pulls the re-split run: every stage done, new Ray Train runs, new weights
+    # a second machine (machine B, an empty local copy) pulls the re-split run: every stage done, new Ray Train
+    # runs, new weights
     assert main([*args_b, *resplit]) == 0
     summary = capsys.readouterr().out
     for stage in ("prepare", "generate", "sample", "train", "audit", "evaluate", "tune"):
         assert _skipped(stage, summary), stage
+    assert (machine_b / "eval" / "best" / "report.json").is_file()
     after = _trained_outputs(filesystem, machine_b)
     # each stage's manifest records the --set values it ran with (here the audit's, given on the job's command line)
     assert json.loads((machine_b / "audit" / "manifest.json").read_text())["config"]["gallery_pairs"] == 4

@@ -133,7 +133,7 @@ SWEEP = {
         "name": "resume",
         # two objectives: the searcher that must survive the kill is Optuna's multi-objective TPE
         "objective": "balanced_accuracy+worst_tone_sensitivity",
-        "num_samples": 3,
+        "num_samples": 2,
         "grace_period": 1,
         "space": {
             "train.lr": {"loguniform": [0.001, 0.02]},
@@ -149,7 +149,7 @@ def _sweep_command(config: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_phantom_sweep_of_3_trials_killed_after_one_resumes_without_repeating_finished_trials(ray_local, tmp_path):
+def test_phantom_sweep_of_2_trials_killed_after_one_resumes_without_repeating_finished_trials(ray_local, tmp_path):
     from skinsynth.data.prepare import prepare_images
     from tests.conftest import RAY_INTERNALS
 
@@ -171,7 +171,7 @@ def test_phantom_sweep_of_3_trials_killed_after_one_resumes_without_repeating_fi
     first.wait()
     before = read_trial_log(sweep_dir)
     finished_before = {e["trial_id"] for e in before if e["event"] == "end"}
-    assert 1 <= len(finished_before) < 3
+    assert len(finished_before) == 1  # trials run one at a time (tune.max_concurrent_trials)
 
     resumed = subprocess.run(_sweep_command(config), env=env, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -189,7 +189,7 @@ def test_phantom_sweep_of_3_trials_killed_after_one_resumes_without_repeating_fi
     restarted = {e["trial_id"] for e in after if e["event"] == "start"}
     assert not restarted & finished_before  # no finished trial ran again
     trials = pd.read_parquet(sweep_dir / "trials.parquet")
-    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert len(trials) == 2 and trials["trial_id"].is_unique
     assert trials["error"].isna().all()
     assert finished_before < set(trials["trial_id"])
     # ASHA stopped some trials after their first epoch; every trial reported at least one
