@@ -130,7 +130,8 @@ def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
 
     def work() -> str:
         gate = run_audit(cfg, run_dir, progress=progress)["gate"]
-        verdict = "share_ok" if gate["share_ok"] else "NOT share_ok"
+        failed = [name for name in ("private", "useful") if not gate[name]["ok"]]
+        verdict = "share_ok" if gate["share_ok"] else "NOT share_ok (not " + " and not ".join(failed) + ")"
         detail = f"memorised {gate['memorised_share']:.1%}, attack AUC {gate['attack_auc']:.2f}: {verdict}"
         return f"{detail} -> {layout(run_dir).audit}"
 

@@ -50,14 +50,17 @@ def test_fidelity_report_counts_and_flags_small_classes():
     real, fake = _gaussian(60, [0, 0], 0), _gaussian(40, [0, 0], 1)
     real_labels = np.r_[np.zeros(50, int), np.full(10, 3)]
     fake_labels = np.r_[np.zeros(37, int), np.full(3, 3)]
-    report = fidelity.fidelity_report(real, fake, real_labels, fake_labels, k=5, kid_subset_size=1000)
-    assert report["n_real"] == 60 and report["n_synthetic"] == 40
-    assert report["per_class"]["akiec"]["n_real"] == 50 and "fid" in report["per_class"]["akiec"]
-    assert report["per_class"]["df"] == {
-        "n_real": 10,
-        "n_synthetic": 3,
-        "note": "too few images for FID or k-NN figures (need more than 5 on each side)",
-    }
+    held_out = _gaussian(30, [0, 0], 2)
+    report = fidelity.fidelity_report(
+        real, fake, real_labels, fake_labels, held_out=held_out, k=5, kid_subset_size=1000
+    )
+    assert report["n"] == 40 and report["n_real_available"] == 60 and report["n_synthetic_available"] == 40
+    assert report["floor_n"] == 30 and "floor_note" in report  # only 30 held-out images
+    akiec = report["per_class"]["akiec"]  # 37 per side at matched n: under 50, so KID alone
+    assert akiec["n_real_available"] == 50 and akiec["n"] == 37 and akiec["small"] and "fid" not in akiec
+    df = report["per_class"]["df"]
+    assert df["n_real_available"] == 10 and df["n_synthetic_available"] == 3 and df["n"] == 3
+    assert df["small"] and "fid" not in df and "precision" not in df and "kid_mean" in df
     assert "mel" not in report["per_class"]  # no synthetic images of it
 
 
@@ -263,7 +266,10 @@ def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     assert report["images"]["synthetic"] == 16
     assert [e["name"] for e in report["extractors"]] == ["classifier"]
     fid = report["fidelity"]["classifier"]
-    assert fid["n_synthetic"] == 16 and fid["n_real"] == report["images"]["train"] and fid["fid"] > 0
+    assert fid["n_synthetic_available"] == 16 and fid["n_real_available"] == report["images"]["train"]
+    assert fid["n"] == min(16, report["images"]["train"]) and fid["fid"] > 0
+    assert fid["floor_n"] == min(fid["n"], report["images"]["held_out"])
+    assert fid["fid_real_train_vs_held_out"] == fid["fid_floor"] >= 0
     assert set(fid["per_class"]) == {"mel", "nv"}
     memo = report["privacy"]["memorisation"]
     assert memo["n_synthetic"] == 16 and 0.0 <= memo["memorised_share"] <= 1.0
@@ -280,9 +286,17 @@ def test_audit_report_holds_fidelity_privacy_and_the_gate(audited_run):
     real_counts = utility["real_only"]["train_per_class"]  # matched to 8 per class, or all the class has
     assert set(real_counts) <= {"mel", "nv"} and 0 < sum(real_counts.values()) and max(real_counts.values()) <= 8
     assert 0.0 <= utility["synthetic_only"]["macro_auroc"] <= 1.0 and "ImageNet" in utility["features"]
+    # every verdict's figure with its 95% interval, and the gate decided by the bounds
+    low, high = memo["memorised_share_ci"]
+    assert low <= memo["memorised_share"] <= high and high > 0  # 0 of 16 copied still allows a fifth
+    assert attack["auc_ci"][0] <= attack["auc"] <= attack["auc_ci"][1] and attack["n_boot"] == 1000
+    probe = utility["synthetic_only"]
+    assert probe["balanced_accuracy_ci"][0] <= probe["balanced_accuracy"] <= probe["balanced_accuracy_ci"][1]
     gate = report["gate"]
-    expected_ok = memo["memorised_share"] < 0.01 and attack["auc"] < 0.60
-    assert gate["share_ok"] is expected_ok and (not gate["reasons"]) is expected_ok
+    assert gate["private"]["ok"] is (high < 0.01 and attack["auc_ci"][1] < 0.60)
+    useful = probe["balanced_accuracy_ci"][0] > utility["chance_balanced_accuracy"] and fid["precision"] >= 0.1
+    assert gate["useful"]["ok"] is useful
+    assert gate["share_ok"] is (gate["private"]["ok"] and useful) and (not gate["reasons"]) is gate["share_ok"]
     assert "not a diagnosis" in report["disclaimer"]
 
 
@@ -295,18 +309,89 @@ def test_export_follows_the_audit_gate(audited_run, tmp_path):
     # a gate nothing can pass: refused, nothing written; forced: written, with the verdict recorded
     cfg.audit.max_attack_auc = 0.0
     failed = run_audit(cfg, cfg.run.out, progress=lambda _m: None)
-    assert failed["gate"]["share_ok"] is False and "membership attack AUC" in failed["gate"]["reasons"][-1]
-    with pytest.raises(ExportRefused, match="has not passed the audit gate"):
+    assert failed["gate"]["share_ok"] is False and failed["gate"]["private"]["ok"] is False
+    assert "membership attack AUC" in failed["gate"]["private"]["reasons"][-1]
+    with pytest.raises(ExportRefused, match="has not passed the audit gate: not private: "):
         export_synthetic(cfg.run.out, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     assert export_synthetic(cfg.run.out, tmp_path / "forced", force=True) == 16
     assert json.loads((tmp_path / "forced" / "AUDIT.json").read_text())["forced"] is True
     # a gate everything passes: exported without force
     cfg.audit.max_attack_auc, cfg.audit.max_memorised_share = 1.01, 1.01
+    cfg.audit.min_probe_gain, cfg.audit.min_precision = -1.0, 0.0
     run_audit(cfg, cfg.run.out, progress=lambda _m: None)
     assert export_synthetic(cfg.run.out, tmp_path / "ok") == 16
     verdict = json.loads((tmp_path / "ok" / "AUDIT.json").read_text())
     assert verdict["share_ok"] is True and verdict["forced"] is False
+
+
+@pytest.mark.slow
+def test_a_generator_of_noise_fails_useful_and_export_refuses_it(audited_run, tmp_path):
+    """What 200 steps of a too-small generator gave a user: colour noise. It copies nothing and its members are no
+    better denoised, so privacy passes it; the useful verdict must not."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from skinsynth.audit.export import ExportRefused, export_synthetic
+    from skinsynth.audit.report import run_audit
+    from tests.conftest import copy_config, copy_run
+
+    trained, _ = audited_run
+    out = copy_run(Path(trained.run.out), tmp_path / "run")
+    cfg = copy_config(trained, out)
+    # FID's Inception features: the session's one-epoch classifier maps noise and skin alike (precision 0.94 there)
+    cfg.audit.extractor = "inception"
+    rng = np.random.default_rng(0)
+    for shard in (out / "synthetic" / "images").glob("*.parquet"):
+        table = pq.read_table(shard)
+        size = np.asarray(Image.open(io.BytesIO(table["image"][0].as_py()))).shape[0]
+        noise = []
+        for _ in range(len(table)):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+            noise.append(buffer.getvalue())
+        images = pa.array(noise, type=table.schema.field("image").type)
+        pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", images), shard)
+    lines: list[str] = []
+    report = run_audit(cfg, out, progress=lines.append)
+    gate, utility = report["gate"], report["utility"]
+    assert report["fidelity"]["inception"]["precision"] < 0.1
+    chance = utility["chance_balanced_accuracy"]
+    assert utility["synthetic_only"]["balanced_accuracy_ci"][0] <= chance
+    assert gate["useful"]["ok"] is False and gate["share_ok"] is False
+    reasons = " ".join(gate["useful"]["reasons"])
+    assert "not above chance" in reasons and "precision" in reasons and "under inception features" in reasons
+    assert "not useful: " in lines[-1]
+    with pytest.raises(ExportRefused, match="not useful: "):
+        export_synthetic(out, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_the_gate_decides_on_upper_bounds_and_the_attack_intervals_cover_the_truth():
+    from skinsynth.audit.report import sharing_gate
+    from skinsynth.config import AuditConfig
+
+    rng = np.random.default_rng(0)
+    # a separable attack: members' errors one standard deviation lower, true AUC = Phi(1 / sqrt 2) = 0.760
+    attack = privacy.membership_attack(rng.normal(0.0, 1, 1000), rng.normal(1.0, 1, 1000), seed=1)
+    assert attack["auc_ci"][0] < 0.760 < attack["auc_ci"][1] and attack["auc_ci"][1] - attack["auc_ci"][0] < 0.06
+    assert 0.0 < attack["tpr_at_1pct_fpr_ci"][0] <= attack["tpr_at_1pct_fpr"] <= attack["tpr_at_1pct_fpr_ci"][1]
+    chance = privacy.membership_attack(rng.normal(0, 1, 200), rng.normal(0, 1, 200), seed=2)
+    assert chance["auc_ci"][0] < 0.5 < chance["auc_ci"][1]
+    # 0 copies among 100 images: the point estimate is 0%, but the exact upper bound (3.6%) reaches the 1% limit
+    memorisation = {"memorised_share": 0.0, "memorised_share_ci": privacy.binomial_interval(0, 100)}
+    assert memorisation["memorised_share_ci"][1] == pytest.approx(0.0362, abs=1e-4)
+    utility = {"synthetic_only": {"balanced_accuracy": 0.4, "balanced_accuracy_ci": [0.3, 0.5]}}
+    utility["chance_balanced_accuracy"] = 1 / 7
+    fid = {"classifier": {"precision": 0.5}}
+    gate = sharing_gate(memorisation, chance, utility, fid, AuditConfig())
+    assert gate["private"]["ok"] is False and gate["useful"]["ok"] is True and gate["share_ok"] is False
+    assert "upper 95% bound of 3.62%" in gate["private"]["reasons"][0]
+    # with 1,000 images the same 0 copies pass
+    memorisation["memorised_share_ci"] = privacy.binomial_interval(0, 1000)
+    assert sharing_gate(memorisation, chance, utility, fid, AuditConfig())["share_ok"] is True
 
 
 def test_audit_cli_without_a_synthetic_set_is_one_clear_error(tmp_path, capsys):

@@ -209,7 +209,9 @@ def test_audit_page_shows_fidelity_utility_privacy_and_the_gate_from_the_report(
     block = report["fidelity"]["classifier"]
     assert fidelity.loc["classifier", "fid"] == pytest.approx(block["fid"])
     assert fidelity.loc["classifier", "kid_mean"] == pytest.approx(block["kid_mean"])
-    assert fidelity.loc["classifier", "n_synthetic"] == block["n_synthetic"] == 42
+    assert fidelity.loc["classifier", "n_synthetic_available"] == block["n_synthetic_available"] == 42
+    assert fidelity.loc["classifier", "n"] == block["n"] == min(42, block["n_real_available"])
+    assert fidelity.loc["classifier", "fid_floor"] == pytest.approx(block["fid_real_train_vs_held_out"])
     assert fidelity.loc["classifier", "precision"] == pytest.approx(block["precision"])
     utility = app.dataframe[2].value.set_index("trained on")
     assert utility.loc["synthetic only", "n_train"] == report["utility"]["synthetic_only"]["n_train"]

@@ -50,7 +50,9 @@ def audit_gate(run_dir: str | Path) -> dict:
     """The audit verdict on the current synthetic set of ``run_dir``: what an export checks and records.
 
     Returns:
-        ``{"share_ok": bool, "reasons": [...], ...}``; a set never audited, or changed since its audit, is not ok.
+        ``{"share_ok": bool, "reasons": [...], "private": {...}, "useful": {...}, ...}``
+        (:func:`skinsynth.audit.report.sharing_gate`); a set never audited, changed since its audit, or audited
+        before the usefulness verdict existed is not ok.
     """
     from skinsynth.audit.report import read_audit
     from skinsynth.core.rundir import current_identity
@@ -61,6 +63,8 @@ def audit_gate(run_dir: str | Path) -> dict:
     current = current_identity(run_dir, "synthetic")
     if current is None or (report.get("inputs") or {}).get("synthetic") != current:
         return {"share_ok": False, "reasons": ["the synthetic set changed after its audit: audit it again"]}
+    if "useful" not in report["gate"]:
+        return {"share_ok": False, "reasons": ["audited before the usefulness verdict existed: audit it again"]}
     return report["gate"]
 
 
@@ -88,9 +92,11 @@ def export_synthetic(
         raise SkinsynthError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
     gate = audit_gate(run_dir)
     if not gate["share_ok"] and not force:
+        from skinsynth.audit.report import gate_line
+
         raise ExportRefused(
             "export refused, the synthetic set has not passed the audit gate: "
-            + "; ".join(gate["reasons"])
+            + gate_line(gate).removeprefix("NOT share_ok: ")
             + " (--force exports anyway and records this verdict)"
         )
     table = pq.read_table(shards, columns=["image", *PROVENANCE_COLUMNS]).to_pandas()

@@ -6,7 +6,12 @@
   models"), density and coverage (Naeem et al. 2020, "Reliable fidelity and diversity metrics for generative
   models"), all from k-nearest-neighbour balls in feature space.
 
-FID is biased upwards at small n, so every figure is reported with the sample counts it came from.
+FID is biased upwards by finite samples, and the bias grows as n shrinks (Chong & Forsyth 2020, "Effectively
+unbiased FID and Inception Score and where to find them"): two FIDs at different n are not comparable, and a FID of
+30 synthetic images against 3000 real ones is mostly bias. So :func:`fidelity_report` compares at matched n: the
+larger side is subsampled (seeded) to the smaller one's size, and the real-vs-real floor is the FID of two disjoint
+real sets (training and held-out) of that same n. Every figure carries its n; KID (unbiased, but noisy at small n)
+carries its standard deviation over subsets.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from skinsynth.audit.features import AuditError
 from skinsynth.data.schema import CLASSES
+
+# Per-class FID needs this many images on each side. FID fits a D x D covariance (2048 x 2048 for Inception) to each
+# side; below about 50 images per side its sample-size bias dominates the figure (Chong & Forsyth 2020), so a small
+# class gets KID alone (unbiased, with its standard deviation) and is flagged small.
+MIN_PER_CLASS_FID = 50
 
 
 class _Precomputed(torch.nn.Module):
@@ -93,35 +103,106 @@ def precision_recall_density_coverage(real: torch.Tensor, fake: torch.Tensor, k:
     }
 
 
+def _subsample(features: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` rows of ``features`` drawn without replacement (in their original order); all of them if it has ``n``."""
+    if len(features) <= n:
+        return features
+    keep = np.sort(rng.choice(len(features), size=n, replace=False))
+    return features[torch.from_numpy(keep)]
+
+
+def _kid_subset_size(requested: int, n: int) -> int:
+    """KID's subset size at matched n: at most half of n, so that its subsets differ and its std means something (a
+    subset of all n images is the same set every time, and its std over subsets is 0); at least 2, its minimum."""
+    return max(2, min(requested, n // 2))
+
+
+def _class_entry(
+    real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator, *, k: int, kid_subset_size: int, seed: int
+) -> dict[str, Any]:
+    """One class's figures at matched n: FID and k-NN figures from MIN_PER_CLASS_FID per side, else KID alone."""
+    n = min(len(real), len(fake))
+    entry: dict[str, Any] = {"n": n, "n_real_available": int(len(real)), "n_synthetic_available": int(len(fake))}
+    r, f = _subsample(real, n, rng), _subsample(fake, n, rng)
+    if n >= MIN_PER_CLASS_FID:
+        entry["fid"] = frechet_distance(r, f)
+    else:
+        entry["small"] = True
+        entry["note"] = (
+            f"FID and k-NN figures withheld below {MIN_PER_CLASS_FID} images per side (FID's small-n bias dominates)"
+            + ("; KID alone" if n >= 2 else "; KID needs at least 2 per side")
+        )
+    if n >= 2:
+        entry["kid_subset_size"] = _kid_subset_size(kid_subset_size, n)
+        entry["kid_mean"], entry["kid_std"] = kernel_distance(r, f, entry["kid_subset_size"], seed)
+    if n >= MIN_PER_CLASS_FID and n > k:
+        entry.update(precision_recall_density_coverage(r, f, k))
+    return entry
+
+
 def fidelity_report(
     real: torch.Tensor,
     fake: torch.Tensor,
     real_labels: np.ndarray,
     fake_labels: np.ndarray,
     *,
+    held_out: torch.Tensor,
     k: int = 5,
     kid_subset_size: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """All fidelity figures of one extractor's features: overall and per class, each with its sample counts.
+    """All fidelity figures of one extractor's features, overall and per class, each at matched n.
 
-    Classes with too few images on either side for a figure get ``null`` and the reason, not a number.
+    Args:
+        real: features (N, D) of the real training images.
+        fake: features (M, D) of the synthetic images.
+        real_labels, fake_labels: class indices of ``real`` and ``fake``.
+        held_out: features (H, D) of held-out real images (never seen by the generator), disjoint from ``real``:
+            the second real set of the real-vs-real floor.
+        k: k of the k-NN radii behind precision/recall/density/coverage.
+        kid_subset_size: KID subset size (capped at half the compared n, see :func:`_kid_subset_size`).
+        seed: seeds the subsampling to matched n and KID's subsets.
+
+    Returns:
+        ``n`` (the matched n = min(N, M) that every overall figure was computed at), ``n_real_available`` and
+        ``n_synthetic_available`` (what it was drawn from), ``fid``, ``kid_mean``, ``kid_std``, precision, recall,
+        density, coverage; the floor: ``fid_floor`` (also as ``fid_real_train_vs_held_out``), ``kid_floor_mean``,
+        ``kid_floor_std`` at ``floor_n`` (= ``n`` unless the held-out set is smaller; then ``floor_note`` says so);
+        and ``per_class``: per class with synthetic images, its matched ``n`` and available counts, KID, and FID and
+        the k-NN figures from :data:`MIN_PER_CLASS_FID` images per side (below that ``small: true`` and a note).
     """
-    report: dict[str, Any] = {"n_real": int(len(real)), "n_synthetic": int(len(fake))}
-    report["fid"] = frechet_distance(real, fake)
-    report["kid_mean"], report["kid_std"] = kernel_distance(real, fake, kid_subset_size, seed)
-    report.update(precision_recall_density_coverage(real, fake, k))
+    rng = np.random.default_rng(seed)
+    n = min(len(real), len(fake))
+    report: dict[str, Any] = {"n": n, "n_real_available": int(len(real)), "n_synthetic_available": int(len(fake))}
+    real_n, fake_n = _subsample(real, n, rng), _subsample(fake, n, rng)
+    report["fid"] = frechet_distance(real_n, fake_n)
+    report["kid_subset_size"] = _kid_subset_size(kid_subset_size, n)
+    report["kid_mean"], report["kid_std"] = kernel_distance(real_n, fake_n, report["kid_subset_size"], seed)
+    report.update(precision_recall_density_coverage(real_n, fake_n, k))
+
+    # the floor: training vs held-out real images, disjoint by construction, at the same n where the held-out set
+    # allows it (the training side is the very subset the synthetic images were compared with)
+    floor_n = min(n, len(held_out))
+    floor_real, floor_held = _subsample(real_n, floor_n, rng), _subsample(held_out, floor_n, rng)
+    report["fid_floor"] = frechet_distance(floor_real, floor_held)
+    report["kid_floor_mean"], report["kid_floor_std"] = kernel_distance(
+        floor_real, floor_held, _kid_subset_size(kid_subset_size, floor_n), seed
+    )
+    report["floor_n"] = floor_n
+    report["n_held_out_available"] = int(len(held_out))
+    if floor_n < n:
+        report["floor_note"] = (
+            f"only {len(held_out)} held-out real images: the floor is at n={floor_n}, below the n={n} of the "
+            "synthetic comparison, and FID's small-n bias makes it read high"
+        )
+    report["fid_real_train_vs_held_out"] = report["fid_floor"]  # the key older reports and readers use
+
     per_class: dict[str, Any] = {}
     for label, dx in enumerate(CLASSES):
         r, f = real[real_labels == label], fake[fake_labels == label]
-        entry: dict[str, Any] = {"n_real": int(len(r)), "n_synthetic": int(len(f))}
         if len(f) == 0:
             continue
-        if min(len(r), len(f)) <= k:
-            entry["note"] = f"too few images for FID or k-NN figures (need more than {k} on each side)"
-        else:
-            entry["fid"] = frechet_distance(r, f)
-            entry.update(precision_recall_density_coverage(r, f, k))
-        per_class[dx] = entry
+        class_rng = np.random.default_rng([seed, label])
+        per_class[dx] = _class_entry(r, f, class_rng, k=k, kid_subset_size=kid_subset_size, seed=seed)
     report["per_class"] = per_class
     return report

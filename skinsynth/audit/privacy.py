@@ -10,6 +10,10 @@
   images at the same noise level (the loss attack of Matsumoto et al. 2023, "Membership inference attacks against
   diffusion models"; Carlini et al. 2023). Reported as ROC AUC and TPR at 1% FPR (Carlini et al. 2022, "Membership
   inference attacks from first principles").
+
+Both verdicts carry 95% intervals, and the sharing gate compares their upper bounds with its limits: the memorised
+share an exact binomial (Clopper-Pearson) interval, the attack's AUC and TPR a stratified bootstrap over members and
+non-members. A point estimate just under a limit on a few hundred images says little.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from skinsynth.audit.features import AuditError
 from skinsynth.data.schema import CLASSES
@@ -139,6 +142,7 @@ def memorisation_report(
     """Share of synthetic images at or above the copy threshold, overall and per class (smallest classes first),
     with held-out real images through the same test as the false-positive baseline."""
     copied = synthetic_sims >= threshold
+    share_ci = binomial_interval(int(copied.sum()), len(copied))
     counts = {dx: int((train_labels == i).sum()) for i, dx in enumerate(CLASSES)}
     per_class = {}
     for dx in sorted(CLASSES, key=lambda c: counts[c]):
@@ -153,6 +157,7 @@ def memorisation_report(
         "threshold": threshold,
         "n_synthetic": int(len(synthetic_sims)),
         "memorised_share": float(copied.mean()) if len(copied) else 0.0,
+        "memorised_share_ci": share_ci,
         "memorised_images": int(copied.sum()),
         "held_out_n": int(len(held_out_sims)),
         "held_out_above_threshold": float((held_out_sims >= threshold).mean()) if len(held_out_sims) else None,
@@ -212,18 +217,62 @@ def denoising_errors(
     return torch.cat(errors).numpy()
 
 
-def membership_attack(member_errors: np.ndarray, non_member_errors: np.ndarray) -> dict[str, Any]:
-    """ROC AUC and TPR at 1% FPR of "lower denoising error = member"; 0.5 AUC is chance."""
+def binomial_interval(successes: int, trials: int, confidence: float = 0.95) -> list[float]:
+    """Exact (Clopper-Pearson) interval of a proportion: ``[0, 1]`` when there are no trials."""
+    if trials == 0:
+        return [0.0, 1.0]
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def _tpr_at_fpr(member_scores: np.ndarray, other_scores: np.ndarray, fpr_limit: float = 0.01) -> float:
+    """TPR of "score at or above t = member" at the lowest threshold t whose FPR stays within ``fpr_limit``: t lies
+    just above the (k+1)-th highest non-member score, k = floor(fpr_limit x non-members) (``roc_curve``'s answer)."""
+    allowed = int(np.floor(fpr_limit * len(other_scores) + 1e-9))
+    if allowed >= len(other_scores):
+        return 1.0
+    boundary = -np.partition(-other_scores, allowed)[allowed]  # the (allowed+1)-th highest non-member score
+    return float((member_scores > boundary).mean())
+
+
+def _auc(member_scores: np.ndarray, other_scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney probability that a member outscores a non-member (ties count half)."""
+    wins = (member_scores[:, None] > other_scores[None, :]).mean()
+    ties = (member_scores[:, None] == other_scores[None, :]).mean()
+    return float(wins + 0.5 * ties)
+
+
+def membership_attack(
+    member_errors: np.ndarray, non_member_errors: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """ROC AUC and TPR at 1% FPR of "lower denoising error = member" (0.5 AUC is chance), each with a 95% percentile
+    interval from ``n_boot`` stratified bootstrap resamples (members and non-members resampled separately, so every
+    resample keeps both counts)."""
     if len(member_errors) == 0 or len(non_member_errors) == 0:
         raise AuditError("the membership attack needs both training and held-out images")
-    truth = np.r_[np.ones(len(member_errors)), np.zeros(len(non_member_errors))]
-    scores = -np.r_[member_errors, non_member_errors]
-    fpr, tpr, _ = roc_curve(truth, scores)
+    member_scores, other_scores = -np.asarray(member_errors, float), -np.asarray(non_member_errors, float)
+    # the pairwise comparisons once; a resample's AUC is then its draw counts' weighted mean of them
+    pairwise = (member_scores[:, None] > other_scores[None, :]) + 0.5 * (
+        member_scores[:, None] == other_scores[None, :]
+    )
+    rng = np.random.default_rng(seed)
+    m, n = len(member_scores), len(other_scores)
+    member_draws = rng.integers(0, m, size=(n_boot, m))
+    other_draws = rng.integers(0, n, size=(n_boot, n))
+    member_counts = np.stack([np.bincount(d, minlength=m) for d in member_draws]).astype(float)
+    other_counts = np.stack([np.bincount(d, minlength=n) for d in other_draws]).astype(float)
+    aucs = ((member_counts @ pairwise) * other_counts).sum(axis=1) / (m * n)
+    tprs = np.array([_tpr_at_fpr(member_scores[a], other_scores[b]) for a, b in zip(member_draws, other_draws)])
     return {
-        "auc": float(roc_auc_score(truth, scores)),
-        "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
-        "n_members": int(len(member_errors)),
-        "n_non_members": int(len(non_member_errors)),
+        "auc": _auc(member_scores, other_scores),
+        "auc_ci": [float(v) for v in np.quantile(aucs, [0.025, 0.975])],
+        "tpr_at_1pct_fpr": _tpr_at_fpr(member_scores, other_scores),
+        "tpr_at_1pct_fpr_ci": [float(v) for v in np.quantile(tprs, [0.025, 0.975])],
+        "n_boot": n_boot,
+        "n_members": int(m),
+        "n_non_members": int(n),
         "member_error_median": float(np.median(member_errors)),
         "non_member_error_median": float(np.median(non_member_errors)),
     }

@@ -115,17 +115,20 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
     other_err = privacy.denoising_errors(
         unet, conditioning, scheduler, non_members.images, non_members.labels, **kwargs
     )
-    return privacy.membership_attack(member_err, other_err)
+    return privacy.membership_attack(member_err, other_err, n_boot=ac.mia_boot, seed=ac.seed)
 
 
 def _utility(
-    train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
+    run_dir: Path, train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
 ) -> dict[str, Any]:
     """Classification Accuracy Score of the synthetic set against a count-matched real set (see ``utility``),
-    scored on the validation split."""
+    scored on the validation split, with lesion-bootstrap intervals."""
+    from skinsynth.core.shards import load_split_table
+
     t0 = time.perf_counter()
     val = held_out.subset(ac.max_images, ac.seed + 3)
     syn = synthetic.subset(ac.max_images, ac.seed + 2)
+    lesions = load_split_table(run_dir).set_index("image_id")["group_id"]
     report = utility_report(
         imagenet_features(ac.batch_size),
         train.images,
@@ -135,6 +138,7 @@ def _utility(
         val.images,
         val.labels,
         seed=ac.seed,
+        scored_groups=lesions.loc[val.ids].to_numpy(),
     )
 
     def shown(value: float | None) -> str:
@@ -144,8 +148,9 @@ def _utility(
     progress(
         f"audit: utility (linear probe, scored on {report['n_scored']} real validation images, chance "
         f"{report['chance_balanced_accuracy']:.3f}): trained on {syn_arm['n_train']} synthetic -> balanced accuracy "
-        f"{shown(syn_arm['balanced_accuracy'])}; on {real_arm['n_train']} real -> "
-        f"{shown(real_arm['balanced_accuracy'])} ({time.perf_counter() - t0:.0f} s)"
+        f"{shown(syn_arm['balanced_accuracy'])} {_interval(syn_arm['balanced_accuracy_ci'])}; on "
+        f"{real_arm['n_train']} real -> {shown(real_arm['balanced_accuracy'])} "
+        f"{_interval(real_arm['balanced_accuracy_ci'])} ({time.perf_counter() - t0:.0f} s)"
     )
     return report
 
@@ -171,6 +176,103 @@ def audit_identity(cfg: ExperimentConfig, run_dir: str | Path) -> StageIdentity:
     stages = ("data", "generator", "synthetic", f"model:{cfg.train.name}")
     inputs = {stage: current_identity(run_dir, stage) for stage in stages}
     return StageIdentity("audit", changed_settings(cfg.audit), inputs, config_to_dict(cfg.audit))
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def sharing_gate(
+    memorisation: dict[str, Any],
+    attack: dict[str, Any],
+    utility: dict[str, Any] | None,
+    fidelity_by_extractor: dict[str, Any],
+    ac: AuditConfig,
+) -> dict[str, Any]:
+    """The two verdicts a synthetic set needs before ``generate export`` shares it.
+
+    - **private**: the upper 95% bound of the memorised share (Clopper-Pearson) and of the membership attack's AUC
+      (bootstrap) sit below ``audit.max_memorised_share`` and ``audit.max_attack_auc``: a point estimate under the
+      limit whose interval reaches it does not pass.
+    - **useful**: the synthetic-only probe's balanced accuracy has a lower 95% bound above chance (plus
+      ``audit.min_probe_gain``), and manifold precision reaches ``audit.min_precision`` under every extractor. A
+      generator of noise copies nothing and reveals nothing, so privacy alone would pass it.
+
+    ``share_ok`` needs both; each verdict lists its reasons and the bound that decided it.
+    """
+    share, (_, share_high) = memorisation["memorised_share"], memorisation["memorised_share_ci"]
+    auc, (_, auc_high) = attack["auc"], attack["auc_ci"]
+    private: list[str] = []
+    if share_high >= ac.max_memorised_share:
+        private.append(
+            f"memorised share {share:.2%} has an upper 95% bound of {share_high:.2%}, not below "
+            f"{ac.max_memorised_share:.2%}"
+        )
+    if auc_high >= ac.max_attack_auc:
+        private.append(
+            f"membership attack AUC {auc:.3f} has an upper 95% bound of {auc_high:.3f}, not below "
+            f"{ac.max_attack_auc:.2f}"
+        )
+    useful: list[str] = []
+    probe, probe_low, chance = None, None, None
+    if utility is None:
+        useful.append("the utility probe is off (audit.utility: false), so usefulness is not shown")
+    else:
+        arm, chance = utility["synthetic_only"], utility["chance_balanced_accuracy"]
+        probe, ci = arm["balanced_accuracy"], arm.get("balanced_accuracy_ci")
+        if probe is None or ci is None:
+            useful.append(f"the synthetic-only probe has no score ({arm.get('reason', 'no interval')})")
+        else:
+            probe_low = ci[0]
+            if probe_low <= chance + ac.min_probe_gain:
+                gain = f" + {ac.min_probe_gain:.3f}" if ac.min_probe_gain else ""
+                useful.append(
+                    f"the synthetic-only probe's balanced accuracy {probe:.3f} has a lower 95% bound of "
+                    f"{probe_low:.3f}, not above chance {chance:.3f}{gain}"
+                )
+    precision = {name: entry["precision"] for name, entry in fidelity_by_extractor.items()}
+    for name, value in precision.items():
+        if value < ac.min_precision:
+            useful.append(f"precision {value:.2f} under {name} features is below {ac.min_precision:.2f}")
+    return {
+        "share_ok": not private and not useful,
+        "reasons": private + useful,
+        "private": {
+            "ok": not private,
+            "reasons": private,
+            "decided_by": "upper 95% bounds: memorised share (Clopper-Pearson), attack AUC (stratified bootstrap)",
+        },
+        "useful": {
+            "ok": not useful,
+            "reasons": useful,
+            "decided_by": "lower 95% bound of the synthetic-only probe's balanced accuracy (lesion bootstrap) "
+            "against chance; manifold precision per extractor",
+        },
+        "memorised_share": share,
+        "memorised_share_upper": share_high,
+        "max_memorised_share": ac.max_memorised_share,
+        "attack_auc": auc,
+        "attack_auc_upper": auc_high,
+        "max_attack_auc": ac.max_attack_auc,
+        "probe_balanced_accuracy": probe,
+        "probe_balanced_accuracy_lower": probe_low,
+        "chance_balanced_accuracy": chance,
+        "min_probe_gain": ac.min_probe_gain,
+        "precision": precision,
+        "min_precision": ac.min_precision,
+    }
+
+
+def gate_line(gate: dict[str, Any]) -> str:
+    """One line for the terminal: the verdicts, and why a failed one failed."""
+    if gate["share_ok"]:
+        return "share_ok (private and useful)"
+    failed = [
+        f"not {name}: " + "; ".join(gate[name]["reasons"])
+        for name in ("private", "useful")
+        if name in gate and not gate[name]["ok"]
+    ]
+    return "NOT share_ok: " + (" | ".join(failed) or "; ".join(gate["reasons"]))
 
 
 def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress = print) -> dict[str, Any]:
@@ -214,17 +316,17 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             f"audit: {extractor.name} features of {len(real_f) + len(held_f) + len(syn_f)} images in "
             f"{time.perf_counter() - t0:.0f} s"
         )
+        # every figure at matched n; the floor (training vs held-out real, disjoint) at that same n
         entry = fidelity.fidelity_report(
             real_f,
             syn_f,
             real_sub.labels,
             syn_sub.labels,
+            held_out=held_f,
             k=ac.nearest_k,
             kid_subset_size=ac.kid_subset_size,
             seed=ac.seed,
         )
-        # two real sets of the same kind give the floor a finite sample can reach
-        entry["fid_real_train_vs_held_out"] = fidelity.frechet_distance(real_f, held_f)
         entry["extractor"] = extractor.description
         fidelity_by_extractor[extractor.name] = entry
         reference = privacy.unit_rows(real_f)
@@ -236,12 +338,14 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             **privacy.closeness_report(syn_sims, held_sims),
         }
         progress(
-            f"audit: {extractor.name}: FID {entry['fid']:.2f} (n={entry['n_real']} real / {entry['n_synthetic']} "
-            f"synthetic; real-vs-real {entry['fid_real_train_vs_held_out']:.2f}), precision {entry['precision']:.2f}, "
-            f"recall {entry['recall']:.2f}"
+            f"audit: {extractor.name}: FID {entry['fid']:.2f} at n={entry['n']} per side (real-vs-real floor "
+            f"{entry['fid_floor']:.2f} at n={entry['floor_n']}), KID {entry['kid_mean']:.4f} ± "
+            f"{entry['kid_std']:.4f}, precision {entry['precision']:.2f}, recall {entry['recall']:.2f}"
         )
+        if "floor_note" in entry:
+            progress(f"audit: {extractor.name}: note: {entry['floor_note']}")
 
-    utility = _utility(train, held_out, synthetic, ac, progress) if ac.utility else None
+    utility = _utility(run_dir, train, held_out, synthetic, ac, progress) if ac.utility else None
 
     # memorisation: every synthetic image against the whole training set, by pixel correlation
     size = min(ac.pixel_size, train.images.shape[1])
@@ -271,28 +375,20 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         f"{len(calibration)} lightly augmented training images and the {ac.held_out_quantile:.0%} quantile of "
         f"{len(held_floor)} held-out images (the other {len(held_sims)} give held_out_above_threshold)"
     )
+    low, high = memorisation["memorised_share_ci"]
     progress(
-        f"audit: memorised {memorisation['memorised_share']:.1%} of synthetic images (threshold {threshold:.3f}; "
-        f"held-out real above it: {memorisation['held_out_above_threshold']:.1%})"
+        f"audit: memorised {memorisation['memorised_share']:.1%} [{low:.1%}, {high:.1%}] of "
+        f"{memorisation['n_synthetic']} synthetic images (threshold {threshold:.3f}; held-out real above it: "
+        f"{memorisation['held_out_above_threshold']:.1%})"
     )
     attack = _membership(run_dir, train, held_out, ac, progress)
-    progress(f"audit: membership attack AUC {attack['auc']:.3f}, TPR at 1% FPR {attack['tpr_at_1pct_fpr']:.3f}")
+    progress(
+        f"audit: membership attack AUC {attack['auc']:.3f} {_interval(attack['auc_ci'])}, TPR at 1% FPR "
+        f"{attack['tpr_at_1pct_fpr']:.3f} {_interval(attack['tpr_at_1pct_fpr_ci'])} ({attack['n_members']} members, "
+        f"{attack['n_non_members']} non-members)"
+    )
 
-    reasons = []
-    if memorisation["memorised_share"] >= ac.max_memorised_share:
-        reasons.append(
-            f"memorised share {memorisation['memorised_share']:.2%} is not below {ac.max_memorised_share:.2%}"
-        )
-    if attack["auc"] >= ac.max_attack_auc:
-        reasons.append(f"membership attack AUC {attack['auc']:.3f} is not below {ac.max_attack_auc:.2f}")
-    gate = {
-        "share_ok": not reasons,
-        "reasons": reasons,
-        "memorised_share": memorisation["memorised_share"],
-        "max_memorised_share": ac.max_memorised_share,
-        "attack_auc": attack["auc"],
-        "max_attack_auc": ac.max_attack_auc,
-    }
+    gate = sharing_gate(memorisation, attack, utility, fidelity_by_extractor, ac)
 
     audit_dir = layout(run_dir).audit
     tmp = audit_dir.with_name(f".{audit_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -333,8 +429,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         replace_dir(tmp, audit_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    verdict = "share_ok" if gate["share_ok"] else "NOT share_ok: " + "; ".join(reasons)
-    progress(f"audit: {verdict} -> {layout(run_dir).audit_report}")
+    progress(f"audit: {gate_line(gate)} -> {layout(run_dir).audit_report}")
     return report
 
 

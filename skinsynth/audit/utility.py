@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from skinsynth.classify.metrics import balanced_accuracy, macro_auroc
+from skinsynth.classify.metrics import LesionBootstrap, balanced_accuracy, bootstrap_ci, macro_auroc
 from skinsynth.data.schema import CLASSES
 
 PROBE_C = 1.0  # inverse L2 strength on standardised features: scikit-learn's default, not tuned on test
@@ -54,13 +54,15 @@ def probe_scores(
     scored_labels: np.ndarray,
     num_classes: int,
     seed: int = 0,
+    resamples: LesionBootstrap | None = None,
 ) -> dict[str, Any]:
     """Fit the linear probe on one set and score it on the real held-out images.
 
     Returns:
         ``balanced_accuracy`` and ``macro_auroc`` on the held-out images (classes the probe never saw get
-        probability 0, so their images count as misses), or ``None`` for both with a ``reason`` when the training
-        set has fewer than two classes.
+        probability 0, so their images count as misses), with ``balanced_accuracy_ci``, the 95% lesion-bootstrap
+        interval over ``resamples`` when given; or ``None`` for all with a ``reason`` when the training set has
+        fewer than two classes.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -70,6 +72,7 @@ def probe_scores(
     if len(seen) < 2:
         return {
             "balanced_accuracy": None,
+            "balanced_accuracy_ci": None,
             "macro_auroc": None,
             "reason": f"{len(seen)} class(es) to train on: a probe needs at least 2",
         }
@@ -80,8 +83,12 @@ def probe_scores(
     probe.fit(train_features.numpy(), train_labels)
     probs = np.zeros((len(scored_labels), num_classes))
     probs[:, probe.classes_] = probe.predict_proba(scored_features.numpy())
+    ci = None
+    if resamples is not None:
+        ci = list(bootstrap_ci(balanced_accuracy, probs, scored_labels, None, resamples=resamples))
     return {
         "balanced_accuracy": balanced_accuracy(probs, scored_labels),
+        "balanced_accuracy_ci": ci,
         "macro_auroc": macro_auroc(probs, scored_labels),
     }
 
@@ -100,6 +107,8 @@ def utility_report(
     scored_labels: np.ndarray,
     seed: int = 0,
     class_names: Sequence[str] = CLASSES,
+    scored_groups: np.ndarray | None = None,
+    n_boot: int = 1000,
 ) -> dict[str, Any]:
     """Classification Accuracy Score of the synthetic set and of a count-matched real set, on real held-out images
     (the audit passes the validation split: never test).
@@ -109,8 +118,11 @@ def utility_report(
         real_images, real_labels: the real labelled training images (uint8 ``N x H x W x 3``) and labels.
         synthetic_images, synthetic_labels: the synthetic set and the classes it was sampled for.
         scored_images, scored_labels: the real held-out images the probes are scored on.
-        seed: draws the count-matched real subset and seeds the probe.
+        seed: draws the count-matched real subset, seeds the probe and the resamples.
         class_names: label index -> class name.
+        scored_groups: the scored images' lesion ids: each arm's balanced accuracy then gets a 95% interval from
+            ``n_boot`` lesion-bootstrap resamples (the same resamples for both arms).
+        n_boot: resamples for those intervals.
 
     Returns:
         Both arms' balanced accuracy and macro AUROC with their training counts, the scored counts, and
@@ -119,12 +131,15 @@ def utility_report(
     matched = matched_indices(real_labels, synthetic_labels, seed)
     real_images, real_labels = real_images[matched], real_labels[matched]
     scored_features = extractor(scored_images)
+    resamples = LesionBootstrap(scored_groups, n_boot, seed) if scored_groups is not None else None
     arms: dict[str, Any] = {}
     for arm, images, labels in (
         ("synthetic_only", synthetic_images, synthetic_labels),
         ("real_only", real_images, real_labels),
     ):
-        scores = probe_scores(extractor(images), labels, scored_features, scored_labels, len(class_names), seed)
+        scores = probe_scores(
+            extractor(images), labels, scored_features, scored_labels, len(class_names), seed, resamples
+        )
         arms[arm] = {"n_train": len(labels), "train_per_class": _counts(labels, class_names), **scores}
     syn, real = arms["synthetic_only"]["balanced_accuracy"], arms["real_only"]["balanced_accuracy"]
     return {

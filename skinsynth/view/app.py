@@ -296,12 +296,19 @@ def page_audit(run_dir: Path, endpoint: str) -> None:
     gate = report.get("gate") or {}
     if gate.get("share_ok"):
         st.success(
-            f"Gate passed: memorised share {_fmt(gate.get('memorised_share'))} < {gate.get('max_memorised_share')}, "
-            f"attack AUC {_fmt(gate.get('attack_auc'))} < {gate.get('max_attack_auc')}; `generate export` may share "
-            "it."
+            f"Gate passed, private and useful: memorised share {_fmt(gate.get('memorised_share'))} (upper bound "
+            f"{_fmt(gate.get('memorised_share_upper'))}) < {gate.get('max_memorised_share')}, attack AUC "
+            f"{_fmt(gate.get('attack_auc'))} (upper bound {_fmt(gate.get('attack_auc_upper'))}) < "
+            f"{gate.get('max_attack_auc')}; synthetic-only probe above chance; `generate export` may share it."
         )
     else:
-        st.error("Gate failed: " + "; ".join(gate.get("reasons") or ["no verdict recorded"]))
+        failed = [f"not {name}" for name in ("private", "useful") if not (gate.get(name) or {}).get("ok", True)]
+        st.error(
+            "Gate failed"
+            + (f" ({', '.join(failed)})" if failed else "")
+            + ": "
+            + "; ".join(gate.get("reasons") or ["no verdict recorded"])
+        )
     images = report.get("images") or {}
     cols = st.columns(4)
     for col, key in zip(cols, ("synthetic", "train", "held_out", "test")):
@@ -312,10 +319,14 @@ def page_audit(run_dir: Path, endpoint: str) -> None:
     st.subheader("Fidelity")
     st.dataframe(R.fidelity_table(report), hide_index=True)
     st.caption(
-        "FID/KID (lower is better) and precision/recall/density/coverage (higher is better) per feature extractor; "
-        "n_real/n_synthetic are the sample counts. fid_real_train_vs_held_out is real against real: the floor."
+        "FID/KID (lower is better) and precision/recall/density/coverage (higher is better) per feature extractor. "
+        "Every figure is at n images per side (the larger set subsampled): FID is biased upwards at small n, so only "
+        "figures at the same n compare. fid_floor/kid_floor are real training against held-out real images at "
+        "floor_n: the floor. n_real_available/n_synthetic_available are the counts n was drawn from."
     )
-    for extractor in report.get("fidelity") or {}:
+    for extractor, block in (report.get("fidelity") or {}).items():
+        if block.get("floor_note"):
+            st.caption(f"{extractor}: {block['floor_note']}")
         with st.expander(f"per class ({extractor})"):
             st.dataframe(R.fidelity_per_class_table(report, extractor), hide_index=True)
 

@@ -396,24 +396,53 @@ def provenance_caption(row: dict[str, Any]) -> str:
 
 # --- audit ---------------------------------------------------------------------------------------------------------
 
-FIDELITY_FIELDS = ("n_real", "n_synthetic", "fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage")
+FIDELITY_FIELDS = (
+    "n",
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "floor_n",
+    "fid_floor",
+    "kid_floor_mean",
+    "kid_floor_std",
+    "n_real_available",
+    "n_synthetic_available",
+)
+# reports written before figures were compared at matched n: their nearest column under the old name
+_FIDELITY_OLD_NAMES = {
+    "fid_floor": "fid_real_train_vs_held_out",
+    "n_real_available": "n_real",
+    "n_synthetic_available": "n_synthetic",
+}
+PER_CLASS_FIDELITY_FIELDS = ("n", "small", "fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage")
 
 
 def fidelity_table(report: dict[str, Any]) -> pd.DataFrame:
-    """One row per feature extractor: sample counts, FID/KID, precision/recall/density/coverage, and the FID of the
-    real training images against held-out real images (the floor a generator can reach with these features)."""
+    """One row per feature extractor: FID/KID (with KID's std), precision/recall/density/coverage at the matched n,
+    and the floor a generator can reach with these features: the FID/KID of real training images against held-out
+    real images at ``floor_n`` (= n unless the held-out set is smaller); then the counts the n was drawn from."""
     rows = []
     for name, block in (report.get("fidelity") or {}).items():
-        row = {"extractor": name, **{k: block.get(k) for k in FIDELITY_FIELDS}}
-        row["fid_real_train_vs_held_out"] = block.get("fid_real_train_vs_held_out")
+        row = {"extractor": name}
+        for key in FIDELITY_FIELDS:
+            row[key] = block.get(key, block.get(_FIDELITY_OLD_NAMES.get(key, key)))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def fidelity_per_class_table(report: dict[str, Any], extractor: str) -> pd.DataFrame:
-    """Per-class fidelity of one extractor (classes too small for FID carry their note instead)."""
+    """Per-class fidelity of one extractor at matched n per class: classes under 50 images per side are ``small``
+    and carry KID alone (FID withheld) with their note."""
     per_class = ((report.get("fidelity") or {}).get(extractor) or {}).get("per_class") or {}
-    return pd.DataFrame([{"class": dx, **values} for dx, values in per_class.items()])
+    table = pd.DataFrame([{"class": dx, **values} for dx, values in per_class.items()])
+    if table.empty:
+        return table
+    first = ["class", *(c for c in PER_CLASS_FIDELITY_FIELDS if c in table)]
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 def utility_table(utility: dict[str, Any]) -> pd.DataFrame:
