@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,9 @@ def test_evaluate_shift_writes_table_figure_report_and_ledger(tiny_classifier, t
     assert saved["shift"]["worst"]["corruption"] in CORRUPTIONS
     assert saved["shift"]["table"] == "shift.csv"
     assert any(m.startswith("evaluate: shift: worst corruption") for m in messages)
+    # progress over the minutes a real test set takes: a line per corruption, with its three severities
+    per_corruption = [m for m in messages if re.match(r"evaluate: shift: \d/9 \w+: balanced accuracy ", m)]
+    assert len(per_corruption) == 9 and all(m.count(", ") >= 2 for m in per_corruption)
     shift_looks = [e for e in read_ledger(out) if "shift.balanced_accuracy" in e["metrics"]]
     assert len(shift_looks) == 1 and shift_looks[0]["n_images"] == n_test
     assert report["test_looks"]["looks"] == 2  # the test report's look and the shift evaluation's

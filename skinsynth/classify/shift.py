@@ -317,7 +317,7 @@ def evaluate_shift(
              "value": _num(clean_point[metric]), "ci_low": low, "ci_high": high,
              "clean": _num(clean_point[metric]), "drop": 0.0, "drop_ci_low": 0.0, "drop_ci_high": 0.0}
         )  # fmt: skip
-    for name in CORRUPTIONS:
+    for done, name in enumerate(CORRUPTIONS, start=1):
         kind = "dermoscopy" if name in DERMOSCOPY_ARTEFACTS else "generic"
         for severity in SEVERITIES:
             images = [corrupt(rgb, name, severity, seed=seed, index=i) for i, rgb in enumerate(stored)]
@@ -331,6 +331,12 @@ def evaluate_shift(
                      "clean": _num(clean_point[metric]), "drop": _num(clean_point[metric] - point[metric]),
                      "drop_ci_low": drop_low, "drop_ci_high": drop_high}
                 )  # fmt: skip
+        # a test set under the suite is minutes of inference on a CPU: a line per corruption
+        accuracies = ", ".join(_fmt(row["value"]) for row in rows[-len(METRICS) * len(SEVERITIES) :: len(METRICS)])
+        progress(
+            f"evaluate: shift: {done}/{len(CORRUPTIONS)} {name}: balanced accuracy {accuracies} at severities "
+            f"{', '.join(map(str, SEVERITIES))} ({time.perf_counter() - t0:.0f} s)"
+        )
     table = pd.DataFrame(rows).assign(n=len(test))
     table.to_csv(out_dir / SHIFT_CSV, index=False)
     figure = shift_figure(table, out_dir / SHIFT_FIGURE)
