@@ -329,6 +329,7 @@ def test_export_follows_the_audit_gate(audited_run, tmp_path):
 def test_a_generator_of_noise_fails_useful_and_export_refuses_it(audited_run, tmp_path):
     """What 200 steps of a too-small generator gave a user: colour noise. It copies nothing and its members are no
     better denoised, so privacy passes it; the useful verdict must not."""
+    import dataclasses
     import io
 
     import pyarrow as pa
@@ -336,13 +337,15 @@ def test_a_generator_of_noise_fails_useful_and_export_refuses_it(audited_run, tm
 
     from skinsynth.audit.export import ExportRefused, export_synthetic
     from skinsynth.audit.report import run_audit
+    from skinsynth.config import AuditConfig
     from tests.conftest import copy_config, copy_run
 
     trained, _ = audited_run
     out = copy_run(Path(trained.run.out), tmp_path / "run")
     cfg = copy_config(trained, out)
-    # FID's Inception features: the session's one-epoch classifier maps noise and skin alike (precision 0.94 there)
-    cfg.audit.extractor = "inception"
+    # the default gate (test_export_follows_the_audit_gate loosens the module's shared config), on FID's Inception
+    # features: the session's one-epoch classifier maps noise and skin alike (precision 0.94 under it)
+    cfg.audit = dataclasses.replace(AuditConfig(), extractor="inception", mia_images=24, calibration_images=40)
     rng = np.random.default_rng(0)
     for shard in (out / "synthetic" / "images").glob("*.parquet"):
         table = pq.read_table(shard)
