@@ -123,15 +123,15 @@ def _stage_train(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
 
 
 def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
-    from skinsynth.audit.report import audit_identity, run_audit
+    from skinsynth.audit.report import audit_identity, failed_verdicts, run_audit
 
     if not cfg.generator.enabled:
         return StageOutcome("audit", 0.0, True, "disabled (generator.enabled: false)")
 
     def work() -> str:
         gate = run_audit(cfg, run_dir, progress=progress)["gate"]
-        failed = [name for name in ("private", "useful") if not gate[name]["ok"]]
-        verdict = "share_ok" if gate["share_ok"] else "NOT share_ok (not " + " and not ".join(failed) + ")"
+        failed = " and not ".join(failed_verdicts(gate))
+        verdict = "share_ok" if gate["share_ok"] else f"NOT share_ok (not {failed})"
         detail = f"memorised {gate['memorised_share']:.1%}, attack AUC {gate['attack_auc']:.2f}: {verdict}"
         return f"{detail} -> {layout(run_dir).audit}"
 

@@ -237,13 +237,6 @@ def _tpr_at_fpr(member_scores: np.ndarray, other_scores: np.ndarray, fpr_limit: 
     return float((member_scores > boundary).mean())
 
 
-def _auc(member_scores: np.ndarray, other_scores: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney probability that a member outscores a non-member (ties count half)."""
-    wins = (member_scores[:, None] > other_scores[None, :]).mean()
-    ties = (member_scores[:, None] == other_scores[None, :]).mean()
-    return float(wins + 0.5 * ties)
-
-
 def membership_attack(
     member_errors: np.ndarray, non_member_errors: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -266,7 +259,7 @@ def membership_attack(
     aucs = ((member_counts @ pairwise) * other_counts).sum(axis=1) / (m * n)
     tprs = np.array([_tpr_at_fpr(member_scores[a], other_scores[b]) for a, b in zip(member_draws, other_draws)])
     return {
-        "auc": _auc(member_scores, other_scores),
+        "auc": float(pairwise.mean()),  # the Mann-Whitney probability that a member outscores a non-member
         "auc_ci": [float(v) for v in np.quantile(aucs, [0.025, 0.975])],
         "tpr_at_1pct_fpr": _tpr_at_fpr(member_scores, other_scores),
         "tpr_at_1pct_fpr_ci": [float(v) for v in np.quantile(tprs, [0.025, 0.975])],

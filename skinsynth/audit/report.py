@@ -263,15 +263,16 @@ def sharing_gate(
     }
 
 
+def failed_verdicts(gate: dict[str, Any]) -> list[str]:
+    """The verdicts (``private``, ``useful``) a gate failed; a gate without them (no audit) fails none by name."""
+    return [name for name in ("private", "useful") if not (gate.get(name) or {}).get("ok", True)]
+
+
 def gate_line(gate: dict[str, Any]) -> str:
     """One line for the terminal: the verdicts, and why a failed one failed."""
     if gate["share_ok"]:
         return "share_ok (private and useful)"
-    failed = [
-        f"not {name}: " + "; ".join(gate[name]["reasons"])
-        for name in ("private", "useful")
-        if name in gate and not gate[name]["ok"]
-    ]
+    failed = [f"not {name}: " + "; ".join(gate[name]["reasons"]) for name in failed_verdicts(gate)]
     return "NOT share_ok: " + (" | ".join(failed) or "; ".join(gate["reasons"]))
 
 
