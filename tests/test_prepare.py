@@ -176,8 +176,10 @@ def test_bench_prepare_times_every_engine_on_the_same_images(ray_local):
         assert record[engine]["seconds"] > 0
         assert record[engine]["images_per_s"] == pytest.approx(40 / record[engine]["seconds"], rel=0.01)
     local, ray, ceiling = (record[e]["images_per_s"] for e in ("local", "ray", "processes"))
-    assert record["speedup"] == pytest.approx(ray / local, rel=0.01)
-    assert record["ceiling_speedup"] == pytest.approx(ceiling / local, rel=0.01)
-    assert record["ray_share_of_ceiling"] == pytest.approx(ray / ceiling, rel=0.01)
+    # the ratios are rounded to 3 decimals: a ratio near 0.04 (Ray on a loaded machine) is 1% off by rounding alone
+    rounded = {"rel": 0.01, "abs": 5e-4}
+    assert record["speedup"] == pytest.approx(ray / local, **rounded)
+    assert record["ceiling_speedup"] == pytest.approx(ceiling / local, **rounded)
+    assert record["ray_share_of_ceiling"] == pytest.approx(ray / ceiling, **rounded)
     assert record["machine"]["cpu_cores"] >= 1
     assert any("x on" in m for m in messages) and any("ceiling" in m for m in messages)
