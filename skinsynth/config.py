@@ -240,17 +240,29 @@ class AuditConfig:
     max_images: int = 2000  # per set (synthetic, real train, real held-out): a seeded subset beyond this
     nearest_k: int = 5  # k of the k-NN radii behind precision/recall/density/coverage (Naeem et al. 2020: 5)
     kid_subset_size: int = 1000  # KID subset size (capped at the smaller set)
-    pixel_size: int = 32  # side the images are resized to for the pixel-correlation nearest-neighbour search
-    copy_quantile: float = 0.05  # copy threshold: this quantile of augmented training copies' similarity ...
-    held_out_quantile: float = 0.99  # ... raised to this quantile of held-out real images' similarity where higher
-    calibration_images: int = 200  # training images augmented to calibrate the copy threshold
-    mia_images: int = 200  # training (member) and held-out (non-member) images scored by the attack, each
-    mia_timesteps: int = 8  # noise levels, evenly spaced over the first half of the schedule, per image
+    copy_size: int = 64  # side the near-copy search compares at (larger images are resized down to it)
+    copy_candidates: int = 24  # training images verified per query after the near-copy search's retrieval
+    # copy threshold: the lowest near-copy score that at most this share of held-out real images (other lesions)
+    # reach; at 0.01 a generator as original as unseen real images would already fail a 1% memorisation limit
+    copy_fpr: float = 0.005
+    # same-lesion training images searched for the copy threshold's true-positive rate; twice as many held-out images
+    # set the threshold (one half) and measure its false-positive rate (the other)
+    calibration_images: int = 200
+    copy_plants: int = 30  # planted near-copies per kind (shift, crop, flip/turn, colour, blur) the report scores
+    # training (member) and held-out (non-member) images scored by both membership attacks, each: at least 1,000
+    # members and 1,000 non-members where the data has them (a chance AUC's 95% interval is then about +-0.025;
+    # at 200 each, +-0.055)
+    mia_images: int = 1000
+    # noise levels per image, both attacks: evenly spaced over 2-50% of the schedule (loss attack), 2-20% (PIA)
+    mia_timesteps: int = 8
+    # noise draws per level for the loss attack (PIA draws none): its cost is draws x timesteps model calls per image
+    mia_draws: int = 4
     gallery_pairs: int = 8  # closest synthetic/training pairs drawn in gallery.png
     # "private" verdict: the upper 95% bound of the share of synthetic images above the copy threshold stays below
     max_memorised_share: float = 0.01
-    max_attack_auc: float = 0.60  # "private" verdict: the upper 95% bound of the membership attack's AUC stays below
-    mia_boot: int = 1000  # stratified bootstrap resamples behind the attack's intervals
+    # "private" verdict: the upper 95% bound of each membership attack's AUC (loss attack and PIA) stays below
+    max_attack_auc: float = 0.60
+    mia_boot: int = 1000  # stratified bootstrap resamples behind the attacks' intervals (overall and per class)
     # "useful" verdict: the synthetic-only probe's lower 95% bound of balanced accuracy exceeds chance by more than
     # this (a generator of noise scores at chance)
     min_probe_gain: float = 0.0

@@ -132,7 +132,8 @@ def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
         gate = run_audit(cfg, run_dir, progress=progress)["gate"]
         failed = " and not ".join(failed_verdicts(gate))
         verdict = "share_ok" if gate["share_ok"] else f"NOT share_ok (not {failed})"
-        detail = f"memorised {gate['memorised_share']:.1%}, attack AUC {gate['attack_auc']:.2f}: {verdict}"
+        worst = f"attack AUC {gate['attack_auc']:.2f} (upper {gate['attack_auc_upper']:.2f}, {gate['attack']})"
+        detail = f"memorised {gate['memorised_share']:.1%}, {worst}: {verdict}"
         return f"{detail} -> {layout(run_dir).audit}"
 
     return _unless_up_to_date("audit", run_dir, audit_identity(cfg, run_dir), force, progress, work, cfg.run)

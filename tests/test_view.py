@@ -220,7 +220,11 @@ def test_audit_page_shows_fidelity_utility_privacy_and_the_gate_from_the_report(
     )
     privacy = report["privacy"]
     assert _metric(app, "memorisation rate") == f"{privacy['memorisation']['memorised_share']:.3f}"
-    assert _metric(app, "membership attack AUC") == f"{privacy['membership_inference']['auc']:.3f}"
+    worst = report["gate"]["attack"]  # the tiles show the attack with the highest upper bound
+    assert _metric(app, "membership attack AUC") == f"{privacy['membership_inference'][worst]['auc']:.3f}"
+    attacks = app.dataframe[3].value.set_index("attack")
+    assert list(attacks.index) == ["loss", "pia"]
+    assert attacks.loc["pia", "auc_high"] == pytest.approx(privacy["membership_inference"]["pia"]["auc_ci"][1])
     assert _metric(app, "synthetic images") == str(report["images"]["synthetic"])
     verdict = [s.value for s in app.success] + [e.value for e in app.error]
     assert len(verdict) == 1 and verdict[0].startswith("Gate passed" if report["gate"]["share_ok"] else "Gate failed")

@@ -52,7 +52,7 @@ def audit_gate(run_dir: str | Path) -> dict:
     Returns:
         ``{"share_ok": bool, "reasons": [...], "private": {...}, "useful": {...}, ...}``
         (:func:`skinsynth.audit.report.sharing_gate`); a set never audited, changed since its audit, or audited
-        before the usefulness verdict existed is not ok.
+        before the usefulness verdict or the second membership attack (PIA) existed is not ok.
     """
     from skinsynth.audit.report import read_audit
     from skinsynth.core.rundir import current_identity
@@ -65,6 +65,8 @@ def audit_gate(run_dir: str | Path) -> dict:
         return {"share_ok": False, "reasons": ["the synthetic set changed after its audit: audit it again"]}
     if "useful" not in report["gate"]:
         return {"share_ok": False, "reasons": ["audited before the usefulness verdict existed: audit it again"]}
+    if "attack" not in report["gate"]:  # its private verdict saw the loss attack alone
+        return {"share_ok": False, "reasons": ["audited before the PIA membership attack existed: audit it again"]}
     return report["gate"]
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from skinsynth import DISCLAIMER
-from skinsynth.audit import fidelity, privacy
+from skinsynth.audit import copies, fidelity, membership, privacy
 from skinsynth.audit.features import AuditError, choose_extractors, imagenet_features
 from skinsynth.audit.utility import utility_report
 from skinsynth.config import AuditConfig, ExperimentConfig, changed_settings, config_to_dict
@@ -45,11 +45,12 @@ Progress = Callable[[str], None]
 
 @dataclass
 class AuditImages:
-    """Decoded images (uint8, N x H x W x 3) with their class labels and ids."""
+    """Decoded images (uint8, N x H x W x 3) with their class labels, ids and lesion (group) ids."""
 
     images: np.ndarray
     labels: np.ndarray
     ids: list[str]
+    groups: np.ndarray  # lesion ids (real images); the image ids of synthetic ones
 
     def subset(self, n: int, seed: int) -> AuditImages:
         if len(self.ids) <= n:
@@ -60,14 +61,17 @@ class AuditImages:
     def select(self, keep: np.ndarray) -> AuditImages:
         """The images at the given indices (or where a boolean mask is true)."""
         keep = np.flatnonzero(keep) if keep.dtype == bool else keep
-        return AuditImages(self.images[keep], self.labels[keep], [self.ids[i] for i in keep])
+        return AuditImages(self.images[keep], self.labels[keep], [self.ids[i] for i in keep], self.groups[keep])
 
 
-def _decode(frame: pd.DataFrame) -> AuditImages:
+def _decode(frame: pd.DataFrame, groups: pd.Series | None = None) -> AuditImages:
+    """``groups``: lesion id by image id (the split table's ``group_id``); without it each image is its own group."""
     from skinsynth.core.shards import decode_png_arrays
 
     images = np.stack(decode_png_arrays(frame["image"])) if len(frame) else np.zeros((0, 1, 1, 3), np.uint8)
-    return AuditImages(images, frame["label"].to_numpy(np.int64), list(frame["image_id"]))
+    ids = list(frame["image_id"])
+    group_ids = np.asarray(ids if groups is None else groups.loc[ids].to_numpy(), dtype=object)
+    return AuditImages(images, frame["label"].to_numpy(np.int64), ids, group_ids)
 
 
 def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages]:
@@ -84,8 +88,9 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
         raise AuditError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
     splits = load_split_table(run_dir)
     columns = ["image_id", "image", "label"]
-    train = _decode(read_rows(run_dir, split_ids(splits, "train", labelled_only=True), columns))
-    held_out = _decode(read_rows(run_dir, split_ids(splits, "val"), columns))
+    lesions = splits.set_index("image_id")["group_id"]
+    train = _decode(read_rows(run_dir, split_ids(splits, "train", labelled_only=True), columns), lesions)
+    held_out = _decode(read_rows(run_dir, split_ids(splits, "val"), columns), lesions)
     synthetic = _decode(pq.read_table(shards, columns=columns).to_pandas().sort_values("image_id"))
     if len(held_out.ids) < 2 or len(synthetic.ids) < 2 or len(train.ids) < 2:
         raise AuditError(
@@ -96,6 +101,9 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
 
 
 def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: AuditConfig, progress) -> dict:
+    """Both membership attacks (``membership.attack_generator``) on the run's generator: members a seeded subset of
+    the training split, non-members of the held-out (validation) split, ``audit.mia_images`` each; one line per
+    attack."""
     from diffusers import DDPMScheduler
 
     from skinsynth.generate.diffusion import training_scheduler_config
@@ -103,32 +111,107 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
 
     generator_dir = layout(run_dir).generator
     unet, conditioning = load_generator(generator_dir)
+    # the attacks' model calls dominate the audit's time; the scores do not depend on the device
+    unet = unet.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     scheduler = DDPMScheduler.from_config(training_scheduler_config(generator_dir))
     members = train.subset(ac.mia_images, ac.seed)
     non_members = held_out.subset(ac.mia_images, ac.seed + 1)
     progress(
-        f"audit: membership attack on the generator, {len(members.ids)} training vs {len(non_members.ids)} held-out "
-        f"images, {ac.mia_timesteps} noise levels each"
+        f"audit: membership attacks on the generator, {len(members.ids)} training vs {len(non_members.ids)} held-out "
+        f"images, {ac.mia_timesteps} noise levels each ({ac.mia_draws} noise draws per level for the loss attack)"
     )
-    kwargs = {"timesteps": ac.mia_timesteps, "seed": ac.seed, "batch_size": ac.batch_size}
-    member_err = privacy.denoising_errors(unet, conditioning, scheduler, members.images, members.labels, **kwargs)
-    other_err = privacy.denoising_errors(
-        unet, conditioning, scheduler, non_members.images, non_members.labels, **kwargs
+    attacks = membership.attack_generator(
+        unet,
+        conditioning,
+        scheduler,
+        (members.images, members.labels),
+        (non_members.images, non_members.labels),
+        timesteps=ac.mia_timesteps,
+        draws=ac.mia_draws,
+        n_boot=ac.mia_boot,
+        seed=ac.seed,
+        batch_size=ac.batch_size,
     )
-    return privacy.membership_attack(member_err, other_err, n_boot=ac.mia_boot, seed=ac.seed)
+    for name, attack in attacks.items():
+        progress(
+            f"audit: membership attack {membership.ATTACK_NAMES[name]}: AUC {attack['auc']:.3f} "
+            f"{_interval(attack['auc_ci'])}, TPR at 1% FPR {attack['tpr_at_1pct_fpr']:.3f} "
+            f"{_interval(attack['tpr_at_1pct_fpr_ci'])} "
+            f"({attack['n_members']} members / {attack['n_non_members']} non-members, {attack['seconds']:.1f} s)"
+            + (f"; {attack['note']}" if "note" in attack else "")
+        )
+    return attacks
+
+
+@dataclass
+class CopyScores:
+    """What the memorisation figures draw: near-copy scores and each synthetic image's nearest training image."""
+
+    synthetic: np.ndarray
+    nearest: np.ndarray
+    held_out: np.ndarray
+    positives: np.ndarray
+    positives_label: str
+
+
+def _memorisation(
+    train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
+) -> tuple[dict[str, Any], CopyScores]:
+    """Near-copy search of every synthetic image in the training set, its threshold calibrated on the data's own
+    pairs (:mod:`skinsynth.audit.copies`): held-out real images - one half sets the threshold at ``audit.copy_fpr``,
+    the other half measures its false-positive rate - and same-lesion training pairs for its true-positive rate."""
+    t0 = time.perf_counter()
+    detector = copies.CopyDetector(train.images, side=ac.copy_size, candidates=ac.copy_candidates)
+    held = held_out.subset(2 * ac.calibration_images, ac.seed + 4)
+    held_scores, _ = detector.score(held.images)
+    halves = np.random.default_rng(ac.seed).permutation(len(held_scores))
+    held_floor, held_eval = held_scores[halves[::2]], held_scores[halves[1::2]]
+    calibration = copies.calibrate(
+        detector,
+        train.groups,
+        held_floor,
+        fpr=ac.copy_fpr,
+        max_pairs=ac.calibration_images,
+        plants_per_kind=ac.copy_plants,
+        seed=ac.seed,
+    )
+    positive_scores = np.asarray(calibration.pop("positive_scores"))
+    threshold = calibration["threshold"]
+    positives, planted = calibration["positives"], calibration["planted"]
+    progress(
+        f"audit: copy threshold {threshold:.3f} (false positives at most {ac.copy_fpr:.1%} of {len(held_floor)} "
+        f"held-out real images); it catches {positives['rate']:.1%} {_interval(positives['ci'])} of "
+        f"{positives['n']} {positives['source'].replace('_', ' ')}; planted near-copies caught: "
+        + ", ".join(f"{kind} {entry['rate']:.0%}" for kind, entry in planted.items())
+        + f" ({time.perf_counter() - t0:.0f} s)"
+    )
+    syn_scores, syn_nearest = detector.score(synthetic.images)
+    memorisation = privacy.memorisation_report(syn_scores, held_eval, synthetic.labels, train.labels, threshold)
+    memorisation["calibration"] = calibration
+    memorisation["measure"] = (
+        f"near-copy score: normalised cross-correlation of band-passed images at {detector.side} px, best over the "
+        f"8 flips/quarter turns, zooms 0.8-1.25 and every shift, against the {detector.candidates} training images "
+        f"retrieved for each query out of {len(train.ids)}; copy threshold = the {1 - ac.copy_fpr:.1%} quantile of "
+        f"{len(held_floor)} held-out real images (the other {len(held_eval)} give held_out_above_threshold)"
+    )
+    low, high = memorisation["memorised_share_ci"]
+    progress(
+        f"audit: memorised {memorisation['memorised_share']:.1%} [{low:.1%}, {high:.1%}] of "
+        f"{memorisation['n_synthetic']} synthetic images (held-out real above the threshold: "
+        f"{memorisation['held_out_above_threshold']:.1%} of {len(held_eval)}) ({time.perf_counter() - t0:.0f} s)"
+    )
+    label = "same-lesion pairs" if positives["source"] == "same_lesion_pairs" else "planted near-copies"
+    return memorisation, CopyScores(syn_scores, syn_nearest, held_eval, positive_scores, label)
 
 
 def _utility(
-    run_dir: Path, train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
+    train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
 ) -> dict[str, Any]:
     """Classification Accuracy Score of the synthetic set against a count-matched real set (see ``utility``),
     scored on the validation split, with lesion-bootstrap intervals."""
-    from skinsynth.core.shards import load_split_table
-
     t0 = time.perf_counter()
     val = held_out.subset(ac.max_images, ac.seed + 3)
     syn = synthetic.subset(ac.max_images, ac.seed + 2)
-    lesions = load_split_table(run_dir).set_index("image_id")["group_id"]
     report = utility_report(
         imagenet_features(ac.batch_size),
         train.images,
@@ -138,7 +221,7 @@ def _utility(
         val.images,
         val.labels,
         seed=ac.seed,
-        scored_groups=lesions.loc[val.ids].to_numpy(),
+        scored_groups=val.groups,
     )
 
     def shown(value: float | None) -> str:
@@ -155,16 +238,22 @@ def _utility(
     return report
 
 
-def similarity_figure(calibration: np.ndarray, synthetic: np.ndarray, held_out: np.ndarray, threshold: float, path):
-    """Histogram of nearest-training pixel correlation: augmented copies, synthetic images, held-out real images."""
+def similarity_figure(scores: CopyScores, threshold: float, path):
+    """Histogram of near-copy scores: the calibration's positives, synthetic images, held-out real images."""
     from skinsynth.classify.figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    bins = np.linspace(min(calibration.min(), synthetic.min(), held_out.min()), 1.0, 50)
-    for values, label in ((held_out, "held-out real"), (synthetic, "synthetic"), (calibration, "augmented copies")):
-        ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} (n={len(values)})")
+    groups = (
+        (scores.held_out, "held-out real"),
+        (scores.synthetic, "synthetic"),
+        (scores.positives, scores.positives_label),
+    )
+    bins = np.linspace(min(v.min() for v, _ in groups if len(v)), 1.0, 50)
+    for values, label in groups:
+        if len(values):
+            ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} (n={len(values)})")
     ax.axvline(threshold, color="k", ls="--", lw=1, label=f"copy threshold {threshold:.3f}")
-    ax.set_xlabel("pixel correlation with the nearest training image")
+    ax.set_xlabel("near-copy score with the nearest training image")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
@@ -184,35 +273,49 @@ def _interval(ci: list[float] | None) -> str:
 
 def sharing_gate(
     memorisation: dict[str, Any],
-    attack: dict[str, Any],
+    attacks: dict[str, dict[str, Any]],
     utility: dict[str, Any] | None,
     fidelity_by_extractor: dict[str, Any],
     ac: AuditConfig,
 ) -> dict[str, Any]:
     """The two verdicts a synthetic set needs before ``generate export`` shares it.
 
-    - **private**: the upper 95% bound of the memorised share (Clopper-Pearson) and of the membership attack's AUC
-      (bootstrap) sit below ``audit.max_memorised_share`` and ``audit.max_attack_auc``: a point estimate under the
-      limit whose interval reaches it does not pass.
+    - **private**: the upper 95% bound of the memorised share (Clopper-Pearson) sits below
+      ``audit.max_memorised_share``, and every membership attack's AUC interval (bootstrap; ``attacks``: name -> its
+      figures, as ``membership.attack_generator`` gives them) lies strictly between ``1 - audit.max_attack_auc`` and
+      ``audit.max_attack_auc``: a point estimate under the limit whose interval reaches it does not pass, one attack
+      that reaches it is enough, and an attack that ranks members backwards (AUC well below 0.5) reveals them too.
     - **useful**: the synthetic-only probe's balanced accuracy has a lower 95% bound above chance (plus
       ``audit.min_probe_gain``), and manifold precision reaches ``audit.min_precision`` under every extractor. A
       generator of noise copies nothing and reveals nothing, so privacy alone would pass it.
 
-    ``share_ok`` needs both; each verdict lists its reasons and the bound that decided it.
+    ``share_ok`` needs both; each verdict lists its reasons and the bound that decided it. ``attack_auc`` and
+    ``attack_auc_upper`` are those of the worst attack (the highest upper bound), named by ``attack``.
     """
     share, (_, share_high) = memorisation["memorised_share"], memorisation["memorised_share_ci"]
-    auc, (_, auc_high) = attack["auc"], attack["auc_ci"]
+    if not attacks:
+        raise AuditError("the sharing gate needs at least one membership attack")
     private: list[str] = []
     if share_high >= ac.max_memorised_share:
         private.append(
             f"memorised share {share:.2%} has an upper 95% bound of {share_high:.2%}, not below "
             f"{ac.max_memorised_share:.2%}"
         )
-    if auc_high >= ac.max_attack_auc:
-        private.append(
-            f"membership attack AUC {auc:.3f} has an upper 95% bound of {auc_high:.3f}, not below "
-            f"{ac.max_attack_auc:.2f}"
-        )
+    for name, attack in attacks.items():
+        auc, (auc_low, auc_high) = attack["auc"], attack["auc_ci"]
+        method = membership.ATTACK_NAMES.get(name, name)
+        if auc_high >= ac.max_attack_auc:
+            private.append(
+                f"membership attack AUC {auc:.3f} ({method}) has an upper 95% bound of {auc_high:.3f}, not below "
+                f"{ac.max_attack_auc:.2f}"
+            )
+        elif auc_low <= 1.0 - ac.max_attack_auc:
+            # an attack that ranks members backwards leaks as much: an attacker with a few known members flips it
+            private.append(
+                f"membership attack AUC {auc:.3f} ({method}) has a lower 95% bound of {auc_low:.3f}, not above "
+                f"{1.0 - ac.max_attack_auc:.2f}: it ranks members backwards, which reveals them as well"
+            )
+    worst = max(attacks, key=lambda name: attacks[name]["auc_ci"][1])
     useful: list[str] = []
     probe, probe_low, chance = None, None, None
     if utility is None:
@@ -240,7 +343,8 @@ def sharing_gate(
         "private": {
             "ok": not private,
             "reasons": private,
-            "decided_by": "upper 95% bounds: memorised share (Clopper-Pearson), attack AUC (stratified bootstrap)",
+            "decided_by": "upper 95% bound of the memorised share (Clopper-Pearson); both 95% bounds of each "
+            "attack's AUC (stratified bootstrap), against max_attack_auc and 1 - max_attack_auc",
         },
         "useful": {
             "ok": not useful,
@@ -251,8 +355,10 @@ def sharing_gate(
         "memorised_share": share,
         "memorised_share_upper": share_high,
         "max_memorised_share": ac.max_memorised_share,
-        "attack_auc": auc,
-        "attack_auc_upper": auc_high,
+        "attack": worst,  # the attack with the highest upper bound, whose AUC and bound follow
+        "attack_auc": attacks[worst]["auc"],
+        "attack_auc_upper": attacks[worst]["auc_ci"][1],
+        "attack_aucs": {name: {"auc": a["auc"], "auc_upper": a["auc_ci"][1]} for name, a in attacks.items()},
         "max_attack_auc": ac.max_attack_auc,
         "probe_balanced_accuracy": probe,
         "probe_balanced_accuracy_lower": probe_low,
@@ -346,50 +452,12 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         if "floor_note" in entry:
             progress(f"audit: {extractor.name}: note: {entry['floor_note']}")
 
-    utility = _utility(run_dir, train, held_out, synthetic, ac, progress) if ac.utility else None
+    utility = _utility(train, held_out, synthetic, ac, progress) if ac.utility else None
 
-    # memorisation: every synthetic image against the whole training set, by pixel correlation
-    size = min(ac.pixel_size, train.images.shape[1])
-    train_vectors = privacy.pixel_vectors(train.images, size)
-    # held-out images: one half sets the threshold's floor, the other half measures its false-positive rate
-    held_all, _ = privacy.nearest_neighbours(privacy.dihedral_pixel_vectors(held_sub.images, size), train_vectors)
-    halves = np.random.default_rng(ac.seed).permutation(len(held_all))
-    held_floor, held_sims = held_all[halves[::2]], held_all[halves[1::2]]
-    threshold, calibration, levels = privacy.copy_threshold(
-        train.images,
-        train_vectors,
-        size,
-        ac.copy_quantile,
-        ac.calibration_images,
-        ac.seed,
-        held_out_sims=held_floor,
-        held_out_quantile=ac.held_out_quantile,
-    )
-    syn_sims, syn_nearest = privacy.nearest_neighbours(
-        privacy.dihedral_pixel_vectors(synthetic.images, size), train_vectors
-    )
-    memorisation = privacy.memorisation_report(syn_sims, held_sims, synthetic.labels, train.labels, threshold)
-    memorisation["threshold_levels"] = levels
-    memorisation["measure"] = (
-        f"Pearson correlation at {size} px with the nearest of {len(train.ids)} training images, best of the 8 "
-        f"flips/quarter turns; copy threshold = the higher of the {ac.copy_quantile:.0%} quantile of "
-        f"{len(calibration)} lightly augmented training images and the {ac.held_out_quantile:.0%} quantile of "
-        f"{len(held_floor)} held-out images (the other {len(held_sims)} give held_out_above_threshold)"
-    )
-    low, high = memorisation["memorised_share_ci"]
-    progress(
-        f"audit: memorised {memorisation['memorised_share']:.1%} [{low:.1%}, {high:.1%}] of "
-        f"{memorisation['n_synthetic']} synthetic images (threshold {threshold:.3f}; held-out real above it: "
-        f"{memorisation['held_out_above_threshold']:.1%})"
-    )
-    attack = _membership(run_dir, train, held_out, ac, progress)
-    progress(
-        f"audit: membership attack AUC {attack['auc']:.3f} {_interval(attack['auc_ci'])}, TPR at 1% FPR "
-        f"{attack['tpr_at_1pct_fpr']:.3f} {_interval(attack['tpr_at_1pct_fpr_ci'])} ({attack['n_members']} members, "
-        f"{attack['n_non_members']} non-members)"
-    )
+    memorisation, copy_scores = _memorisation(train, held_out, synthetic, ac, progress)
+    attacks = _membership(run_dir, train, held_out, ac, progress)
 
-    gate = sharing_gate(memorisation, attack, utility, fidelity_by_extractor, ac)
+    gate = sharing_gate(memorisation, attacks, utility, fidelity_by_extractor, ac)
 
     audit_dir = layout(run_dir).audit
     tmp = audit_dir.with_name(f".{audit_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -397,9 +465,15 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
     try:
         figures = [
             privacy.gallery_figure(
-                synthetic.images, train.images, syn_sims, syn_nearest, ac.gallery_pairs, threshold, tmp / AUDIT_GALLERY
+                synthetic.images,
+                train.images,
+                copy_scores.synthetic,
+                copy_scores.nearest,
+                ac.gallery_pairs,
+                memorisation["threshold"],
+                tmp / AUDIT_GALLERY,
             ),
-            similarity_figure(calibration, syn_sims, held_sims, threshold, tmp / AUDIT_SIMILARITY),
+            similarity_figure(copy_scores, memorisation["threshold"], tmp / AUDIT_SIMILARITY),
         ]
         report = {
             "disclaimer": DISCLAIMER,
@@ -418,7 +492,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             "privacy": {
                 "memorisation": memorisation,
                 "feature_closeness": feature_closeness,
-                "membership_inference": attack,
+                "membership_inference": attacks,  # attack name (loss, pia) -> its figures and method
             },
             "gate": gate,
             "figures": figures,

@@ -295,10 +295,11 @@ def page_audit(run_dir: Path, endpoint: str) -> None:
         return
     gate = report.get("gate") or {}
     if gate.get("share_ok"):
+        worst = f", {gate['attack']}, the worst attack" if gate.get("attack") else ""
         st.success(
             f"Gate passed, private and useful: memorised share {_fmt(gate.get('memorised_share'))} (upper bound "
             f"{_fmt(gate.get('memorised_share_upper'))}) < {gate.get('max_memorised_share')}, attack AUC "
-            f"{_fmt(gate.get('attack_auc'))} (upper bound {_fmt(gate.get('attack_auc_upper'))}) < "
+            f"{_fmt(gate.get('attack_auc'))} (upper bound {_fmt(gate.get('attack_auc_upper'))}{worst}) < "
             f"{gate.get('max_attack_auc')}; synthetic-only probe above chance; `generate export` may share it."
         )
     else:
@@ -346,16 +347,33 @@ def page_audit(run_dir: Path, endpoint: str) -> None:
 
     st.subheader("Privacy")
     privacy = report.get("privacy") or {}
-    memo, attack = privacy.get("memorisation") or {}, privacy.get("membership_inference") or {}
+    memo, attacks = privacy.get("memorisation") or {}, R.membership_attacks(privacy)
+    # the tiles show the attack the gate judged worst (the highest upper bound of its AUC)
+    worst = gate.get("attack") or next(iter(attacks), None)
+    attack = attacks.get(worst) or {}
     cols = st.columns(4)
     cols[0].metric("memorisation rate", _fmt(memo.get("memorised_share")))
     cols[1].metric("memorised images", memo.get("memorised_images"))
-    cols[2].metric("membership attack AUC", _fmt(attack.get("auc")))
-    cols[3].metric("attack TPR at 1% FPR", _fmt(attack.get("tpr_at_1pct_fpr")))
+    cols[2].metric("membership attack AUC", _fmt(attack.get("auc")), help=f"the worst attack: {worst}")
+    cols[3].metric("attack TPR at 1% FPR", _fmt(attack.get("tpr_at_1pct_fpr")), help=f"the worst attack: {worst}")
     st.caption(
-        f"copy threshold {_fmt(memo.get('threshold'))} ({memo.get('measure', '')}); attack on "
-        f"{attack.get('n_members')} members vs {attack.get('n_non_members')} non-members (0.5 = no leak)."
+        f"copy threshold {_fmt(memo.get('threshold'))} ({memo.get('measure', '')}); the tiles show the attack "
+        f"with the highest upper bound of its AUC ({worst}), on {attack.get('n_members')} members vs "
+        f"{attack.get('n_non_members')} non-members (0.5 = no leak)."
     )
+    calibration = memo.get("calibration") or {}
+    if calibration:
+        positives, planted = calibration.get("positives") or {}, calibration.get("planted") or {}
+        st.caption(
+            f"copy threshold calibrated on {positives.get('n')} {positives.get('what', '')}: caught "
+            f"{_fmt(positives.get('rate'))}; held-out real images above it "
+            f"{_fmt(memo.get('held_out_above_threshold'))} of {memo.get('held_out_n')}; planted near-copies caught: "
+            + ", ".join(f"{kind} {_fmt(entry.get('rate'))}" for kind, entry in planted.items())
+        )
+    if attacks:
+        st.dataframe(R.membership_table(privacy), hide_index=True)
+        with st.expander("membership attacks per class (rarest first)"):
+            st.dataframe(R.membership_per_class_table(privacy), hide_index=True)
     for figure, title in (
         (AUDIT_GALLERY, "nearest training image of the most similar synthetic images"),
         (AUDIT_SIMILARITY, "similarity to the training set"),

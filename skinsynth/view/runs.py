@@ -462,6 +462,55 @@ def utility_table(utility: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def membership_attacks(privacy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The report's membership attacks by name (``loss``, ``pia``); a report written before the second attack held
+    one attack's figures directly, shown as ``loss``."""
+    block = privacy.get("membership_inference") or {}
+    if "auc" in block:
+        return {"loss": block}
+    return {name: attack for name, attack in block.items() if isinstance(attack, dict)}
+
+
+def _bounds(ci: Any) -> tuple[Any, Any]:
+    return (ci[0], ci[1]) if isinstance(ci, list) and len(ci) == 2 else (None, None)
+
+
+def _attack_row(attack: dict[str, Any]) -> dict[str, Any]:
+    auc_low, auc_high = _bounds(attack.get("auc_ci"))
+    tpr_low, tpr_high = _bounds(attack.get("tpr_at_1pct_fpr_ci"))
+    return {
+        "auc": attack.get("auc"),
+        "auc_low": auc_low,
+        "auc_high": auc_high,
+        "tpr_at_1pct_fpr": attack.get("tpr_at_1pct_fpr"),
+        "tpr_low": tpr_low,
+        "tpr_high": tpr_high,
+        "n_members": attack.get("n_members"),
+        "n_non_members": attack.get("n_non_members"),
+    }
+
+
+def membership_table(privacy: dict[str, Any]) -> pd.DataFrame:
+    """One row per membership attack: AUC and TPR at 1% FPR with their 95% bounds, the counts, the seconds it took
+    and the method (0.5 AUC = the attack tells members from non-members no better than chance)."""
+    return pd.DataFrame(
+        [
+            {"attack": name, **_attack_row(attack), "seconds": attack.get("seconds"), "method": attack.get("method")}
+            for name, attack in membership_attacks(privacy).items()
+        ]
+    )
+
+
+def membership_per_class_table(privacy: dict[str, Any]) -> pd.DataFrame:
+    """One row per attack and class, rarest class first as the report lists them; a class with too few members or
+    non-members has its counts and the reason instead of figures."""
+    rows = []
+    for name, attack in membership_attacks(privacy).items():
+        for dx, entry in (attack.get("per_class") or {}).items():
+            rows.append({"attack": name, "class": dx, **_attack_row(entry), "note": entry.get("reason", "")})
+    return pd.DataFrame(rows)
+
+
 # --- study (tune) --------------------------------------------------------------------------------------------------
 
 
