@@ -23,7 +23,7 @@ EXAMPLES = """examples:
   skinsynth evaluate --out runs/ham --external runs/isic2017
   skinsynth generate train --out runs/demo --set generator.train_steps=2000 --set generator.size=small
   skinsynth generate sample --out runs/demo --set sample.plan=fill --set sample.fill_to=200
-  skinsynth audit runs/demo                        # FID/KID, memorisation, membership attack; the export gate
+  skinsynth audit runs/demo                        # FID/KID, near-copies, membership attacks; the export gate
   skinsynth generate export runs/demo --to synthetic_pngs
   skinsynth tune --config experiments/ratio_sweep.yaml   # Ray Tune + Optuna; re-run to resume
   skinsynth data download ham10000 --out data/ham10000
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser(
         "audit",
-        help="fidelity (FID/KID, precision/recall) and privacy (memorisation, membership attack) of a synthetic set",
+        help="fidelity (FID/KID, precision/recall) and privacy (near-copies, membership attacks) of a synthetic set",
         description="Audit RUN_DIR/synthetic against the real training and held-out images and the generator; "
         "writes RUN_DIR/audit/report.json, gallery.png and similarity.png. Its gate (section audit:) decides "
         "whether 'generate export' may share the set.",

@@ -260,7 +260,8 @@ class AuditConfig:
     gallery_pairs: int = 8  # closest synthetic/training pairs drawn in gallery.png
     # "private" verdict: the upper 95% bound of the share of synthetic images above the copy threshold stays below
     max_memorised_share: float = 0.01
-    # "private" verdict: the upper 95% bound of each membership attack's AUC (loss attack and PIA) stays below
+    # "private" verdict: each membership attack's AUC interval (loss attack and PIA) lies strictly between
+    # 1 - this and this (an attack that ranks members backwards reveals them too)
     max_attack_auc: float = 0.60
     mia_boot: int = 1000  # stratified bootstrap resamples behind the attacks' intervals (overall and per class)
     # "useful" verdict: the synthetic-only probe's lower 95% bound of balanced accuracy exceeds chance by more than

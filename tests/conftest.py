@@ -214,6 +214,8 @@ DEMO_SMALL = [
     "--set",
     "audit.calibration_images=40",
     "--set",
+    "audit.copy_plants=6",
+    "--set",
     "train.model=test_efficientnet",
     "--set",
     "train.pretrained=none",

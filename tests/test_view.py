@@ -37,7 +37,7 @@ FIXTURE_EXPERIMENT = {
         "lr": 0.003,
         "cache_rows": False,
     },
-    "audit": {"extractor": "classifier", "mia_images": 24, "calibration_images": 40},
+    "audit": {"extractor": "classifier", "mia_images": 24, "calibration_images": 40, "copy_plants": 6},
     "tune": {
         "name": "ratio_grid",
         "search": "grid",

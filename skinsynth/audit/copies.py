@@ -110,7 +110,8 @@ class CopyDetector:
         self._index = _spectra(
             [_retrieval_image(zoom_about_centre(img, z)) for z in RETRIEVAL_ZOOMS for img in self.train]
         )
-        self._zoomed: dict[int, list[np.ndarray]] = {}
+        self._zoomed: dict[int, list[np.ndarray]] = {}  # training image -> its band-passed zooms, as verified
+        self.cache_size = 2048
         s = RETRIEVAL_SIDE
         reach = s // 5
         self._shifts = torch.as_tensor(list(range(reach + 1)) + list(range(s - reach, s)))
@@ -122,7 +123,7 @@ class CopyDetector:
         best_per_view = torch.empty(len(RETRIEVAL_ZOOMS) * n, 8)
         for start in range(0, len(self._index), self.chunk):
             block = self._index[start : start + self.chunk]
-            product = (views.conj()[:, None] * block[None]).sum(dim=2)
+            product = torch.einsum("vcxy,ncxy->vnxy", views.conj(), block)  # summed over channels
             corr = torch.fft.irfft2(product, s=(RETRIEVAL_SIDE, RETRIEVAL_SIDE))
             corr = corr[:, :, self._shifts][:, :, :, self._shifts]
             best_per_view[start : start + len(block)] = corr.flatten(2).amax(dim=2).T
@@ -131,6 +132,8 @@ class CopyDetector:
 
     def _verification_images(self, i: int) -> list[np.ndarray]:
         if i not in self._zoomed:
+            if len(self._zoomed) >= self.cache_size:  # the oldest goes: all of HAM10000's would take ~2 GB
+                del self._zoomed[next(iter(self._zoomed))]
             img = self.train[i]
             self._zoomed[i] = [
                 band_pass(_resized(img, int(round(self.side * z))), self.fine, self.coarse) for z in VERIFY_ZOOMS

@@ -415,6 +415,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
     held_sub = held_out.subset(ac.max_images, ac.seed + 1)
     syn_sub = synthetic.subset(ac.max_images, ac.seed + 2)
     fidelity_by_extractor: dict[str, Any] = {}
+    steps: dict[str, float] = {}  # what each step took, in report.json
     feature_closeness: dict[str, Any] = {}
     for extractor in extractors:
         t0 = time.perf_counter()
@@ -435,6 +436,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             seed=ac.seed,
         )
         entry["extractor"] = extractor.description
+        steps[f"fidelity ({extractor.name})"] = time.perf_counter() - t0
         fidelity_by_extractor[extractor.name] = entry
         reference = privacy.unit_rows(real_f)
         syn_sims, _ = privacy.nearest_neighbours(privacy.unit_rows(syn_f), reference)
@@ -452,10 +454,16 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
         if "floor_note" in entry:
             progress(f"audit: {extractor.name}: note: {entry['floor_note']}")
 
+    t0 = time.perf_counter()
     utility = _utility(train, held_out, synthetic, ac, progress) if ac.utility else None
+    steps["utility"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     memorisation, copy_scores = _memorisation(train, held_out, synthetic, ac, progress)
+    steps["memorisation (near-copy search and its calibration)"] = time.perf_counter() - t0
     attacks = _membership(run_dir, train, held_out, ac, progress)
+    for name, attack in attacks.items():
+        steps[f"membership attack ({name})"] = attack["seconds"]
 
     gate = sharing_gate(memorisation, attacks, utility, fidelity_by_extractor, ac)
 
@@ -498,6 +506,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             "figures": figures,
             "config": config_to_dict(ac),
             "seconds": round(time.perf_counter() - started, 1),
+            "step_seconds": {step: round(seconds, 1) for step, seconds in steps.items()},
         }
         (tmp / AUDIT_REPORT).write_text(json.dumps(report, indent=2))
         write_manifest(tmp, identity, share_ok=gate["share_ok"])
