@@ -332,6 +332,7 @@ def test_the_gate_decides_on_upper_bounds_and_the_attack_intervals_cover_the_tru
     assert chance["auc_ci"][0] < 0.5 < chance["auc_ci"][1]
     # 0 copies among 100 images: the point estimate is 0%, but the exact upper bound (3.6%) reaches the 1% limit
     memorisation = {"memorised_share": 0.0, "memorised_share_ci": privacy.binomial_interval(0, 100)}
+    memorisation.update(memorised_images=0, n_synthetic=100)
     assert memorisation["memorised_share_ci"][1] == pytest.approx(0.0362, abs=1e-4)
     utility = {"synthetic_only": {"balanced_accuracy": 0.4, "balanced_accuracy_ci": [0.3, 0.5]}}
     utility["chance_balanced_accuracy"] = 1 / 7
@@ -339,6 +340,9 @@ def test_the_gate_decides_on_upper_bounds_and_the_attack_intervals_cover_the_tru
     gate = sharing_gate(memorisation, attacks, utility, fid, AuditConfig())
     assert gate["private"]["ok"] is False and gate["useful"]["ok"] is True and gate["share_ok"] is False
     assert "upper 95% bound of 3.62%" in gate["private"]["reasons"][0]
+    # none copied: the reason says how many images would show it (0 of 368 has an upper bound of 0.997%)
+    assert "audit at least 368 synthetic images" in gate["private"]["reasons"][0]
+    assert privacy.binomial_interval(0, 368)[1] < 0.01 <= privacy.binomial_interval(0, 367)[1]
     # with 1,000 images the same 0 copies pass
     memorisation["memorised_share_ci"] = privacy.binomial_interval(0, 1000)
     assert sharing_gate(memorisation, attacks, utility, fid, AuditConfig())["share_ok"] is True

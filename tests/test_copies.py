@@ -70,3 +70,11 @@ def test_without_lesion_pairs_the_rate_comes_from_planted_copies_and_says_so(det
     assert positives["source"] == "planted_near_copies" and positives["n"] == 20
     assert "no same-lesion pairs" in positives["what"]
     assert calibration["negatives"]["n"] == 40 and calibration["negatives"]["rate"] <= 0.05
+
+
+def test_a_long_search_reports_its_progress(detector_and_sets):
+    detector, _, held_out = detector_and_sets
+    lines: list[str] = []
+    watched = copies.CopyDetector(detector.train, progress=lines.append, progress_every_s=0.0)
+    watched.score(held_out[:3])
+    assert len(lines) == 3 and lines[-1].startswith("near-copy search: 3 images searched in 240 training images (")

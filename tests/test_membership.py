@@ -111,6 +111,27 @@ def test_both_attacks_sit_at_chance_on_a_generator_that_never_trained():
         assert attack["auc_ci"][0] < 0.5 < attack["auc_ci"][1], (name, attack["auc"], attack["auc_ci"])
 
 
+def test_a_long_attack_reports_its_progress_and_chunking_changes_no_score():
+    members, non_members = _phantom_images(20, seed=5, size=8), _phantom_images(20, seed=6, size=8)
+    labels = np.zeros(20, dtype=np.int64)
+    unet, conditioning, scheduler = _tiny_generator(8, seed=0)
+    kwargs = {"timesteps": 2, "draws": 2, "n_boot": 50, "seed": 0}
+    whole = membership.attack_generator(
+        unet.eval(), conditioning, scheduler, (members, labels), (non_members, labels), batch_size=64, **kwargs
+    )
+    lines: list[str] = []
+    chunked = membership.attack_generator(
+        unet, conditioning, scheduler, (members, labels), (non_members, labels), batch_size=2, **kwargs,
+        progress=lines.append, progress_every_s=0.0,
+    )  # fmt: skip
+    for name in ("loss", "pia"):
+        assert chunked[name]["auc"] == whole[name]["auc"] and chunked[name]["auc_ci"] == whole[name]["auc_ci"]
+    # chunks of 4 x batch_size = 8 images: 8, 16, 20 members, then 28, 36, 40 with the non-members, per attack
+    counts = [f"{n}/40 images scored" for n in (8, 16, 20, 28, 36, 40)]
+    expected = [f"membership attack {name}: {count}" for name in ("loss", "pia") for count in counts]
+    assert [line.split(" (")[0] for line in lines] == expected and all(line.endswith(" s)") for line in lines)
+
+
 def test_noise_draws_are_seeded_per_draw_and_level_and_pia_draws_none():
     images = _phantom_images(12, seed=7, size=8)
     labels = np.full(12, 5)

@@ -22,6 +22,7 @@ offset per channel). What the detector calls a copy is set by :func:`calibrate`,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,9 +97,18 @@ class CopyDetector:
         side: verification resolution; larger images are resized down to it (shifts are searched in its pixels).
         candidates: training images verified per query after retrieval.
         chunk: training images per FFT block (bounds memory to about ``chunk`` x 8 x 3 x 24^2 floats).
+        progress: receives a line every ``progress_every_s`` seconds of searching (images searched, rate).
     """
 
-    def __init__(self, train_images: np.ndarray, side: int = 64, candidates: int = 24, chunk: int = 2048):
+    def __init__(
+        self,
+        train_images: np.ndarray,
+        side: int = 64,
+        candidates: int = 24,
+        chunk: int = 2048,
+        progress: Callable[[str], None] | None = None,
+        progress_every_s: float = 30.0,
+    ):
         if len(train_images) == 0:
             raise AuditError("no training images to compare with")
         self.side = min(side, train_images.shape[1])
@@ -111,6 +121,8 @@ class CopyDetector:
             [_retrieval_image(zoom_about_centre(img, z)) for z in RETRIEVAL_ZOOMS for img in self.train]
         )
         self._zoomed: dict[int, list[np.ndarray]] = {}  # training image -> its band-passed zooms, as verified
+        self.progress, self.progress_every_s = progress, progress_every_s
+        self.searched, self._started, self._reported = 0, time.perf_counter(), time.perf_counter()
         self.cache_size = 2048
         s = RETRIEVAL_SIDE
         reach = s // 5
@@ -155,12 +167,7 @@ class CopyDetector:
                     best = max(best, float(cv2.matchTemplate(reference, template, cv2.TM_CCOEFF_NORMED).max()))
         return best
 
-    def score(
-        self,
-        queries: np.ndarray,
-        exclude: Sequence[int] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, queries: np.ndarray, exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(best verified correlation, index of that training image) per query.
 
         ``exclude[q]``: a training index query ``q`` may not match (itself, when a training image is the query), or
@@ -178,8 +185,14 @@ class CopyDetector:
                 if value > best:
                     best, where = value, i
             scores[q], nearest[q] = best, where
-            if progress is not None:
-                progress(q + 1)
+            self.searched += 1
+            now = time.perf_counter()
+            if self.progress is not None and now - self._reported >= self.progress_every_s:
+                self._reported = now
+                self.progress(
+                    f"near-copy search: {self.searched} images searched in {len(self.train)} training images "
+                    f"({self.searched / (now - self._started):.1f}/s)"
+                )
         return scores, nearest
 
 

@@ -22,6 +22,7 @@ a generator may memorise exactly those.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -285,6 +286,8 @@ def attack_generator(
     n_boot: int,
     seed: int,
     batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 30.0,
 ) -> dict[str, dict[str, Any]]:
     """Both attacks on one generator: ``{"loss": ..., "pia": ...}``, each ``membership_attack``'s figures (overall
     and per class) plus its ``method``, settings and ``seconds`` (scoring members and non-members).
@@ -296,8 +299,10 @@ def attack_generator(
             PIA).
         draws: noise draws per level, loss attack.
         n_boot: bootstrap resamples behind every interval.
+        progress: receives a line every ``progress_every_s`` seconds of scoring (images scored so far).
     """
     (member_images, member_labels), (other_images, other_labels) = members, non_members
+    total = len(member_images) + len(other_images)
     scorers = {
         "loss": (
             lambda images, labels: denoising_errors(
@@ -322,9 +327,21 @@ def attack_generator(
     }
     results = {}
     for name, (score, settings) in scorers.items():
-        started = time.perf_counter()
-        member_scores = score(member_images, member_labels)
-        other_scores = score(other_images, other_labels)
+        started = reported = time.perf_counter()
+        done, chunk, scored = 0, 4 * batch_size, []
+        for images, labels in ((member_images, member_labels), (other_images, other_labels)):
+            # every image's score is its own (shared noise per draw and level), so chunking changes nothing but
+            # how often a long attack says where it is
+            parts = []
+            for start in range(0, len(images), chunk):
+                parts.append(score(images[start : start + chunk], labels[start : start + chunk]))
+                done += len(parts[-1])
+                now = time.perf_counter()
+                if progress is not None and now - reported >= progress_every_s:
+                    reported = now
+                    progress(f"membership attack {name}: {done}/{total} images scored ({now - started:.0f} s)")
+            scored.append(np.concatenate(parts) if parts else np.zeros(0))
+        member_scores, other_scores = scored
         seconds = time.perf_counter() - started
         attack = membership_attack(
             member_scores,

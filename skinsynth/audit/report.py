@@ -11,6 +11,7 @@ included, are made on validation, so choosing between generators by them spends 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import uuid
@@ -131,6 +132,7 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
         n_boot=ac.mia_boot,
         seed=ac.seed,
         batch_size=ac.batch_size,
+        progress=lambda line: progress(f"audit: {line}"),
     )
     for name, attack in attacks.items():
         progress(
@@ -161,7 +163,12 @@ def _memorisation(
     pairs (:mod:`skinsynth.audit.copies`): held-out real images - one half sets the threshold at ``audit.copy_fpr``,
     the other half measures its false-positive rate - and same-lesion training pairs for its true-positive rate."""
     t0 = time.perf_counter()
-    detector = copies.CopyDetector(train.images, side=ac.copy_size, candidates=ac.copy_candidates)
+    detector = copies.CopyDetector(
+        train.images,
+        side=ac.copy_size,
+        candidates=ac.copy_candidates,
+        progress=lambda line: progress(f"audit: {line}"),
+    )
     held = held_out.subset(2 * ac.calibration_images, ac.seed + 4)
     held_scores, _ = detector.score(held.images)
     halves = np.random.default_rng(ac.seed).permutation(len(held_scores))
@@ -180,7 +187,8 @@ def _memorisation(
     positives, planted = calibration["positives"], calibration["planted"]
     progress(
         f"audit: copy threshold {threshold:.3f} (false positives at most {ac.copy_fpr:.1%} of {len(held_floor)} "
-        f"held-out real images); it catches {positives['rate']:.1%} {_interval(positives['ci'])} of "
+        f"held-out real images); it catches {positives['rate']:.1%} [{positives['ci'][0]:.1%}, "
+        f"{positives['ci'][1]:.1%}] of "
         f"{positives['n']} {positives['source'].replace('_', ' ')}; planted near-copies caught: "
         + ", ".join(f"{kind} {entry['rate']:.0%}" for kind, entry in planted.items())
         + f" ({time.perf_counter() - t0:.0f} s)"
@@ -297,10 +305,18 @@ def sharing_gate(
         raise AuditError("the sharing gate needs at least one membership attack")
     private: list[str] = []
     if share_high >= ac.max_memorised_share:
-        private.append(
+        reason = (
             f"memorised share {share:.2%} has an upper 95% bound of {share_high:.2%}, not below "
             f"{ac.max_memorised_share:.2%}"
         )
+        if memorisation["memorised_images"] == 0:
+            # none copied, too few to show it: with 0 of n the exact upper bound is 1 - 0.025^(1/n)
+            needed = math.floor(math.log(0.025) / math.log(1.0 - ac.max_memorised_share)) + 1
+            reason += (
+                f" (none of {memorisation['n_synthetic']} was copied, but that is too few to show the share is "
+                f"below the limit: audit at least {needed} synthetic images)"
+            )
+        private.append(reason)
     for name, attack in attacks.items():
         auc, (auc_low, auc_high) = attack["auc"], attack["auc_ci"]
         method = membership.ATTACK_NAMES.get(name, name)
