@@ -255,7 +255,7 @@ def membership_attack(
         # weights: tests/test_membership.py)
         result["note"] = (
             "below chance: members score worse than non-members beyond sampling error, so membership leaks with the "
-            "decision reversed; the gate fails it as it fails one above the limit"
+            "decision reversed; the gate fails it once its lower bound reaches 1 - audit.max_attack_auc"
         )
     if member_labels is None or non_member_labels is None:
         return result

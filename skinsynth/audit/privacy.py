@@ -32,26 +32,19 @@ def unit_rows(features: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_neighbours(
-    queries: torch.Tensor | list[torch.Tensor], references: torch.Tensor, chunk: int = 1024
+    queries: torch.Tensor, references: torch.Tensor, chunk: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Highest dot-product similarity of each query to ``references`` (rows unit-norm), and the reference index.
-
-    ``queries`` may be a list of views of the same images (e.g. the dihedral ones); the best view counts.
-    """
-    views = queries if isinstance(queries, list) else [queries]
-    n = len(views[0])
-    best = torch.full((n,), -float("inf"))
-    index = torch.zeros(n, dtype=torch.long)
+    """Highest dot-product similarity of each query to ``references`` (rows unit-norm), and the reference index."""
     if len(references) == 0:
         raise AuditError("no reference images to compare with")
-    for view in views:
-        for start in range(0, n, chunk):
-            sims = view[start : start + chunk] @ references.T
-            value, where = sims.max(dim=1)
-            better = value > best[start : start + chunk]
-            best[start : start + chunk] = torch.where(better, value, best[start : start + chunk])
-            index[start : start + chunk] = torch.where(better, where, index[start : start + chunk])
-    return best.numpy(), index.numpy()
+    best, index = [], []
+    for start in range(0, len(queries), chunk):
+        value, where = (queries[start : start + chunk] @ references.T).max(dim=1)
+        best.append(value)
+        index.append(where)
+    if not best:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(best).numpy(), torch.cat(index).numpy()
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
