@@ -27,6 +27,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # driver piles up their placement groups until no CPU is left for the next trial.
     kwargs: dict = {"include_dashboard": True, "logging_level": logging.WARNING}
     if not os.environ.get("RAY_ADDRESS"):
+        # Serve's controller kills its HTTP proxy when the proxy's first readiness check misses 5 s three times in a
+        # row, and `serve.start` then fails with ActorDiedError; on 2 busy cores the proxy's imports alone can take
+        # that long. The processes of a local Ray inherit this process's environment, so a longer first check is
+        # set here (a cluster's own environment decides on a cluster).
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         # "local": always an embedded Ray of our own, even when `ray start` left a cluster running on this machine
         # (ray.init() would join it, and refuse num_cpus); RAY_ADDRESS is how to use that cluster instead
         kwargs.update(address="local", num_cpus=num_cpus)
