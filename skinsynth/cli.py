@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   skinsynth bench prepare --source ham10000 --path ../shared/data/ham10000
   skinsynth bench train --out runs/demo --set train.model=tf_efficientnet_lite0
   skinsynth bench sample --out runs/demo --images 64
+  skinsynth bench generator --config experiments/ham10000_generator_64.yaml --steps 750
 """
 
 
@@ -245,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sample.add_argument("--images", type=int, default=64, help="images in the benchmark plan")
     bench_sample.add_argument("--json", default="bench/sample.json", help="where to write the record")
     _add_config_args(bench_sample)
+    bench_generator = bench_commands.add_parser(
+        "generator",
+        help="generator recipes (training objectives) at the same steps: matched-n FID and CAS beside the first",
+    )
+    bench_generator.add_argument("--out", metavar="RUN_DIR", help="run directory with prepared data (run.out)")
+    bench_generator.add_argument(
+        "--recipes",
+        default="ddpm,min_snr,v,v_min_snr",
+        help="comma-separated recipe names (ddpm, min_snr, v, v_min_snr); the first is the baseline",
+    )
+    bench_generator.add_argument("--steps", type=int, help="optimiser steps of every recipe (generator.train_steps)")
+    bench_generator.add_argument("--images", type=int, default=500, help="synthetic images per recipe (FID's n)")
+    bench_generator.add_argument("--json", default="bench/generator.json", help="where to write the record")
+    _add_config_args(bench_generator)
     bench_serve = bench_commands.add_parser(
         "serve",
         help="Ray Serve endpoint vs a plain one-process FastAPI server: latency, throughput, errors and ratios",
@@ -447,6 +462,11 @@ def _bench_on_run(args: argparse.Namespace, cfg) -> dict:
         model_dir = default_model_dir(cfg)
         load_served_model(model_dir, cfg.serve)  # fails early with its reason; writes the calibration once
         return bench_serve(cfg, model_dir, seconds=args.seconds, rate=args.rate)
+    if args.bench_command == "generator":
+        from skinsynth.bench.generator import bench_generator
+
+        recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+        return bench_generator(cfg, recipes=recipes, steps=args.steps, images=args.images)
     from skinsynth.bench.sample import bench_sample
 
     return bench_sample(cfg, images=args.images)

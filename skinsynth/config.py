@@ -200,6 +200,13 @@ class GeneratorConfig:
     warmup_steps: int = 50
     ema_decay: float = 0.999  # EMA of the weights; sampling uses the EMA weights
     num_train_timesteps: int = 1000  # DDPM noise levels
+    # what the UNet predicts: the noise (epsilon, Ho et al. 2020) or the velocity sqrt(abar) eps - sqrt(1 - abar) x0
+    # (v_prediction, Salimans & Ho 2022); saved with the generator's noise schedule, so sampling follows it
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    # per-image weights of the training loss: uniform (the DDPM objective) or min_snr, min(SNR, snr_gamma) on the x0
+    # error (Hang et al. 2023), which keeps the nearly noise-free levels from dominating the gradient
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    snr_gamma: float = 5.0  # the gamma of min_snr weighting (the paper's 5)
     checkpoint_every: int = 100  # steps between checkpoints (ray.train.report); the last step always gets one
     grid_every: int = 0  # steps between sample-grid PNGs (0 = only the final one)
     log_every: int = 50  # steps between progress lines

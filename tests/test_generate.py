@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +21,15 @@ from skinsynth.config import GeneratorConfig, SampleConfig, load_config
 from skinsynth.data.preprocess import decode_png
 from skinsynth.data.schema import CLASSES, TONES
 from skinsynth.errors import SkinsynthError
-from skinsynth.generate.diffusion import denoise, initial_noise, sampling_scheduler, training_noise_scheduler
+from skinsynth.generate.diffusion import (
+    denoise,
+    initial_noise,
+    loss_weights,
+    predicted_noise,
+    sampling_scheduler,
+    training_noise_scheduler,
+    training_target,
+)
 from skinsynth.generate.model import (
     Conditioning,
     GeneratorError,
@@ -110,31 +119,80 @@ def test_plan_rows_seeds_and_tone_mix():
 
 
 class _OnePointDenoiser(torch.nn.Module):
-    """The exact noise predictor for data that is one image ``target`` (x_t = sqrt(a) target + sqrt(1 - a) eps),
-    off by 3% like a trained network's estimate; the real UNet's interface (class embedding, ``.sample``)."""
+    """The exact noise (or velocity) predictor for data that is one image ``target``
+    (x_t = sqrt(a) target + sqrt(1 - a) eps, v = sqrt(a) eps - sqrt(1 - a) target), off by 3% like a trained
+    network's estimate; the real UNet's interface (class embedding, ``.sample``)."""
 
-    def __init__(self, target: torch.Tensor, alphas_cumprod: torch.Tensor):
+    def __init__(self, target: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "epsilon"):
         super().__init__()
-        self.target, self.alphas_cumprod = target, alphas_cumprod
+        self.target, self.alphas_cumprod, self.prediction = target, alphas_cumprod, prediction
         self.class_embedding = torch.nn.Embedding(8, 1)
 
     def forward(self, noisy, timesteps, class_labels=None):
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         eps = (noisy - a.sqrt() * self.target) / (1 - a).sqrt()
-        return type("Output", (), {"sample": eps * 1.03})
+        out = eps if self.prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.target
+        return type("Output", (), {"sample": out * 1.03})
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sampler", ["ddim", "dpm"])
-def test_both_samplers_land_on_the_data_of_a_near_exact_denoiser(sampler):
+def test_both_samplers_land_on_the_data_of_a_near_exact_denoiser(sampler, prediction):
     # the cosine schedule leaves almost no signal at its last levels: a sampler that starts there (DPM-Solver's
     # default spacing) divides the network's error by sqrt(alpha_bar) < 1e-2 and its unclipped data estimate blew
-    # up into saturated colour noise for most seeds of a trained generator
-    schedule = training_noise_scheduler(1000)
+    # up into saturated colour noise for most seeds of a trained generator; a v-predicting network's output is
+    # read as v because its saved schedule says so
+    schedule = training_noise_scheduler(1000, prediction)
     target = torch.linspace(-0.8, 0.8, 3 * 8 * 8).view(1, 3, 8, 8)
-    unet = _OnePointDenoiser(target, schedule.alphas_cumprod)
+    unet = _OnePointDenoiser(target, schedule.alphas_cumprod, prediction)
     noise = initial_noise(list(range(4)), 8)
     images = denoise(unet, sampling_scheduler(schedule.config, sampler), noise, torch.zeros(4).long(), 7, 20, 2.0)
     assert (images - target).abs().max() < 0.05
+
+
+def _cosine_alpha_bar(t: int, steps: int = 1000, s: float = 0.008) -> float:
+    """Nichol & Dhariwal's cosine schedule at level t (0-based: DDPM's level t + 1), by its formula."""
+
+    def f(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    return f((t + 1) / steps) / f(0)
+
+
+def test_min_snr_weights_and_targets_match_the_formulas_by_hand():
+    # Hang et al. 2023: weight min(SNR, gamma) / SNR on the eps error, min(SNR, gamma) / (SNR + 1) on the v error
+    levels = [0, 100, 500, 990]  # (not 999, where diffusers caps the last beta at 0.999 and the formula gives 0)
+    t = torch.tensor(levels)
+    for prediction, weight in [
+        ("epsilon", lambda snr: min(snr, 5.0) / snr),
+        ("v_prediction", lambda snr: min(snr, 5.0) / (snr + 1)),
+    ]:
+        schedule = training_noise_scheduler(1000, prediction)
+        expected = []
+        for level in levels:
+            abar = _cosine_alpha_bar(level)
+            expected.append(weight(abar / (1 - abar)))
+        got = loss_weights(schedule, t, "min_snr", 5.0)
+        # float32 at level 0, where 1 - abar is 4e-5: a few parts in 10,000
+        assert got.tolist() == pytest.approx(expected, rel=2e-3), prediction
+        assert loss_weights(schedule, t, "uniform", 5.0).tolist() == [1.0] * 4
+    # the low-noise levels are the ones capped: at level 0 (SNR about 24,000) v weighs about 5 / 24,000
+    assert expected[0] < 0.01 and expected[2] == pytest.approx(_cosine_alpha_bar(500), rel=1e-4)
+    with pytest.raises(SkinsynthError, match="loss_weighting 'snr'"):
+        loss_weights(schedule, t, "snr", 5.0)
+
+    # a v-predicting network's exact output gives back the very noise (what the membership attacks score)
+    torch.manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    v_schedule = training_noise_scheduler(1000, "v_prediction")
+    noisy = v_schedule.add_noise(x0, noise, t)
+    v = training_target(v_schedule, x0, noise, t)
+    abar = torch.tensor([_cosine_alpha_bar(level) for level in levels]).view(-1, 1, 1, 1)
+    assert torch.allclose(v, abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-4)
+    exact = _OnePointDenoiser(x0, v_schedule.alphas_cumprod, "v_prediction")
+    exact.forward = lambda noisy, timesteps, class_labels=None: type("Output", (), {"sample": v})
+    assert torch.allclose(predicted_noise(exact, v_schedule, noisy, t, None), noise, atol=1e-3)
+    assert training_target(training_noise_scheduler(1000), x0, noise, t) is noise
 
 
 @pytest.fixture
@@ -378,3 +436,17 @@ def test_killed_generator_training_resumes_with_the_same_command(ray_local, phan
     saved = latest_checkpoint(out)
     assert optimiser_steps(saved["optimizer"]) == {12} and saved["lr_schedule"]["last_epoch"] == 12
     assert saved["ema"]["optimization_step"] == 12 and "scaler" in saved
+
+
+def test_bench_generator_names_an_unknown_recipe_and_missing_data(tmp_path):
+    from skinsynth.bench.generator import RECIPES, bench_generator
+    from skinsynth.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.run.out = str(tmp_path / "run")
+    with pytest.raises(SkinsynthError, match=r"unknown generator recipe\(s\) \['edm'\] \(known: ddpm, min_snr"):
+        bench_generator(cfg, recipes=["ddpm", "edm"])
+    with pytest.raises(SkinsynthError, match="no prepared data in .*run: run 'skinsynth data prepare' first"):
+        bench_generator(cfg, recipes=["ddpm", "v_min_snr"])
+    # every recipe sets both halves of the objective, so none inherits them from the experiment it runs on
+    assert all(set(recipe) == {"prediction", "loss_weighting"} for recipe in RECIPES.values())

@@ -101,7 +101,7 @@ def denoising_errors(
     Returns:
         float (N,) errors.
     """
-    from skinsynth.generate.model import predict_noise
+    from skinsynth.generate.diffusion import predicted_noise
 
     if draws < 1:
         raise AuditError(f"the loss attack needs at least one noise draw per level, not {draws}")
@@ -122,8 +122,8 @@ def denoising_errors(
             for (_, level), noise in noises.items():
                 noise = noise.to(device).expand_as(x0)
                 t = torch.full((len(x0),), level, dtype=torch.long, device=device)
-                pred = predict_noise(unet, scheduler.add_noise(x0, noise, t), t, joint)
-                err += (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
+                pred = predicted_noise(unet, scheduler, scheduler.add_noise(x0, noise, t), t, joint)
+                err += (pred - noise).pow(2).flatten(1).mean(dim=1)
             errors.append((err / len(noises)).cpu())
     return torch.cat(errors).numpy()
 
@@ -160,7 +160,7 @@ def proximal_initialisation_errors(
     Returns:
         float (N,) scores.
     """
-    from skinsynth.generate.model import predict_noise
+    from skinsynth.generate.diffusion import predicted_noise
 
     levels = attack_levels(scheduler, timesteps, PIA_LEVELS)
     device = _device_of(unet)
@@ -168,12 +168,12 @@ def proximal_initialisation_errors(
     with torch.no_grad():
         for x0, joint in _batches(conditioning, images, labels, batch_size):
             x0, joint = x0.to(device), joint.to(device)
-            eps0 = predict_noise(unet, x0, torch.zeros(len(x0), dtype=torch.long, device=device), joint).float()
+            eps0 = predicted_noise(unet, scheduler, x0, torch.zeros(len(x0), dtype=torch.long, device=device), joint)
             score = torch.zeros(len(x0), device=device)
             for level in levels:
                 t = torch.full((len(x0),), int(level), dtype=torch.long, device=device)
-                pred = predict_noise(unet, scheduler.add_noise(x0, eps0, t), t, joint)
-                score += (pred.float() - eps0).abs().pow(p).flatten(1).mean(dim=1)
+                pred = predicted_noise(unet, scheduler, scheduler.add_noise(x0, eps0, t), t, joint)
+                score += (pred - eps0).abs().pow(p).flatten(1).mean(dim=1)
             scores.append((score / len(levels)).cpu())
     return torch.cat(scores).numpy()
 

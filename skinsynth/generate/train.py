@@ -1,13 +1,14 @@
 """Generator training with Ray Train: DDPM on the real train split, classifier-free guidance, EMA weights.
 
 The loop (``generator_train_loop``) is the DDPM objective of Ho et al. 2020 - noise an image to a random level,
-predict the noise, mean squared error - with three additions: label dropout (a share of images get the null token,
-so one network is both the conditional and the unconditional model of classifier-free guidance, Ho & Salimans
-2022), an exponential moving average of the weights (what sampling uses; Song & Ermon 2020 found it essential for
-sample quality), and gradient accumulation for large effective batches on small devices. DDP across
-``generator.num_workers`` workers, bf16/fp16 autocast on GPU, a checkpoint through ``ray.train.report`` every
-``checkpoint_every`` steps; re-running the same command resumes from the last one (the driver, checkpoint
-save/restore and optimiser step are those of the classifier too: ``skinsynth.core.raytrain``).
+predict the noise (or the velocity, ``generator.prediction``), mean squared error (weighted by min-SNR-gamma with
+``generator.loss_weighting``; see ``skinsynth.generate.diffusion``) - with three additions: label dropout (a share
+of images get the null token, so one network is both the conditional and the unconditional model of
+classifier-free guidance, Ho & Salimans 2022), an exponential moving average of the weights (what sampling uses;
+Song & Ermon 2020 found it essential for sample quality), and gradient accumulation for large effective batches
+on small devices. DDP across ``generator.num_workers`` workers, bf16/fp16 autocast on GPU, a checkpoint through
+``ray.train.report`` every ``checkpoint_every`` steps; re-running the same command resumes from the last one (the
+driver, checkpoint save/restore and optimiser step are those of the classifier too: ``skinsynth.core.raytrain``).
 
 The generator never trains on synthetic rows (model-collapse guard, Shumailov et al. 2024, "AI models collapse when
 trained on recursively generated data"): ``train_generator`` refuses with a clear error if any input row is
@@ -33,7 +34,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from skinsynth.config import ExperimentConfig, GeneratorConfig, changed_settings, config_to_dict
 from skinsynth.core.console import worker_progress
@@ -56,9 +56,11 @@ from skinsynth.generate.diffusion import (
     denoise,
     from_uint8_images,
     initial_noise,
+    loss_weights,
     sampling_scheduler,
     to_uint8_images,
     training_noise_scheduler,
+    training_target,
 )
 from skinsynth.generate.model import UNET_DIR, Conditioning, create_generator, predict_noise, save_generator
 
@@ -67,6 +69,10 @@ GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
 GRID_PER_CLASS = 6
 GRIDS_DIR = "grids"  # the grids sampled during training, in the Ray Train run's folder and then generator/
 HISTORY_FILE = "training.json"  # generator/training.json: the loss history and step count
+OBJECTIVES = {
+    "epsilon": "DDPM noise prediction (Ho et al. 2020)",
+    "v_prediction": "DDPM velocity prediction (Salimans & Ho 2022)",
+}
 
 
 class GeneratorCollate:
@@ -158,7 +164,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
     scaler = raytrain.grad_scaler(amp_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=gc.lr, weight_decay=0.0)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=gc.warmup_steps)
-    noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
+    noise_scheduler = training_noise_scheduler(gc.num_train_timesteps, gc.prediction)
 
     # what a checkpoint saves and a resumed run restores, by the keys checkpoints have always used
     stateful = {"model": model, "ema": ema, "optimizer": optimizer, "lr_schedule": lr_schedule, "scaler": scaler}
@@ -197,8 +203,11 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             noise = torch.randn_like(x0)
             t = torch.randint(0, gc.num_train_timesteps, (x0.shape[0],), device=device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
+            target = training_target(noise_scheduler, x0, noise, t)
+            weights = loss_weights(noise_scheduler, t, gc.loss_weighting, gc.snr_gamma)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.mse_loss(predict_noise(model, noisy, t, labels).float(), noise)
+                out = predict_noise(model, noisy, t, labels).float()
+            loss = (weights * (out - target).pow(2).flatten(1).mean(dim=1)).mean()
             scaler.scale(loss / gc.grad_accum).backward()
             window_loss += float(loss.detach()) * x0.shape[0]
             window_images += x0.shape[0]
@@ -392,7 +401,7 @@ def export_generator(
     generator_dir = layout(run_dir).generator
     tmp = generator_dir.with_name(f".{generator_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     save_generator(unet, conditioning, tmp)
-    noise_scheduler = training_noise_scheduler(gc.num_train_timesteps)
+    noise_scheduler = training_noise_scheduler(gc.num_train_timesteps, gc.prediction)
     noise_scheduler.save_pretrained(tmp / SCHEDULER_DIR)
     save_png(sample_grid(unet, conditioning, noise_scheduler.config), tmp / GENERATOR_GRID)
     if grids.is_dir():
@@ -435,8 +444,9 @@ def generator_card(
         "generator_id": generator_id,
         "model": f"diffusers.UNet2DModel, '{gc.size}' preset",
         "parameters": sum(p.numel() for p in unet.parameters()),
-        "objective": "DDPM noise prediction (Ho et al. 2020), cosine schedule, classifier-free guidance by label "
-        f"dropout {gc.label_dropout}, EMA decay {gc.ema_decay}",
+        "objective": OBJECTIVES[gc.prediction]
+        + (f", min-SNR-{gc.snr_gamma:g} weighting (Hang et al. 2023)" if gc.loss_weighting == "min_snr" else "")
+        + f", cosine schedule, classifier-free guidance by label dropout {gc.label_dropout}, EMA decay {gc.ema_decay}",
         "image_size": conditioning.image_size,
         "classes": list(conditioning.classes),
         "tone_conditioning": list(conditioning.tones),
