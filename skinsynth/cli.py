@@ -543,10 +543,19 @@ def _stage_of(args: argparse.Namespace) -> str | None:
         return ""
     if args.command in ("train", "evaluate", "audit", "tune"):
         return args.command
-    sub = (args.command, getattr(args, "data_command", None) or getattr(args, "generate_command", None))
-    return {("data", "prepare"): "prepare", ("generate", "train"): "generate", ("generate", "sample"): "sample"}.get(
-        sub
+    sub = (
+        args.command,
+        getattr(args, "data_command", None)
+        or getattr(args, "generate_command", None)
+        or getattr(args, "bench_command", None),
     )
+    return {
+        ("data", "prepare"): "prepare",
+        ("generate", "train"): "generate",
+        ("generate", "sample"): "sample",
+        # trains and samples generators for many minutes: their Ray lines to RUN_DIR/logs/bench-generator.log
+        ("bench", "generator"): "bench-generator",
+    }.get(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

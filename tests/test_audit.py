@@ -126,6 +126,22 @@ def test_utility_probe_on_copies_equals_the_real_baseline_and_on_shuffled_labels
     assert shuffled["balanced_accuracy_ratio"] < 0.5
 
 
+def test_the_imagenet_probe_sees_small_images_upsampled_to_its_minimum_side():
+    from skinsynth.audit.features import IMAGENET_MIN_SIDE, imagenet_features
+
+    extractor = imagenet_features(batch_size=8)
+    seen: list[tuple[int, ...]] = []
+    stem = extractor.model.conv_stem  # the first layer: what the network is given
+    hook = stem.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape)))
+    try:
+        small = extractor(_phantom_images(3, seed=0, size=32))
+        large = extractor(_phantom_images(2, seed=0, size=160))
+    finally:
+        hook.remove()
+    assert seen == [(3, 3, IMAGENET_MIN_SIDE, IMAGENET_MIN_SIDE), (2, 3, 160, 160)]  # larger images as they come
+    assert small.shape == (3, extractor.model.num_features) and large.shape[0] == 2
+
+
 def test_utility_real_arm_matches_the_synthetic_counts_and_one_class_is_no_probe():
     from skinsynth.audit.utility import matched_indices, probe_scores
 

