@@ -59,7 +59,8 @@ def _score(folder: Path, images: int, extractor, ac, progress: Progress, cache: 
 
     train, held_out, synthetic = load_audit_images(folder)
     n = min(images, len(synthetic.ids), len(train.ids))
-    real_sub, held_sub, syn_sub = train.subset(n, ac.seed), held_out.subset(n, ac.seed + 1), synthetic.subset(n, 2)
+    real_sub, held_sub = train.subset(n, ac.seed), held_out.subset(n, ac.seed + 1)
+    syn_sub = synthetic.subset(n, ac.seed + 2)
     t0 = time.perf_counter()
     key = (tuple(real_sub.ids), tuple(held_sub.ids))
     if key not in cache:
