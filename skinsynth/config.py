@@ -71,6 +71,9 @@ class PreprocessConfig:
     min_side: int = 32  # images whose short side is smaller are quarantined
     allow_grayscale: bool = False  # single-channel images carry no colour or tone: quarantined by default
     max_working_side: int = 512  # large originals are downscaled to this before hair removal (speed)
+    # images with more pixels than this are quarantined from their header, before decoding: dermoscopy images are
+    # at most about 25 MP, and a small file can decode to hundreds of MB (0 = no cap beyond Pillow's own 179 MP)
+    max_pixels: int = 40_000_000
 
 
 @dataclass
@@ -337,6 +340,9 @@ class ServeConfig:
     max_batch_size: int = 16  # images per model call (@serve.batch)
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     max_upload_mb: float = 10.0  # larger uploads get 413
+    # uploads that would decode to more pixels than this get 413 from their header alone, before decoding (a 445 KB
+    # PNG can hold 12,000 x 12,000 pixels: 430 MB and seconds of CPU); dermoscopy images are at most about 25 MP
+    max_pixels: int = 40_000_000
     ood_quantile: float = 0.95  # OOD threshold: this quantile of validation images' feature distance
     ood_neighbours: int = 1  # OOD score: distance to the k-th nearest labelled training image's features
     high_risk_specificity: float = 0.90  # 'high' band: malignant score where validation specificity reaches this

@@ -73,6 +73,19 @@ def encode(rgb: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes
     return buf.getvalue()
 
 
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels and which holds no pixel data: a decoder that
+    got past the header would call it truncated, so refusing it for its size shows the refusal came first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 GOOD_IDS = [f"ISIC_good{i:02d}" for i in range(14)]
 GOOD_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] * 2
 
@@ -83,6 +96,7 @@ BAD_EXPECTED = {
     "ISIC_text": "not an image: the file format is not recognised",
     "ISIC_gray": "grayscale image (mode L)",
     "ISIC_tiny": "too small: 1x1 px",
+    "ISIC_huge": "too large: 12000x12000 px (144.0 MP) is over the 40 MP limit; refused before decoding",
     "ISIC_unknowndx": "unknown label 'xyz'",
     "ISIC_missing": "image file not found for this image_id",
     "ISIC_orphan": "image file has no metadata row",
@@ -114,9 +128,10 @@ def messy_ham_dir(tmp_path) -> Path:
     (part2 / "ISIC_text.jpg").write_text("not a jpeg at all\n")
     (part2 / "ISIC_gray.jpg").write_bytes(encode(skin_with_lesion(96, seed=7), "JPEG", mode="L"))
     (part2 / "ISIC_tiny.jpg").write_bytes(encode(np.full((1, 1, 3), 200, np.uint8)))
+    (part2 / "ISIC_huge.jpg").write_bytes(header_only_png(12000, 12000))  # found by content, not by extension
     (part2 / "ISIC_unknowndx.jpg").write_bytes(encode(skin_with_lesion(96, seed=8)))
     (part2 / "ISIC_orphan.jpg").write_bytes(encode(skin_with_lesion(96, seed=9)))
-    for image_id in ("ISIC_trunc", "ISIC_empty", "ISIC_text", "ISIC_gray", "ISIC_tiny", "ISIC_missing"):
+    for image_id in ("ISIC_trunc", "ISIC_empty", "ISIC_text", "ISIC_gray", "ISIC_tiny", "ISIC_huge", "ISIC_missing"):
         rows.append((f"HAM_{image_id}", image_id, "nv", "histo", 60.0, "male", "back"))
     rows.append(("HAM_x", "ISIC_unknowndx", "xyz", "histo", 60.0, "male", "back"))
     rows.append(("HAM_dup", GOOD_IDS[0], "mel", "histo", 61.0, "male", "back"))  # duplicated image_id

@@ -12,12 +12,13 @@ from skinsynth.data.preprocess import (
     BadImage,
     decode_image,
     decode_png,
+    prepare_pixels,
     preprocess_image,
     remove_hair,
     resize_square,
     shades_of_gray,
 )
-from tests.conftest import encode, skin_with_lesion
+from tests.conftest import encode, header_only_png, skin_with_lesion
 
 
 def test_decode_rejects_bad_files_with_reasons():
@@ -33,6 +34,21 @@ def test_decode_rejects_bad_files_with_reasons():
         with pytest.raises(BadImage) as err:
             decode_image(data)
         assert reason in str(err.value)
+
+
+def test_images_over_the_pixel_cap_are_refused_from_their_header_before_decoding():
+    # the file holds no pixels: were it decoded, the reason would be "truncated"
+    with pytest.raises(BadImage, match=r"too large: 12000x12000 px \(144\.0 MP\) is over the 40 MP limit"):
+        decode_image(header_only_png(12000, 12000), max_pixels=40_000_000)
+    with pytest.raises(BadImage, match="truncated or corrupt image"):
+        decode_image(header_only_png(6000, 6000), max_pixels=40_000_000)  # 36 MP: under the cap, so decoded
+    # through the preprocessing prepare and the endpoint share, with the default cap
+    with pytest.raises(BadImage, match="too large: 12000x12000 px"):
+        prepare_pixels(header_only_png(12000, 12000), PreprocessConfig())
+    good = encode(skin_with_lesion(), "PNG")
+    assert decode_image(good, max_pixels=0).shape == decode_image(good, max_pixels=96 * 96).shape  # at the cap: kept
+    with pytest.raises(BadImage, match=r"over the 0\.001 MP limit"):
+        decode_image(good, max_pixels=1000)
 
 
 def test_decode_converts_rgba_and_palette_and_allows_grayscale_when_asked():

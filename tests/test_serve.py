@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from skinsynth.data.phantom import phantom_records, render_phantom
-from tests.conftest import free_port
+from tests.conftest import free_port, header_only_png
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +168,8 @@ def _bad_requests() -> dict[str, tuple[bytes, str | None, str, int, str]]:
         "unsupported content type": (png, "text/plain", "", 415, "unsupported content type"),
         "unsupported image type": (gif, "image/png", "", 415, "not a JPEG or PNG"),
         "over the size limit": (b"\xff\xd8\xff" + bytes(1024 * 1024 + 10), "image/jpeg", "", 413, "limit"),
+        # 45 bytes whose header declares 144 MP and which hold no pixels: decoding would have said "truncated"
+        "over the pixel cap": (header_only_png(12000, 12000), "image/png", "", 413, "too large: 12000x12000 px"),
         "too small": (tiny, "image/png", "", 422, "too small"),
         "grayscale": (grey, "image/png", "", 422, "grayscale"),
         "wrong field name": (wrong_field, wrong_ctype, "", 422, "field 'file'"),

@@ -35,7 +35,7 @@ class PreparedImage:
     sha256: str  # of the original file bytes
 
 
-def decode_image(data: bytes, *, min_side: int = 32, allow_grayscale: bool = False) -> np.ndarray:
+def decode_image(data: bytes, *, min_side: int = 32, allow_grayscale: bool = False, max_pixels: int = 0) -> np.ndarray:
     """Decode image bytes to RGB uint8, refusing what a dermoscopy pipeline cannot use.
 
     Args:
@@ -43,17 +43,26 @@ def decode_image(data: bytes, *, min_side: int = 32, allow_grayscale: bool = Fal
         min_side: smallest accepted short side in pixels.
         allow_grayscale: accept single-channel images (replicated to RGB); off by default because ITA and
             colour cues need colour.
+        max_pixels: largest accepted width x height, checked on the header before any pixel is decoded (0: no cap
+            but Pillow's decompression-bomb limit).
 
     Returns:
         (H, W, 3) uint8 RGB array. RGBA and palette images are converted (alpha dropped).
 
     Raises:
-        BadImage: empty, not an image, truncated/corrupt, grayscale (unless allowed) or too small.
+        BadImage: empty, not an image, truncated/corrupt, grayscale (unless allowed), too small or too large.
     """
     if len(data) == 0:
         raise BadImage("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            # Image.open reads the header only: the size is known before a pixel is decoded
+            if max_pixels and img.size[0] * img.size[1] > max_pixels:
+                width, height = img.size
+                raise BadImage(
+                    f"too large: {width}x{height} px ({width * height / 1e6:.1f} MP) is over the "
+                    f"{max_pixels / 1e6:g} MP limit; refused before decoding"
+                )
             img.load()  # Image.open is lazy; load() is what notices a truncated file
             mode, (width, height) = img.mode, img.size
             if mode in _GRAYSCALE_MODES and not allow_grayscale:
@@ -173,7 +182,7 @@ def prepare_pixels(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, floa
     Raises:
         BadImage: with the quarantine reason.
     """
-    rgb = decode_image(data, min_side=cfg.min_side, allow_grayscale=cfg.allow_grayscale)
+    rgb = decode_image(data, min_side=cfg.min_side, allow_grayscale=cfg.allow_grayscale, max_pixels=cfg.max_pixels)
     # Hair removal and ITA cost grows with pixel count; a working size a few times the output keeps them fast
     # without losing the hairs (which downscaling to the final size would blur into the skin).
     rgb = limit_side(rgb, max(cfg.max_working_side, cfg.size))

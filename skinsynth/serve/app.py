@@ -157,15 +157,18 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     return data
 
 
-def prepare_or_reject(data: bytes, served: ServedModel) -> np.ndarray:
-    """The prepared image, or a 4xx saying why the upload cannot be used."""
+def prepare_or_reject(data: bytes, served: ServedModel, max_pixels: int) -> np.ndarray:
+    """The prepared image, or a 4xx saying why the upload cannot be used (413 for more than ``max_pixels``)."""
     from skinsynth.data.preprocess import BadImage
 
     try:
-        return prepare_upload(data, served.preprocess)
+        return prepare_upload(data, served.preprocess, max_pixels)
     except BadImage as err:
         reason = str(err)
-        status = 422 if reason.startswith(("too small", "grayscale")) else 400
+        if reason.startswith("too large"):
+            status = 413
+        else:
+            status = 422 if reason.startswith(("too small", "grayscale")) else 400
         raise RequestError(status, reason) from None
 
 
@@ -202,7 +205,7 @@ class PredictService:
                 raise RequestError(422, f"explain must be 'gradcam', got '{explain}'")
             served = self.current()
             data = await read_upload(request, int(self.sc.max_upload_mb * 1024 * 1024))
-            image = await asyncio.to_thread(prepare_or_reject, data, served)
+            image = await asyncio.to_thread(prepare_or_reject, data, served, self.sc.max_pixels)
             body = await infer(served, image, tta)
             if explain == "gradcam":
                 body["heatmap_png_base64"] = await asyncio.to_thread(gradcam_base64, served, image)

@@ -108,17 +108,20 @@ def weights_id(model_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def prepare_upload(data: bytes, preprocess: PreprocessConfig) -> np.ndarray:
+def prepare_upload(data: bytes, preprocess: PreprocessConfig, max_pixels: int | None = None) -> np.ndarray:
     """Uploaded bytes -> the RGB uint8 image the model sees, through the data plane's own preprocessing.
 
+    ``max_pixels`` (the endpoint's ``serve.max_pixels``) replaces the training data's own pixel cap when given.
+
     Raises:
-        skinsynth.data.preprocess.BadImage: empty, not an image, truncated, grayscale or too small.
+        skinsynth.data.preprocess.BadImage: empty, not an image, truncated, grayscale, too small or too large.
     """
     from skinsynth.data.preprocess import prepare_pixels
 
     # the shards' PNG is lossless, so these are the pixels training decoded; the tone estimate only feeds the data
     # card and fairness tables, and costs a CIELAB conversion and a skin mask per request
-    rgb, _ = prepare_pixels(data, replace(preprocess, estimate_tone=False))
+    cap = preprocess.max_pixels if max_pixels is None else max_pixels
+    rgb, _ = prepare_pixels(data, replace(preprocess, estimate_tone=False, max_pixels=cap))
     return rgb
 
 
