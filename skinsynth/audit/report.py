@@ -212,6 +212,47 @@ def _memorisation(
     return memorisation, CopyScores(syn_scores, syn_nearest, held_eval, positive_scores, label)
 
 
+def fidelity_at_matched_n(
+    real_features: torch.Tensor,
+    held_features: torch.Tensor,
+    synthetic_features: torch.Tensor,
+    real: AuditImages,
+    synthetic: AuditImages,
+    ac: AuditConfig,
+) -> dict[str, Any]:
+    """``fidelity.fidelity_report`` under the audit's settings: every figure at matched n, the floor (training vs
+    held-out real, disjoint) at that same n. ``real`` and ``synthetic`` are the subsets the features came from."""
+    return fidelity.fidelity_report(
+        real_features,
+        synthetic_features,
+        real.labels,
+        synthetic.labels,
+        held_out=held_features,
+        k=ac.nearest_k,
+        kid_subset_size=ac.kid_subset_size,
+        seed=ac.seed,
+    )
+
+
+def classification_accuracy_score(
+    train: AuditImages, scored: AuditImages, synthetic: AuditImages, ac: AuditConfig
+) -> dict[str, Any]:
+    """``utility.utility_report`` under the audit's settings: the ImageNet probe trained on ``synthetic`` and on
+    count-matched ``train`` images, scored on ``scored`` (validation images, never test) with lesion-bootstrap
+    intervals."""
+    return utility_report(
+        imagenet_features(ac.batch_size),
+        train.images,
+        train.labels,
+        synthetic.images,
+        synthetic.labels,
+        scored.images,
+        scored.labels,
+        seed=ac.seed,
+        scored_groups=scored.groups,
+    )
+
+
 def _utility(
     train: AuditImages, held_out: AuditImages, synthetic: AuditImages, ac: AuditConfig, progress
 ) -> dict[str, Any]:
@@ -220,17 +261,7 @@ def _utility(
     t0 = time.perf_counter()
     val = held_out.subset(ac.max_images, ac.seed + 3)
     syn = synthetic.subset(ac.max_images, ac.seed + 2)
-    report = utility_report(
-        imagenet_features(ac.batch_size),
-        train.images,
-        train.labels,
-        syn.images,
-        syn.labels,
-        val.images,
-        val.labels,
-        seed=ac.seed,
-        scored_groups=val.groups,
-    )
+    report = classification_accuracy_score(train, val, syn, ac)
 
     def shown(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
@@ -440,17 +471,7 @@ def run_audit(cfg: ExperimentConfig, run_dir: str | Path, *, progress: Progress 
             f"audit: {extractor.name} features of {len(real_f) + len(held_f) + len(syn_f)} images in "
             f"{time.perf_counter() - t0:.0f} s"
         )
-        # every figure at matched n; the floor (training vs held-out real, disjoint) at that same n
-        entry = fidelity.fidelity_report(
-            real_f,
-            syn_f,
-            real_sub.labels,
-            syn_sub.labels,
-            held_out=held_f,
-            k=ac.nearest_k,
-            kid_subset_size=ac.kid_subset_size,
-            seed=ac.seed,
-        )
+        entry = fidelity_at_matched_n(real_f, held_f, syn_f, real_sub, syn_sub, ac)
         entry["extractor"] = extractor.description
         steps[f"fidelity ({extractor.name})"] = time.perf_counter() - t0
         fidelity_by_extractor[extractor.name] = entry

@@ -52,10 +52,7 @@ def recipe_run(run_dir: Path, name: str) -> Path:
 def _score(folder: Path, images: int, extractor, ac, progress: Progress, cache: dict) -> dict[str, Any]:
     """Matched-n fidelity (with its floor) and the Classification Accuracy Score of one recipe's synthetic set.
     ``cache`` keeps the real images' features between recipes (the same seeded subsets of the same data)."""
-    from skinsynth.audit.features import imagenet_features
-    from skinsynth.audit.fidelity import fidelity_report
-    from skinsynth.audit.report import load_audit_images
-    from skinsynth.audit.utility import utility_report
+    from skinsynth.audit.report import classification_accuracy_score, fidelity_at_matched_n, load_audit_images
 
     train, held_out, synthetic = load_audit_images(folder)
     n = min(images, len(synthetic.ids), len(train.ids))
@@ -66,27 +63,8 @@ def _score(folder: Path, images: int, extractor, ac, progress: Progress, cache: 
     if key not in cache:
         cache[key] = extractor(real_sub.images), extractor(held_sub.images)
     (real_f, held_f), syn_f = cache[key], extractor(syn_sub.images)
-    fid = fidelity_report(
-        real_f,
-        syn_f,
-        real_sub.labels,
-        syn_sub.labels,
-        held_out=held_f,
-        k=ac.nearest_k,
-        kid_subset_size=ac.kid_subset_size,
-        seed=ac.seed,
-    )
-    utility = utility_report(
-        imagenet_features(ac.batch_size),
-        train.images,
-        train.labels,
-        syn_sub.images,
-        syn_sub.labels,
-        held_out.images,
-        held_out.labels,
-        seed=ac.seed,
-        scored_groups=held_out.groups,
-    )
+    fid = fidelity_at_matched_n(real_f, held_f, syn_f, real_sub, syn_sub, ac)
+    utility = classification_accuracy_score(train, held_out, syn_sub, ac)  # scored on every validation image
     progress(f"bench generator: scored {folder.name} in {time.perf_counter() - t0:.0f} s")
     syn_arm, real_arm = utility["synthetic_only"], utility["real_only"]
     cas_ratio = utility["balanced_accuracy_ratio"]
