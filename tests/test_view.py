@@ -20,7 +20,7 @@ from skinsynth import DISCLAIMER
 from skinsynth.cli import build_parser, main
 from skinsynth.view import APP_PATH, launch_command
 from skinsynth.view import runs as R
-from tests.conftest import free_port
+from tests.conftest import command_in_own_group, free_port
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 FIXTURE_EXPERIMENT = {
@@ -548,3 +548,26 @@ def test_view_with_a_missing_runs_folder_or_a_bad_endpoint_is_one_clear_error(tm
     assert "Traceback" not in captured.err and captured.out == ""
     assert main(["view", "--runs", str(tmp_path), "--endpoint", "127.0.0.1:8000"]) == 2
     assert "--endpoint must be an http(s) URL" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_viewer_and_its_streamlit_child_so_the_port_is_free(tmp_path):
+    """``skinsynth view`` in its own process group gets SIGTERM (as from docker, Kubernetes or systemd), sent to it
+    alone: it exits 0, its Streamlit child has stopped too, and the viewer's port can be bound again."""
+    import os
+    import signal
+    import socket
+    import sys
+
+    port = free_port()
+    log = tmp_path / "view.log"
+    command = [sys.executable, "-m", "skinsynth.cli", "view", "--runs", str(tmp_path), "--port", str(port)]
+    with command_in_own_group(command, log, f"http://127.0.0.1:{port}/_stcore/health", timeout_s=120) as process:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert "view: stopped" in log.read_text()
+        with socket.socket() as sock:  # SO_REUSEADDR: a closed connection's TIME_WAIT is no listener
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))  # OSError "Address already in use" while an orphaned Streamlit listens
+        with pytest.raises(ProcessLookupError):  # nothing of the command's process group is left
+            os.killpg(process.pid, 0)

@@ -1,21 +1,27 @@
-"""``skinsynth bench serve``: the Serve endpoint against a plain single-process FastAPI/uvicorn server, same run.
+"""``skinsynth bench serve``: the Serve endpoint behind each of its ingresses against a plain single-process
+FastAPI/uvicorn server, all in one run.
 
-The endpoint itself lives in ``skinsynth.serve``; this module is only the load generator and the comparison. Both
-servers serve the same model with the same routes and preprocessing (``skinsynth.serve.app``); the plain server
-runs every request on its own, the Serve replica batches them (``@serve.batch``). Load is generated on 127.0.0.1:
+The endpoint itself lives in ``skinsynth.serve``; this module is only the load generator and the comparison. Every
+server serves the same model with the same routes and preprocessing (``skinsynth.serve.app``); the plain server runs
+every request on its own, the Serve replica batches them (``@serve.batch``). The Serve endpoint is measured as users
+run it, a ``skinsynth serve`` process on its own local Ray, once per ingress (``serve.ingress``: Serve's Python
+proxy actor, and HAProxy straight to the replicas), since Serve reads the ingress when its processes start; each
+is stopped with SIGTERM, and its exit code is recorded. Load is generated on 127.0.0.1:
 
 - closed loop: ``c`` clients each send the next request as soon as the last one answered, for a fixed time, at
   each concurrency; throughput, p50/p95/p99 latency and errors per level;
 - open loop: requests are sent on a fixed schedule (``rate`` per second) whatever the answers do, and latency is
   counted from the scheduled send time, so a stalled server cannot hide its queue (no coordinated omission).
 
-The load generator shares the machine's cores with the servers; the same generator runs against both.
+The load generator shares the machine's cores with the servers; the same generator runs against every server.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +38,7 @@ from skinsynth.bench import Progress, ratio, with_machine
 from skinsynth.config import ServeConfig, config_to_dict
 
 CONCURRENCIES = (1, 8, 32, 64)
+INGRESSES = ("proxy", "haproxy")
 
 
 def _free_port() -> int:
@@ -151,14 +158,101 @@ def start_plain_server(model_dir: str, sc: ServeConfig) -> tuple[subprocess.Pope
     return process, url
 
 
-def _upload_bodies(n: int = 16) -> list[bytes]:
-    """PNG uploads for the load: phantom renders at 128 px (the server preprocesses them like any upload)."""
+def start_serve_command(model_dir: str, sc: ServeConfig, ingress: str) -> tuple[subprocess.Popen, str]:
+    """``skinsynth serve`` with ``sc``'s settings and ``ingress`` on a free loopback port, on a local Ray of its own
+    (``RAY_ADDRESS`` is dropped: both ingresses are measured on this machine); returns once it answers."""
+    from skinsynth.serve.app import wait_until_healthy
+
+    port = _free_port()
+    settings = {**config_to_dict(sc), "ingress": ingress}
+    flags = [
+        f"serve.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+        for key, value in settings.items()
+        if key not in ("model", "host", "port")
+    ]
+    command = [sys.executable, "-m", "skinsynth.cli", "serve", "--model", model_dir, "--port", str(port)]
+    command += [arg for flag in flags for arg in ("--set", flag)]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # its own process group: the bench's Ctrl-C reaches the bench alone, which then stops the server with SIGTERM
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, timeout_s=300)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return process, url
+
+
+def stop_serve_command(process: subprocess.Popen, timeout_s: float = 120.0) -> int:
+    """SIGTERM (a graceful stop), and a kill of its whole process group if it has not exited within ``timeout_s``;
+    returns the exit code (0 for a graceful stop)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        code = -9
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # anything left of its Ray
+    except ProcessLookupError:
+        pass
+    process.wait()
+    return code
+
+
+def _upload_bodies(n: int = 16, size: int = 128) -> list[bytes]:
+    """PNG uploads for the load: phantom renders at ``size`` px (the server preprocesses them like any upload)."""
     import cv2
 
     from skinsynth.data.phantom import phantom_records, render_phantom
 
-    rows = phantom_records(n, seed=123, image_size=128).to_dict("records")
+    rows = phantom_records(n, seed=123, image_size=size).to_dict("records")
     return [cv2.imencode(".png", cv2.cvtColor(render_phantom(r), cv2.COLOR_RGB2BGR))[1].tobytes() for r in rows]
+
+
+def _measure(name: str, url: str, bodies, concurrencies, seconds: float, rate: float, progress) -> dict[str, Any]:
+    closed_loop(url, bodies, 4, 3.0)  # warm-up: first-call allocations, thread pools
+    levels = []
+    for c in concurrencies:
+        level = closed_loop(url, bodies, c, seconds)
+        levels.append(level)
+        progress(
+            f"bench serve: {name:7s} c={c:3d}  {level['throughput_rps']:7.1f} req/s  p50 {level['p50_ms']} "
+            f"p95 {level['p95_ms']} p99 {level['p99_ms']} ms  errors {level['errors']}"
+        )
+    paced = open_loop(url, bodies, rate, seconds)
+    progress(
+        f"bench serve: {name:7s} open loop {rate:.0f} req/s  p50 {paced['p50_ms']} p95 {paced['p95_ms']} "
+        f"p99 {paced['p99_ms']} ms  errors {paced['errors']}"
+    )
+    return {"closed_loop": levels, "open_loop": paced}
+
+
+def comparison_table(record: dict[str, Any]) -> list[str]:
+    """The record as a table: per server, req/s at each concurrency with its ratio to plain, p50 at the lowest
+    concurrency, p99 of the open loop, and errors."""
+    plain = record["plain"]
+    concurrencies = [level["concurrency"] for level in plain["closed_loop"]]
+    rate = plain["open_loop"]["rate_rps"]
+    header = ["server"] + [f"req/s c={c}" for c in concurrencies]
+    header += [f"p50 c={concurrencies[0]}", f"p99 open {rate:g}/s", "errors"]
+    rows = [header]
+    for name in ("plain", *[n for n in INGRESSES if n in record]):
+        levels, paced = record[name]["closed_loop"], record[name]["open_loop"]
+        cells = [name if name == "plain" else f"serve {name}"]
+        for level, base in zip(levels, plain["closed_loop"], strict=True):
+            cell = f"{level['throughput_rps']:.1f}"
+            if name != "plain":
+                cell += f" ({ratio(level['throughput_rps'], base['throughput_rps'], 2)}x)"
+            cells.append(cell)
+        cells += [f"{levels[0]['p50_ms']} ms", f"{paced['p99_ms']} ms"]
+        cells.append(str(sum(level["errors"] for level in levels) + paced["errors"]))
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def bench_serve(
@@ -168,69 +262,66 @@ def bench_serve(
     seconds: float = 10.0,
     rate: float = 50.0,
     concurrencies: tuple[int, ...] = CONCURRENCIES,
+    ingresses: tuple[str, ...] = INGRESSES,
+    image_size: int = 128,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """Closed-loop levels and an open-loop rate against the Serve endpoint and the plain server; ratios.
+    """Closed-loop levels and an open-loop rate against the plain server and the Serve endpoint behind each
+    ingress, one after the other on the same machine; throughput ratios to the plain server.
 
     Args:
-        cfg: experiment (``serve`` section: batching, replicas, upload limit).
-        model_dir: the model both servers load.
+        cfg: experiment (``serve`` section: batching, replicas, upload limit; ``serve.ingress`` is set per run).
+        model_dir: the model every server loads.
         seconds: duration of each level.
         rate: open-loop requests per second.
         concurrencies: closed-loop client counts.
+        ingresses: the Serve ingresses to measure (``proxy``, ``haproxy``).
+        image_size: side in px of the uploaded PNGs (the server resizes them to the model's input size).
         progress: receives one-line messages.
 
     Returns:
         The benchmark record (also printed as a table).
     """
-    from ray import serve
-
-    from skinsynth.serve.app import start_endpoint, wait_until_healthy
+    from skinsynth.serve.app import check_ingress
 
     model_dir = Path(model_dir)
     sc = cfg.serve
-    bodies = _upload_bodies()
+    if "haproxy" in ingresses:
+        check_ingress(ServeConfig(**{**config_to_dict(sc), "ingress": "haproxy"}))
+    bodies = _upload_bodies(size=image_size)
     record: dict[str, Any] = {
         "benchmark": "serve",
         "model_dir": str(model_dir),
         "serve": config_to_dict(sc),
         "baseline": "plain FastAPI app on one uvicorn process, same model, routes and preprocessing, no batching",
+        "servers": "plain, then `skinsynth serve` on its own local Ray per ingress: " + ", ".join(ingresses),
+        "upload_px": image_size,
         "seconds_per_level": seconds,
     }
-    for name in ("plain", "serve"):
+    for name in ("plain", *ingresses):
         if name == "plain":
             process, url = start_plain_server(str(model_dir), sc)
         else:
-            sc_bench = ServeConfig(**{**config_to_dict(sc), "port": _free_port()})
-            url = start_endpoint(str(model_dir), sc_bench)
-            wait_until_healthy(url)
+            process, url = start_serve_command(str(model_dir), sc, name)
         try:
-            closed_loop(url, bodies, 4, 3.0)  # warm-up: first-call allocations, thread pools
-            levels = []
-            for c in concurrencies:
-                level = closed_loop(url, bodies, c, seconds)
-                levels.append(level)
-                progress(
-                    f"bench serve: {name:5s} c={c:3d}  {level['throughput_rps']:7.1f} req/s  p50 {level['p50_ms']} "
-                    f"p95 {level['p95_ms']} p99 {level['p99_ms']} ms  errors {level['errors']}"
-                )
-            paced = open_loop(url, bodies, rate, seconds)
-            progress(
-                f"bench serve: {name:5s} open loop {rate:.0f} req/s  p50 {paced['p50_ms']} p95 {paced['p95_ms']} "
-                f"p99 {paced['p99_ms']} ms  errors {paced['errors']}"
-            )
-            record[name] = {"closed_loop": levels, "open_loop": paced}
+            record[name] = _measure(name, url, bodies, concurrencies, seconds, rate, progress)
         finally:
             if name == "plain":
                 process.terminate()
                 process.wait(timeout=30)
             else:
-                serve.shutdown()
-    ratios = {
-        f"c{p['concurrency']}": ratio(s["throughput_rps"], p["throughput_rps"], 2)
-        for p, s in zip(record["plain"]["closed_loop"], record["serve"]["closed_loop"], strict=True)
+                code = stop_serve_command(process)
+                if name in record:
+                    record[name]["exit_code_after_sigterm"] = code
+    record["throughput_ratio_vs_plain"] = {
+        name: {
+            f"c{p['concurrency']}": ratio(s["throughput_rps"], p["throughput_rps"], 2)
+            for p, s in zip(record["plain"]["closed_loop"], record[name]["closed_loop"], strict=True)
+        }
+        for name in ingresses
     }
-    record["throughput_ratio_serve_vs_plain"] = ratios
     with_machine(record)
-    progress("bench serve: throughput ratio Serve / plain: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    progress(f"bench serve: {image_size} px uploads, {seconds:g} s per level; req/s (ratio to plain)")
+    for line in comparison_table(record):
+        progress("bench serve: " + line)
     return record

