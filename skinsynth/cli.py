@@ -31,6 +31,8 @@ EXAMPLES = """examples:
   skinsynth bench train --out runs/demo --set train.model=tf_efficientnet_lite0
   skinsynth bench sample --out runs/demo --images 64
   skinsynth bench generator --config experiments/ham10000_generator_64.yaml --steps 750
+  skinsynth predict --model runs/demo/models/best --input new_images/ --out predictions.parquet --explain
+  skinsynth bench predict --model runs/demo/models/best --images 256
 """
 
 
@@ -225,6 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--endpoint", default="http://127.0.0.1:8000", help="serve endpoint base URL")
     view.add_argument("--port", type=int, default=8501, help="the viewer's port (default 8501)")
 
+    predict = commands.add_parser(
+        "predict",
+        help="Ray Data batch inference: the endpoint's predictions for a folder, bucket or prepared run",
+        description="Score every image of a folder (or storage URI) of image files, or a prepared run's split, "
+        "exactly as POST /v1/predict would (same preprocessing, pixel cap and response fields), with a Ray Data "
+        "actor pool (GPU actors when the cluster has GPUs). Writes the table (.parquet or .csv), "
+        "<stem>.quarantine.csv (every refused file and its reason) and, with --explain, <stem>.gradcam/*.png. "
+        "Re-running the same command resumes: finished blocks (<stem>.parts/) are not redone. " + DISCLAIMER,
+    )
+    predict.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (default: as serve picks)")
+    predict.add_argument("--input", required=True, metavar="FOLDER|URI|RUN_DIR", help="images to score")
+    predict.add_argument(
+        "--out", default="predictions.parquet", metavar="FILE", help="result table, .parquet or .csv (local or URI)"
+    )
+    predict.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        help="a prepared run's split to score (required for a RUN_DIR; test and all are recorded in its test ledger)",
+    )
+    predict.add_argument("--explain", action="store_true", help="write a Grad-CAM PNG of the top class per image")
+    predict.add_argument("--tta", action="store_true", help="add the flip spread (test-time augmentation)")
+    predict.add_argument("--out-run", dest="out_run", metavar="RUN_DIR", help="run.out, to find the default model")
+    _add_config_args(predict)
+
     bench = commands.add_parser("bench", help="performance measurements against a plain baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bench_prepare = bench_commands.add_parser(
@@ -270,8 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (serve.model)")
     bench_serve.add_argument("--seconds", type=float, default=10.0, help="duration of each load level")
     bench_serve.add_argument("--rate", type=float, default=50.0, help="open-loop requests per second")
+    bench_serve.add_argument(
+        "--ingress",
+        default="proxy,haproxy",
+        help="comma-separated Serve ingresses to measure beside the plain server (proxy, haproxy)",
+    )
+    bench_serve.add_argument(
+        "--image-size", type=int, default=128, help="side in px of the uploaded PNGs (default 128)"
+    )
     bench_serve.add_argument("--json", default="bench/serve.json", help="where to write the record")
     _add_config_args(bench_serve)
+    bench_predict = bench_commands.add_parser(
+        "predict", help="Ray Data batch prediction vs a plain single-process loop on the same images (images/s, ratio)"
+    )
+    bench_predict.add_argument("--model", metavar="MODEL_DIR", help="a models/<name> directory (default: as serve)")
+    bench_predict.add_argument(
+        "--input", metavar="FOLDER|URI|RUN_DIR", help="images to score (default: --images phantom images)"
+    )
+    bench_predict.add_argument("--split", choices=["train", "val", "test", "all"], help="a RUN_DIR input's split")
+    bench_predict.add_argument("--images", type=int, default=256, help="phantom images rendered without --input")
+    bench_predict.add_argument("--limit", type=int, help="only the first N image files of a local --input folder")
+    bench_predict.add_argument("--out-run", dest="out_run", metavar="RUN_DIR", help="run.out, for the default model")
+    bench_predict.add_argument("--json", default="bench/predict.json", help="where to write the record")
+    _add_config_args(bench_predict)
     return parser
 
 
@@ -438,6 +485,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from skinsynth.bench import write_record
     from skinsynth.config import load_config
 
+    if args.bench_command == "predict":
+        from skinsynth.bench.predict import bench_predict
+
+        cfg, model_dir = _predict_config(args)
+        record = bench_predict(cfg, model_dir, args.input, split=args.split, images=args.images, limit=args.limit)
+        print(f"record written to {write_record(record, args.json)}")
+        return 0
     cfg = load_config(args.config, _data_overrides(args))
     if args.bench_command == "prepare":  # a data.path URI is mirrored by the source listing, as in prepare
         from skinsynth.bench.prepare import bench_prepare
@@ -447,6 +501,48 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with _synced(cfg):  # a remote run.out is benchmarked from its pulled local copy
             record = _bench_on_run(args, cfg)
     print(f"record written to {write_record(record, args.json)}")
+    return 0
+
+
+def _predict_config(args: argparse.Namespace):
+    """The config of ``predict`` and ``bench predict`` and the model directory they score with (``--model``, else
+    the one ``serve`` would pick for ``--out-run``)."""
+    from skinsynth.config import load_config
+    from skinsynth.serve.model import default_model_dir
+
+    flags = [f"run.out={args.out_run}"] if args.out_run else []
+    cfg = load_config(args.config, flags + list(args.overrides))
+    if args.model:
+        cfg.serve.model = args.model
+    return cfg, default_model_dir(cfg)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from skinsynth.serve.predict import batch_predict, quarantine_lines
+
+    cfg, model_dir = _predict_config(args)
+    if "://" not in args.out:
+        from skinsynth.core.console import set_run_dir
+
+        set_run_dir(Path(args.out).expanduser().resolve().parent)  # its log: <out folder>/logs/predict.log
+    with _synced(cfg):  # a remote run's model is read from its local copy (as serve does)
+        result = batch_predict(
+            model_dir,
+            args.input,
+            args.out,
+            sc=cfg.serve,
+            pc=cfg.predict,
+            split=args.split,
+            explain=args.explain,
+            tta=args.tta,
+        )
+    if result.quarantined:
+        print("\n".join(quarantine_lines(result.quarantine)))
+    if result.test_looks is not None:
+        from skinsynth.core.ledger import describe_looks
+
+        print(f"predict: scored the test split: {describe_looks(result.test_looks)}")
+    print(DISCLAIMER)
     return 0
 
 
@@ -512,11 +608,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # load writes the serving calibration next to the model
         served = load_served_model(model_dir, cfg.serve)
     print(f"serve: model {served.model_id} from {model_dir}; calibration {served.calibration.summary()}")
-    url = start_endpoint(str(model_dir), cfg.serve)
-    wait_until_healthy(url)
-    print(f"serve: {url}/v1/predict (POST an image), {url}/docs, {url}/healthz; Ctrl-C stops")
-    print(DISCLAIMER)
+    _stop_on_sigterm()  # a SIGTERM while Ray starts: the cleanup below, not Ray's abort
     try:
+        url = start_endpoint(str(model_dir), cfg.serve)
+        _stop_on_sigterm()  # again: ray.init replaced it
+        wait_until_healthy(url)
+        print(f"serve: {url}/v1/predict (POST an image), {url}/docs, {url}/healthz ({cfg.serve.ingress} ingress)")
+        print("serve: Ctrl-C or SIGTERM stops, after answering the requests in flight")
+        print(DISCLAIMER)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -579,6 +678,7 @@ COMMANDS = {
     "serve": _cmd_serve,
     "view": _cmd_view,
     "bench": _cmd_bench,
+    "predict": _cmd_predict,
 }
 
 
@@ -599,6 +699,7 @@ def _stage_of(args: argparse.Namespace) -> str | None:
         ("data", "prepare"): "prepare",
         ("generate", "train"): "generate",
         ("generate", "sample"): "sample",
+        ("predict", None): "predict",  # Ray's lines to <out folder>/logs/predict.log
         # trains and samples generators for many minutes: their Ray lines to RUN_DIR/logs/bench-generator.log
         ("bench", "generator"): "bench-generator",
     }.get(sub)

@@ -210,6 +210,15 @@ class GeneratorConfig:
     # error (Hang et al. 2023), which keeps the nearly noise-free levels from dominating the gradient
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     snr_gamma: float = 5.0  # the gamma of min_snr weighting (the paper's 5)
+    # semi-supervised generator (You et al. 2023, "Diffusion models and semi-supervised learners benefit mutually
+    # with few labels"): the name of a classifier under RUN_DIR/models/ trained on this split with a label budget;
+    # its predictions on its own unlabelled pool become pseudo-labels where their confidence reaches
+    # pseudo_label_threshold. "" = learn from the labelled images only
+    pseudo_labels_from: str = ""
+    pseudo_label_threshold: float = 0.95  # the classifier's top-class probability a pool image needs to be labelled
+    # with pseudo_labels_from: the pool images under the threshold train the unconditional model (the null token of
+    # classifier-free guidance) instead of being left out
+    unconfident_unconditional: bool = True
     checkpoint_every: int = 100  # steps between checkpoints (ray.train.report); the last step always gets one
     grid_every: int = 0  # steps between sample-grid PNGs (0 = only the final one)
     log_every: int = 50  # steps between progress lines
@@ -358,6 +367,16 @@ class ServeConfig:
 
 
 @dataclass
+class PredictConfig:
+    """``skinsynth predict``: Ray Data batch inference over a folder, a bucket or a prepared run (the endpoint's
+    preprocessing, response fields and ``serve.max_pixels`` cap)."""
+
+    batch_size: int = 32  # images per block: one model call and one resumable part file
+    num_actors: int = 0  # model replicas; 0 = one per GPU, or one per CPU when the cluster has none
+    use_gpu: bool | Literal["auto"] = "auto"  # auto = GPU actors when the cluster has GPUs
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one section per stage."""
 
@@ -370,6 +389,7 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """``skinsynth bench ...``: performance measurements, each against a plain baseline in the same run.
 
 One module per benchmark: :mod:`~skinsynth.bench.prepare` (Ray Data preparation), :mod:`~skinsynth.bench.train`
-(a Ray Train epoch), :mod:`~skinsynth.bench.sample` (the sampler's actor pool) and :mod:`~skinsynth.bench.serve`
-(the Serve endpoint under load). Every benchmark writes a JSON record with the machine (cores, GPUs, versions) next
-to the figures, and prints both throughputs and their ratio. Timed assertions never live in tests; they live here.
+(a Ray Train epoch), :mod:`~skinsynth.bench.sample` (the sampler's actor pool), :mod:`~skinsynth.bench.serve`
+(the Serve endpoint under load) and :mod:`~skinsynth.bench.predict` (Ray Data batch prediction). Every benchmark
+writes a JSON record with the machine (cores, GPUs, versions) next to the figures, and prints both throughputs and
+their ratio. Timed assertions never live in tests; they live here.
 
 This package sits above the stages: it may import any of them, and none of them imports it.
 """

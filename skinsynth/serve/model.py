@@ -166,7 +166,8 @@ def predict_images(served: ServedModel, images: list[np.ndarray], tta: list[bool
     """One response body per prepared image (``tta[i]`` adds the flip spread for image ``i``)."""
     if not images:
         return []
-    x = _model_input(served, images)
+    # the model's device: CPU for the endpoint, a GPU for a batch-prediction actor that holds one
+    x = _model_input(served, images).to(served.train_features.device)
     with torch.no_grad():
         features, logits = _features_and_logits(served.model, x)
         probs = torch.softmax(logits.float(), dim=1)
@@ -185,6 +186,7 @@ def predict_images(served: ServedModel, images: list[np.ndarray], tta: list[bool
             top = probs[wanted].argmax(dim=1)
             top_probs = views[:, torch.arange(len(wanted)), top]
             spread = {i: float(s) for i, s in zip(wanted, top_probs.std(dim=0, unbiased=False), strict=True)}
+    probs, distances = probs.cpu(), distances.cpu()
     malignant = _malignant(probs, served.classes)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
     calibration = served.calibration
@@ -222,14 +224,14 @@ def gradcam_png(served: ServedModel, image: np.ndarray, class_name: str | None =
     from skinsynth.data.preprocess import encode_png
 
     model = served.model
-    x = _model_input(served, [image])
+    x = _model_input(served, [image]).to(served.train_features.device)
     with torch.enable_grad():
         feature_map = model.forward_features(x).detach().requires_grad_(True)
         logits = model.forward_head(feature_map)
         target = served.classes.index(class_name) if class_name else int(logits.argmax(dim=1))
         (grads,) = torch.autograd.grad(logits[0, target], feature_map)
     weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * feature_map).sum(dim=1))[0].detach().numpy()
+    cam = torch.relu((weights * feature_map).sum(dim=1))[0].detach().cpu().numpy()
     cam = cam / cam.max() if cam.max() > 0 else cam
     height, width = image.shape[:2]
     heat = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
