@@ -177,7 +177,13 @@ class TrainConfig:
     logit_adjustment: bool = False
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     torch_threads: int = 0  # CPU threads per worker; 0 = this node's cores shared among its workers
-    use_gpu: bool | Literal["auto"] = "auto"  # auto = use GPUs when the cluster has them
+    # auto = use GPUs when the cluster has them (or its autoscaler publishes GPU node types); true on a cluster waits
+    # for the autoscaler to add a GPU node (docs/cluster.md)
+    use_gpu: bool | Literal["auto"] = "auto"
+    # Ray resources each training worker asks for beside its CPU/GPU, e.g. {node_pool_a10g: 1}: a custom resource
+    # that one node type carries pins the workers (and a sweep's trials) there, and they wait while the autoscaler
+    # adds such a node
+    worker_resources: dict[str, float] = field(default_factory=dict)
     amp: bool = True  # mixed precision on GPU (bf16, else fp16 with loss scaling)
     # bf16 autocast on CPU as well, where the CPU has native bf16 (AVX512-BF16/AMX; elsewhere it trains in fp32 and
     # says so): faster for a whole-network fine-tune on such cores (docs/results.md), at bf16's precision in the

@@ -393,9 +393,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_ray_head(log_dir: Path, attempts: int = 2):
-    """A real Ray head on 127.0.0.1 (`ray start --head --block`), as a ``JobSubmissionClient``; killed with its
-    process group on exit.
+def running_ray_head(log_dir: Path, attempts: int = 2, num_cpus: int = 2):
+    """A real Ray head on 127.0.0.1 (`ray start --head --block`) offering ``num_cpus`` CPUs to tasks, as a
+    ``JobSubmissionClient`` that also carries ``gcs_address`` and ``dashboard_url`` (for a second node); killed with
+    its process group on exit.
 
     Start it where it is needed, not beside other heavy work: a raylet that takes over 30 s to register ends
     `ray start` ("node timed out during startup", a limit fixed in Ray), which a loaded 2-core machine can reach;
@@ -427,8 +428,8 @@ def running_ray_head(log_dir: Path, attempts: int = 2):
         ]  # fmt: skip
         head = subprocess.Popen(
             [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-             *ports],
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}",
+             f"--temp-dir={temp_dir}", *ports],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         try:
@@ -447,6 +448,7 @@ def running_ray_head(log_dir: Path, attempts: int = 2):
                 if attempt < attempts:
                     continue
                 raise RuntimeError(f"ray head did not come up:\n{log_path.read_text()[-3000:]}")
+            client.gcs_address, client.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
             yield client
             return
         finally:

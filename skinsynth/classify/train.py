@@ -690,6 +690,7 @@ def train_classifier(
         # mid-pass at each epoch's end, which a split (a barrier across workers) does not allow; every worker reads
         # the whole pool in its own seeded order instead
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        worker_resources=tc.worker_resources,
     )
     state = saved["state"]
     model_dir = None

@@ -101,17 +101,50 @@ def quiet_ray_data() -> None:
     context.print_on_execution_start = False
 
 
+def autoscaler_gpus() -> int:
+    """GPUs the cluster's autoscaler can add: the node types it publishes to Ray's GCS (``node_group_configs`` of
+    the cluster config, which Ray Data reads too) times their largest count; 0 where none is published (a local Ray,
+    or an autoscaler that does not publish its node types)."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # an older GCS without the key, or no connection: nothing known
+        return 0
+    return int(limits.get("GPU", 0) or 0)
+
+
+def on_cluster() -> bool:
+    """Whether this process joined a Ray cluster (``RAY_ADDRESS``, which ``ray job submit`` sets for its entrypoint)
+    rather than starting an embedded Ray, to which nothing can add a node."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def resolve_use_gpu(setting: bool | str, key: str) -> bool:
-    """``auto`` means: use GPUs when the Ray cluster has them (never ask for one that is absent: Ray would wait).
+    """Whether a stage's Ray Train workers ask for one GPU each.
+
+    ``false``: never. ``auto``: when the cluster has GPUs now, or its autoscaler publishes a node type with GPUs
+    (:func:`autoscaler_gpus`); a GPU worker group that scales from zero and publishes nothing leaves ``auto`` on CPU,
+    which is why the cluster experiments say ``true``. ``true``: always. On a cluster a missing GPU is then a
+    pending request that the autoscaler answers by adding a GPU node, and the run waits for it: Ray Train retries a
+    worker group that did not start within ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` without limit (its
+    ``controller_failure_limit`` is -1). On an embedded local Ray nothing can add a GPU, so ``true`` without one is an
+    error rather than a wait that never ends.
 
     Args:
         setting: the config value (true, false or "auto").
         key: the config key, named in the error.
     """
+    if setting is False:
+        return False
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    if setting and ray.cluster_resources().get("GPU", 0) == 0:
-        raise SkinsynthError(f"{key} is true but the Ray cluster has no GPU (use 'auto' or false)")
+        return has_gpus or autoscaler_gpus() > 0
+    if not has_gpus and not on_cluster():
+        raise SkinsynthError(
+            f"{key} is true but this local Ray has no GPU and nothing can add one (use 'auto' or false, or set "
+            "RAY_ADDRESS to a cluster whose autoscaler adds GPU nodes)"
+        )
     return bool(setting)
 
 

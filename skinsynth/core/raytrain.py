@@ -21,6 +21,17 @@ def threads_per_worker(num_workers: int, use_gpu: bool) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, num_workers))
 
 
+def worker_group_resources(use_gpu: bool, extra: Mapping[str, float] | None) -> dict[str, float] | None:
+    """What each Ray Train worker asks for: Ray's default (one CPU, or one GPU with ``use_gpu``) plus ``extra``.
+
+    Ray replaces its default by ``resources_per_worker`` when one is given, so the default is spelt out here; None
+    (Ray's default itself) without ``extra``.
+    """
+    if not extra:
+        return None
+    return {**({"GPU": 1.0} if use_gpu else {"CPU": 1.0}), **{name: float(n) for name, n in extra.items()}}
+
+
 def torch_worker_runtime_env(threads: int) -> dict:
     """A Ray Train worker's runtime env: ``OMP_NUM_THREADS`` set to the torch threads it will use, and
     :func:`allocator_env`.
@@ -49,6 +60,7 @@ def fit_torch_run(
     datasets: dict[str, Any],
     callbacks: list[Any] | None = None,
     dataset_config: Any = None,
+    worker_resources: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run a training loop on ``num_workers`` Ray Train workers (DDP) and return what its last checkpoint saved.
 
@@ -67,6 +79,9 @@ def fit_torch_run(
         datasets: Ray Datasets by name; the loop reads them with ``ray.train.get_dataset_shard``.
         callbacks: Ray Train callbacks (a sweep passes Tune's report callback).
         dataset_config: a ``ray.train.DataConfig`` (Ray's default, which splits every dataset, when None).
+        worker_resources: Ray resources each worker asks for beside its CPU (and its GPU with ``use_gpu``), e.g. a
+            custom resource that only one node type carries: workers then run on such nodes, and where none is up
+            they wait for the autoscaler to add one (Ray Train retries a worker group that did not start).
 
     Returns:
         The dict the loop's last checkpoint saved (:func:`save_training_state`): each stateful object's
@@ -83,7 +98,11 @@ def fit_torch_run(
     trainer = TorchTrainer(
         loop,
         train_loop_config={**loop_config, "torch_threads": threads},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker_group_resources(use_gpu, worker_resources),
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
