@@ -1,6 +1,7 @@
 """Runs the stages of an experiment in order, skipping those whose manifest matches (``demo`` and ``run``).
 
-Stages: prepare -> generate (train the generator) -> sample -> train (the classifier) -> audit (the synthetic set,
+Stages: prepare -> pseudo-label (only for a semi-supervised generator: the classifier whose pool labels it learns
+from) -> generate (train the generator) -> sample -> train (the classifier) -> audit (the synthetic set,
 with the classifier as one feature extractor) -> evaluate -> tune (a sweep over classifier settings when the
 experiment has a ``tune.space``; its best trial on validation goes to ``models/best`` and is evaluated once). Each
 stage writes its own ``manifest.json`` with its identity (``skinsynth.core.rundir``: its settings and the identities
@@ -10,6 +11,7 @@ so a change upstream re-runs everything downstream of it - the rule ``skinsynth 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -43,6 +45,12 @@ class StageOutcome:
     skipped: bool
     detail: str
     compute: dict[str, Any] | None = None
+    up_to_date: bool = True  # a skipped stage: up to date (False: the experiment does not ask for it)
+
+
+def not_applicable(name: str, why: str) -> StageOutcome:
+    """A stage this experiment does not ask for, skipped for ``why``."""
+    return StageOutcome(name, 0.0, True, why, up_to_date=False)
 
 
 def _stage_prepare(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
@@ -82,11 +90,39 @@ def _unless_up_to_date(
     return StageOutcome(stage, time.perf_counter() - t0, False, detail, meter.figures)
 
 
+def pseudo_label_classifier(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The experiment of a semi-supervised generator's classifier (``generator.pseudo_labels_from``): the train
+    section under that name and without a synthetic mix - the generator it labels the pool for does not exist yet."""
+    train = dataclasses.replace(
+        cfg.train, name=cfg.generator.pseudo_labels_from, mix=dataclasses.replace(cfg.train.mix, ratio=0.0)
+    )
+    return dataclasses.replace(cfg, train=train)
+
+
+def _stage_pseudo_labels(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
+    """FixMatch classifier first, then the generator (You et al. 2023): train the classifier whose predictions on
+    its unlabelled pool the generator learns from (it writes ``models/<name>/pool_labels.parquet``)."""
+    from skinsynth.classify.train import model_identity, train_classifier
+
+    if not (cfg.generator.enabled and cfg.generator.pseudo_labels_from):
+        return not_applicable("pseudo-label", "not asked for (generator.pseudo_labels_from is empty)")
+    teacher = pseudo_label_classifier(cfg)
+
+    def work() -> str:
+        result = train_classifier(teacher, progress=progress)
+        best = result.best_val_balanced_accuracy
+        pool = layout(run_dir).model_pool_labels(teacher.train.name)
+        return f"classifier '{teacher.train.name}', best val balanced accuracy {best:.3f} -> {pool}"
+
+    identity = model_identity(teacher.train, run_dir)
+    return _unless_up_to_date("pseudo-label", run_dir, identity, force, progress, work, cfg.run)
+
+
 def _stage_generate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Progress) -> StageOutcome:
     from skinsynth.generate.train import generator_identity, train_generator
 
     if not cfg.generator.enabled:
-        return StageOutcome("generate", 0.0, True, "disabled (generator.enabled: false)")
+        return not_applicable("generate", "disabled (generator.enabled: false)")
 
     def work() -> str:
         result = train_generator(cfg, progress=progress)
@@ -100,7 +136,7 @@ def _stage_sample(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: P
     from skinsynth.generate.sample import sample_synthetic, synthetic_identity
 
     if not cfg.generator.enabled:
-        return StageOutcome("sample", 0.0, True, "disabled (generator.enabled: false)")
+        return not_applicable("sample", "disabled (generator.enabled: false)")
 
     def work() -> str:
         result = sample_synthetic(cfg.sample, run_dir, force=True, progress=progress)
@@ -126,7 +162,7 @@ def _stage_audit(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pr
     from skinsynth.audit.report import audit_identity, failed_verdicts, run_audit
 
     if not cfg.generator.enabled:
-        return StageOutcome("audit", 0.0, True, "disabled (generator.enabled: false)")
+        return not_applicable("audit", "disabled (generator.enabled: false)")
 
     def work() -> str:
         gate = run_audit(cfg, run_dir, progress=progress)["gate"]
@@ -143,7 +179,7 @@ def _stage_tune(cfg: ExperimentConfig, run_dir: Path, force: bool, progress: Pro
     from skinsynth.tune.sweep import run_sweep, sweep_stage
 
     if not cfg.tune.space:
-        return StageOutcome("tune", 0.0, True, "no sweep (tune.space is empty)")
+        return not_applicable("tune", "no sweep (tune.space is empty)")
 
     def work() -> str:
         # an interrupted sweep resumes; one made with other settings or data starts again
@@ -170,6 +206,7 @@ def _stage_evaluate(cfg: ExperimentConfig, run_dir: Path, force: bool, progress:
 
 STAGES: list[tuple[str, Callable[[ExperimentConfig, Path, bool, Progress], StageOutcome]]] = [
     ("prepare", _stage_prepare),
+    ("pseudo-label", _stage_pseudo_labels),
     ("generate", _stage_generate),
     ("sample", _stage_sample),
     ("train", _stage_train),
@@ -199,7 +236,10 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
             with stage_log(name):  # Ray's lines of this stage: RUN_DIR/logs/<name>.log (skinsynth.core.console)
                 outcome = stage(cfg, run_dir, force, progress)
             outcomes.append(outcome)
-            state = "skipped (up to date)" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
+            if outcome.skipped:
+                state = "skipped (up to date)" if outcome.up_to_date else f"skipped: {outcome.detail}"
+            else:
+                state = f"done in {outcome.seconds:.1f} s"
             if store.remote and not outcome.skipped:
                 # a lost machine loses no finished stage
                 state += f"; {store.push()} file(s) pushed to {display_uri(cfg.run.out)}"

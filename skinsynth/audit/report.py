@@ -90,7 +90,13 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
     splits = load_split_table(run_dir)
     columns = ["image_id", "image", "label"]
     lesions = splits.set_index("image_id")["group_id"]
-    train = _decode(read_rows(run_dir, split_ids(splits, "train", labelled_only=True), columns), lesions)
+    # every image the generator learnt from: the labelled ones and, for a semi-supervised generator, its pool images
+    train_ids = split_ids(splits, "train", labelled_only=True)
+    pool_record = layout(run_dir).generator_pool_ids
+    if pool_record.is_file():
+        pool = json.loads(pool_record.read_text())
+        train_ids = sorted({*train_ids, *pool.get("pseudo_labelled", []), *pool.get("unconditional", [])})
+    train = _decode(read_rows(run_dir, train_ids, columns), lesions)
     held_out = _decode(read_rows(run_dir, split_ids(splits, "val"), columns), lesions)
     synthetic = _decode(pq.read_table(shards, columns=columns).to_pandas().sort_values("image_id"))
     if len(held_out.ids) < 2 or len(synthetic.ids) < 2 or len(train.ids) < 2:

@@ -14,7 +14,8 @@ that large contains them.
 The generator is the other way labels can reach a run: a class-conditional model trained on an image's label passes
 that label on through its samples. A run that mixes in synthetic images must therefore label every image the
 generator learnt from; :func:`check_generator_provenance` refuses it otherwise, from the ids the generator actually
-trained on.
+trained on. A semi-supervised generator's pseudo-labelled pool images are accepted when they are this run's own
+training images and the classifier behind the pseudo-labels learnt only labels this run has.
 
 Synthetic images are added to the labelled set only: ``ratio`` synthetic images per labelled real image, spread
 evenly over all classes (``uniform``) or over the minority classes only (``minority``: classes with fewer labelled
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -159,7 +161,11 @@ def select_synthetic(synthetic_rows: pd.DataFrame, counts: dict[str, int], seed:
 
 
 def check_generator_provenance(
-    generator_images: list[str], labelled: list[str], splits: pd.DataFrame, generator: str
+    generator_images: list[str],
+    labelled: list[str],
+    splits: pd.DataFrame,
+    generator: str,
+    pool: dict[str, Any] | None = None,
 ) -> dict[str, object]:
     """Refuse a synthetic mix whose generator learnt from an image this run may not learn the label of.
 
@@ -169,11 +175,18 @@ def check_generator_provenance(
     test, in the unlabelled pool (its label would reach the run through the samples), or not in this data set at all
     is refused.
 
+    A semi-supervised generator (``pool``, its ``pool_ids.json``) also learnt from pool images, with a classifier's
+    pseudo-labels or unconditionally. Those are accepted where they are training images of this split (the run's
+    own unlabelled pool, or its labelled images), and only when every labelled image behind the pseudo-labels - the
+    classifier's - is labelled in this run too: otherwise that classifier's labels would reach the run through the
+    samples. A pool image in validation or test, or not in this data set, is refused.
+
     Args:
-        generator_images: the generator's training image ids.
+        generator_images: the generator's training image ids (learnt with their true labels).
         labelled: this run's labelled training ids.
         splits: the run's split table (``image_id``, ``split``).
         generator: the generator's id, for the message and the record.
+        pool: the generator's pool record (None: it learnt from labelled images only).
 
     Returns:
         What was checked, for the model's training record: the generator, how many ids, their hash.
@@ -196,8 +209,31 @@ def check_generator_provenance(
             "set), and their labels would reach the run through the samples. Retrain the generator on this split "
             "('skinsynth generate train', then 'skinsynth generate sample'), or set train.mix.ratio=0"
         )
-    return {
+    record: dict[str, object] = {
         "generator_id": generator,
         "training_images": len(generator_images),
         "ids_sha256": ids_hash(generator_images),
     }
+    if pool:
+        pool_ids = [*pool.get("pseudo_labelled", []), *pool.get("unconditional", [])]
+        split_of = splits.set_index("image_id")["split"].to_dict()
+        not_train = [i for i in pool_ids if split_of.get(i) != "train"]
+        behind = set(pool.get("classifier_labelled_ids", [])) - set(labelled)
+        if not_train or behind:
+            problems = []
+            if not_train:
+                problems.append(f"{len(not_train)} of its pool images are not training images of this split")
+            if behind:
+                problems.append(
+                    f"its pseudo-labels come from classifier '{pool.get('model')}', which learnt the labels of "
+                    f"{len(behind)} images this run does not label"
+                )
+            raise SkinsynthError(
+                f"train.mix would add synthetic images from semi-supervised generator {generator}, but "
+                f"{' and '.join(problems)}. Retrain the classifier and the generator on this run's labels, or set "
+                "train.mix.ratio=0"
+            )
+        record["pseudo_labelled_images"] = len(pool.get("pseudo_labelled", []))
+        record["unconditional_images"] = len(pool.get("unconditional", []))
+        record["pseudo_labels_from"] = pool.get("model")
+    return record

@@ -487,8 +487,8 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
                 f"train.mix.ratio is {tc.mix.ratio} but {synthetic_dir} does not exist: run 'skinsynth generate "
                 "train' and 'skinsynth generate sample' first (or set train.mix.ratio=0)"
             )
-        generator_ids, generator = _generator_training_ids(run_dir)
-        provenance = check_generator_provenance(generator_ids, partition.labelled, splits, generator)
+        generator_ids, generator, pool_record = _generator_training_ids(run_dir)
+        provenance = check_generator_provenance(generator_ids, partition.labelled, splits, generator, pool_record)
         import pyarrow.parquet as pq
 
         pool = pq.read_table(synthetic_dir, columns=["image_id", "dx", "label"]).to_pandas()
@@ -507,8 +507,9 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
     )
 
 
-def _generator_training_ids(run_dir: Path) -> tuple[list[str], str]:
-    """The ids the run's generator trained on and its id (``generator/training_ids.json`` and its card).
+def _generator_training_ids(run_dir: Path) -> tuple[list[str], str, dict[str, Any] | None]:
+    """The ids the run's generator trained on, its id (``generator/training_ids.json`` and its card) and, for a
+    semi-supervised generator, its pool record (``generator/pool_ids.json``; None otherwise).
 
     Raises:
         SkinsynthError: no generator, or one written before it recorded its ids (the check must be exact).
@@ -523,7 +524,8 @@ def _generator_training_ids(run_dir: Path) -> tuple[list[str], str]:
             "labels are this run's: retrain the generator ('skinsynth generate train', then 'skinsynth generate "
             "sample'), or set train.mix.ratio=0"
         ) from None
-    return list(ids), generator
+    pool = json.loads(run.generator_pool_ids.read_text()) if run.generator_pool_ids.is_file() else None
+    return list(ids), generator, pool
 
 
 def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) -> dict[str, Any]:
@@ -703,7 +705,8 @@ def train_classifier(
         }
         # the identity of the settings as asked for (what `skinsynth run` compares), even where SSL had no pool
         identity = model_identity(cfg.train, run_dir)
-        model_dir = export_model(run_dir, tc, state, card, extra, progress=progress, identity=identity)
+        pool = (inputs.unlabelled, inputs.labelled)
+        model_dir = export_model(run_dir, tc, state, card, extra, progress=progress, identity=identity, pool=pool)
         progress(
             f"train: best validation balanced accuracy {state['best_score']:.3f} at epoch {state['best_epoch'] + 1}; "
             f"model written to {model_dir}"
@@ -746,10 +749,13 @@ def export_model(
     name: str | None = None,
     progress: Progress = print,
     identity: StageIdentity | None = None,
+    pool: tuple[list[str], list[str]] | None = None,
 ) -> Path:
     """Write the best weights, the training config, the history and the stage manifest to ``RUN_DIR/models/<name>/``
     atomically (``name`` defaults to ``train.name``; ``extra`` joins ``training.json``; ``identity`` defaults to
-    :func:`model_identity` of ``tc``)."""
+    :func:`model_identity` of ``tc``). ``pool``: the run's (unlabelled pool, labelled) ids; a non-empty pool gets the
+    exported model's pseudo-labels (``pool_labels.parquet``, :mod:`skinsynth.classify.pool_labels`) in the same
+    atomic write, so a model folder never lacks the labels a semi-supervised generator reads."""
     name = name or tc.name
     model_dir = layout(run_dir).model(name)
     tmp = model_dir.with_name(f".{name}.tmp-{os.getpid()}")
@@ -776,6 +782,13 @@ def export_model(
     }
     (tmp / MODEL_TRAINING).write_text(json.dumps(info, indent=2, default=float))
     identity = identity or model_identity(dataclasses.replace(tc, name=name), run_dir)
+    if pool and pool[0]:
+        from skinsynth.classify.pool_labels import write_pool_labels
+        from skinsynth.core.shards import load_split_table
+
+        pool_ids, labelled_ids = pool
+        splits = load_split_table(run_dir)
+        write_pool_labels(tmp, name, identity.identity, pool_ids, labelled_ids, splits, run_dir, progress=progress)
     write_manifest(tmp, identity, best_epoch=state["best_epoch"] + 1)
     replace_dir(tmp, model_dir)
     return model_dir

@@ -84,6 +84,9 @@ QUARANTINE = "quarantine.csv"
 GENERATOR_CARD = "generator_card.json"
 GENERATOR_GRID = "grid.png"  # one row of samples per class
 GENERATOR_TRAINING_IDS = "training_ids.json"  # the image ids the generator learnt from (the provenance guard's)
+# a semi-supervised generator's pool images: those it learnt with a classifier's pseudo-labels and those it learnt
+# unconditionally, and the classifier (with the labelled ids it trained on) that gave the labels
+GENERATOR_POOL_IDS = "pool_ids.json"
 SYNTHETIC_CARD = "synthetic_card.json"
 AUDIT_REPORT = "report.json"
 AUDIT_GALLERY = "gallery.png"  # the most training-like synthetic images beside their nearest training image
@@ -91,6 +94,9 @@ AUDIT_SIMILARITY = "similarity.png"
 MODEL_WEIGHTS = "model.pt"
 MODEL_TRAINING = "training.json"  # the training config, history and best epoch
 MODEL_CARD = "model_card.json"
+# a classifier's predictions on the unlabelled pool of its own training run (image_id, label, confidence): the
+# pseudo-labels a semi-supervised generator learns from
+MODEL_POOL_LABELS = "pool_labels.parquet"
 EVAL_REPORT = "report.json"
 EVAL_FAIRNESS = "fairness_test.csv"
 SWEEP_TRIALS = "trials.csv"  # one row per trial (what users open)
@@ -158,6 +164,10 @@ class RunLayout:
         return self.generator / GENERATOR_TRAINING_IDS
 
     @property
+    def generator_pool_ids(self) -> Path:
+        return self.generator / GENERATOR_POOL_IDS
+
+    @property
     def synthetic(self) -> Path:
         return self.root / SYNTHETIC_FOLDER
 
@@ -199,6 +209,9 @@ class RunLayout:
 
     def model(self, name: str) -> Path:
         return self.models / name
+
+    def model_pool_labels(self, name: str) -> Path:
+        return self.model(name) / MODEL_POOL_LABELS
 
     def evaluation(self, name: str) -> Path:
         return self.evaluations / name

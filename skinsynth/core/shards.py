@@ -7,6 +7,7 @@ images.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,15 @@ def _ray_numpy_collate(collate: Callable[[dict[str, np.ndarray]], Any]):
             return collate(batch)
 
     return NumpyCollate()
+
+
+POOL_LABELS_METADATA = b"skinsynth.pool_labels"  # the Parquet schema metadata key of a pool-labels file's record
+
+
+def read_pool_labels(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A classifier's pool labels (``models/<name>/pool_labels.parquet``, written by
+    ``skinsynth.classify.pool_labels``): the table (``image_id``, ``label``, ``confidence``) and its record
+    (``model``, ``model_identity``, ``labelled_ids``, ...)."""
+    table = pq.read_table(path)
+    record = json.loads((table.schema.metadata or {}).get(POOL_LABELS_METADATA, b"{}"))
+    return table.to_pandas(), record

@@ -33,6 +33,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 
 from skinsynth.config import ExperimentConfig, GeneratorConfig, changed_settings, config_to_dict
@@ -40,6 +41,7 @@ from skinsynth.core.console import worker_progress
 from skinsynth.core.rundir import (
     GENERATOR_CARD,
     GENERATOR_GRID,
+    GENERATOR_POOL_IDS,
     GENERATOR_TRAINING_IDS,
     RAY_TRAIN_FOLDER,
     StageIdentity,
@@ -49,7 +51,7 @@ from skinsynth.core.rundir import (
     replace_dir,
     write_manifest,
 )
-from skinsynth.core.shards import load_split_table, read_rows, split_ids
+from skinsynth.core.shards import load_split_table, read_pool_labels, read_rows, split_ids
 from skinsynth.errors import SkinsynthError
 from skinsynth.generate.diffusion import (
     SCHEDULER_DIR,
@@ -92,11 +94,10 @@ class GeneratorCollate:
         images = from_uint8_images(decode_pngs(batch["image"]))
         if self.augment:
             images = torch.stack([_dihedral(img) for img in images])
-        tones = batch["tone"] if self.conditioning.tones else [None] * len(images)
-        labels = [
-            self.conditioning.index(int(lab), self.conditioning.tone_index(tone) if self.conditioning.tones else None)
-            for lab, tone in zip(batch["label"], tones)
-        ]
+        c = self.conditioning
+        tones = [c.tone_index(tone) for tone in batch["tone"]] if c.tones else [None] * len(images)
+        # a negative label marks a pool image learnt unconditionally (semi-supervised generator): the null token
+        labels = [c.null_index if int(y) < 0 else c.index(int(y), tone) for y, tone in zip(batch["label"], tones)]
         return images, torch.as_tensor(labels, dtype=torch.long)
 
 
@@ -273,6 +274,89 @@ def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
         )
 
 
+@dataclass
+class PoolInputs:
+    """What a semi-supervised generator learns from its classifier's unlabelled pool (``generator.pseudo_labels_from``;
+    You et al. 2023): pool images with confident pseudo-labels, and those learnt unconditionally."""
+
+    model: str  # the classifier under models/ whose pool labels these are
+    model_identity: str  # its stage identity when it labelled the pool
+    threshold: float
+    pseudo_labels: dict[str, int]  # image id -> pseudo-label (class index), confidence >= threshold
+    unconditional: list[str]  # the other pool images (empty with unconfident_unconditional off)
+    classifier_labelled_ids: list[str]  # the labelled ids the classifier trained on: its labels stand behind these
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Image id -> training label for every pool image: the pseudo-label, or -1 (the null token)."""
+        return {**dict.fromkeys(self.unconditional, -1), **self.pseudo_labels}
+
+    def record(self) -> dict[str, Any]:
+        """``generator/pool_ids.json``: what the provenance check of a synthetic mix reads."""
+        return {
+            "model": self.model,
+            "model_identity": self.model_identity,
+            "threshold": self.threshold,
+            "classifier_labelled_ids": sorted(self.classifier_labelled_ids),
+            "pseudo_labelled": sorted(self.pseudo_labels),
+            "unconditional": sorted(self.unconditional),
+        }
+
+
+def pool_inputs(gc: GeneratorConfig, run_dir: Path, train_ids: list[str]) -> PoolInputs | None:
+    """The pool images a semi-supervised generator adds to ``train_ids`` (None: ``pseudo_labels_from`` is unset).
+
+    Raises:
+        SkinsynthError: a threshold outside (0, 1], no pool labels for the named classifier, or pool images that are
+            not training images of this run's split.
+    """
+    if not gc.pseudo_labels_from:
+        return None
+    if not 0.0 < gc.pseudo_label_threshold <= 1.0:
+        raise SkinsynthError(f"generator.pseudo_label_threshold must be in (0, 1], got {gc.pseudo_label_threshold}")
+    name = gc.pseudo_labels_from
+    path = layout(run_dir).model_pool_labels(name)
+    if not path.is_file():
+        raise SkinsynthError(
+            f"generator.pseudo_labels_from is '{name}' but {path} does not exist: a classifier writes its pool's "
+            f"pseudo-labels when its run has an unlabelled pool. Train it first, e.g. 'skinsynth train --set "
+            f"train.name={name} --set train.ssl.method=fixmatch' on data prepared with data.split.label_fraction < 1"
+        )
+    table, record = read_pool_labels(path)
+    split_of = load_split_table(run_dir).set_index("image_id")["split"]
+    outside = [i for i in table["image_id"] if split_of.get(i) != "train"]
+    if outside:
+        raise SkinsynthError(
+            f"{path} labels {len(outside)} images that are not in this run's train split (e.g. {outside[0]}): the "
+            "split has changed since the classifier ran; train it again"
+        )
+    table = table[~table["image_id"].isin(set(train_ids))]  # a pool image this generator knows the label of
+    confident = table["confidence"] >= gc.pseudo_label_threshold
+    return PoolInputs(
+        model=name,
+        model_identity=str(record.get("model_identity")),
+        threshold=gc.pseudo_label_threshold,
+        pseudo_labels=dict(zip(table.loc[confident, "image_id"], table.loc[confident, "label"].astype(int))),
+        unconditional=sorted(table.loc[~confident, "image_id"]) if gc.unconfident_unconditional else [],
+        classifier_labelled_ids=list(record.get("labelled_ids", [])),
+    )
+
+
+def generator_dataset(run_dir: Path, train_ids: list[str], pool: PoolInputs, seed: int, block_rows: int = 1024):
+    """The labelled images with their labels and the pool images with their pseudo-labels (or -1), as one shuffled
+    Ray Dataset held in the object store. The pool is read without its label column, so the true labels of the
+    pool never reach a training worker."""
+    import ray.data
+
+    labelled = read_rows(run_dir, train_ids, columns=GENERATOR_COLUMNS)
+    labels = pool.labels
+    unlabelled = read_rows(run_dir, sorted(labels), columns=["image_id", "image", "tone"])
+    unlabelled["label"] = unlabelled["image_id"].map(labels).astype(labelled["label"].dtype)
+    rows = pd.concat([labelled[GENERATOR_COLUMNS], unlabelled[GENERATOR_COLUMNS]], ignore_index=True)
+    rows = rows.iloc[np.random.default_rng(seed).permutation(len(rows))].reset_index(drop=True)
+    return ray.data.from_pandas([rows.iloc[i : i + block_rows] for i in range(0, len(rows), block_rows)])
+
+
 # settings that only say how a run reports or reads its data: they change no weight
 REPORTING_KEYS = frozenset({"checkpoint_every", "grid_every", "log_every", "cache_rows", "enabled"})
 
@@ -284,6 +368,9 @@ def generator_identity(cfg: ExperimentConfig, run_dir: Path, train_ids: list[str
         train_ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
     settings = {k: v for k, v in changed_settings(cfg.generator).items() if k not in REPORTING_KEYS}
     inputs = {"data": current_identity(run_dir, "data"), "train_ids": ids_hash(train_ids)}
+    if cfg.generator.pseudo_labels_from:  # a re-trained classifier gives other pseudo-labels: another generator
+        stage = f"model:{cfg.generator.pseudo_labels_from}"
+        inputs[stage] = current_identity(run_dir, stage)
     return StageIdentity("generator", settings, inputs, config_to_dict(cfg.generator), frozenset({"train_steps"}))
 
 
@@ -319,10 +406,12 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     train_ids = split_ids(load_split_table(run_dir), "train", labelled_only=True)
     if not train_ids:
         raise SkinsynthError(f"no labelled training images in {layout(run_dir).data}")
-    check_no_synthetic_rows(run_dir, train_ids)
-    if len(train_ids) < gc.batch_size * gc.num_workers:
+    pool = pool_inputs(gc, run_dir, train_ids)
+    pool_ids = sorted(pool.labels) if pool else []
+    check_no_synthetic_rows(run_dir, train_ids + pool_ids)
+    if len(train_ids) + len(pool_ids) < gc.batch_size * gc.num_workers:
         raise SkinsynthError(
-            f"{len(train_ids)} labelled training images cannot fill one batch of {gc.batch_size} per worker "
+            f"{len(train_ids) + len(pool_ids)} training images cannot fill one batch of {gc.batch_size} per worker "
             f"x {gc.num_workers} worker(s); lower generator.batch_size"
         )
     card = json.loads(layout(run_dir).data_card.read_text())
@@ -330,9 +419,15 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     check_image_size(image_size, gc.size)
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(gc.use_gpu, "generator.use_gpu")
+    if pool:
+        progress(
+            f"generate train: semi-supervised: {len(pool.pseudo_labels)} pool images pseudo-labelled by "
+            f"'{pool.model}' (confidence >= {pool.threshold:g}) and {len(pool.unconditional)} learnt unconditionally, "
+            f"besides {len(train_ids)} labelled"
+        )
     progress(
-        f"generate train: '{gc.size}' UNet at {image_size} px on {len(train_ids)} real training images, "
-        f"{gc.train_steps} steps of {gc.batch_size * gc.grad_accum * gc.num_workers} images, "
+        f"generate train: '{gc.size}' UNet at {image_size} px on {len(train_ids) + len(pool_ids)} real training "
+        f"images, {gc.train_steps} steps of {gc.batch_size * gc.grad_accum * gc.num_workers} images, "
         f"{gc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
     identity = generator_identity(cfg, run_dir, train_ids)
@@ -340,7 +435,10 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     storage = layout(run_dir).ray_train  # the grids (checkpoints go to the run's storage, on its URI when remote)
     quiet_ray_data()
     t0 = time.perf_counter()
-    if gc.cache_rows:
+    if pool:
+        # the pool's labels are not in the shards: the rows are put together on the driver (cache_rows implied)
+        train_images = generator_dataset(run_dir, train_ids, pool, gc.seed)
+    elif gc.cache_rows:
         # a pass over a small training set is a few seconds of compute; re-reading and filtering every shard for it
         # costs seconds of Ray Data start-up on 2 cores (the demo's 60 steps of 16 over 88 images are 11 passes)
         train_images = cached_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
@@ -365,6 +463,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         data_card=card,
         grids=storage / name / GRIDS_DIR,
         identity=identity,
+        pool=pool,
     )
     info = json.loads((generator_dir / GENERATOR_CARD).read_text())
     progress(
@@ -387,9 +486,10 @@ def export_generator(
     data_card: dict[str, Any],
     grids: Path,
     identity: StageIdentity,
+    pool: PoolInputs | None = None,
 ) -> Path:
     """Write the EMA weights, noise schedule, a final grid, the generator card and the stage manifest (``identity``)
-    to ``RUN_DIR/generator/``."""
+    to ``RUN_DIR/generator/`` (with ``pool``, also ``pool_ids.json``)."""
     from diffusers.training_utils import EMAModel
 
     unet, conditioning = create_generator(gc, image_size)
@@ -413,11 +513,13 @@ def export_generator(
     # the images it learnt from (the labelled train images), not the whole train split of the data card
     learnt = read_rows(run_dir, train_ids, columns=["image_id", "dx"])["dx"].value_counts()
     class_counts = {dx: int(learnt.get(dx, 0)) for dx in conditioning.classes}
-    card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card, class_counts)
+    card = generator_card(gc, generator_id, unet, conditioning, state, train_ids, data_card, class_counts, pool)
     (tmp / GENERATOR_CARD).write_text(json.dumps(card, indent=2, default=str))
     # the ids themselves, not only their hash: a classifier run that mixes in this generator's samples checks them
     # one by one against its own labelled images (skinsynth.classify.mixing.check_generator_provenance)
     (tmp / GENERATOR_TRAINING_IDS).write_text(json.dumps(sorted(train_ids)))
+    if pool:
+        (tmp / GENERATOR_POOL_IDS).write_text(json.dumps(pool.record()))
     write_manifest(tmp, identity, generator_id=generator_id, steps=state["step"])
     replace_dir(tmp, generator_dir)
     return generator_dir
@@ -432,9 +534,10 @@ def generator_card(
     train_ids: list[str],
     data_card: dict[str, Any],
     class_counts: dict[str, int],
+    pool: PoolInputs | None = None,
 ) -> dict[str, Any]:
-    """What the generator is, what it was trained on (``class_counts`` of ``train_ids``), and what it must not be
-    used for."""
+    """What the generator is, what it was trained on (``class_counts`` of ``train_ids``, and the pool images of a
+    semi-supervised generator), and what it must not be used for."""
     import diffusers
 
     from skinsynth import __version__
@@ -452,10 +555,13 @@ def generator_card(
         "tone_conditioning": list(conditioning.tones),
         "training_data": {
             "source": data_card.get("source"),
-            "split": "train, labelled real images only",
+            "split": "train, labelled real images only"
+            if pool is None
+            else "train: labelled real images, and the unlabelled pool with pseudo-labels or unconditionally",
             "images": len(train_ids),
             "image_ids_sha256": ids_hash(train_ids),
             "class_counts": class_counts,
+            "pseudo_labels": None if pool is None else pool_summary(pool, conditioning),
             "licence": data_card.get("licence"),
         },
         "training": {
@@ -479,4 +585,19 @@ def generator_card(
         "versions": {"skinsynth": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def pool_summary(pool: PoolInputs, conditioning: Conditioning) -> dict[str, Any]:
+    """The generator card's account of a semi-supervised generator's pool images."""
+    per_class = np.bincount(list(pool.pseudo_labels.values()), minlength=len(conditioning.classes))
+    return {
+        "method": "You et al. 2023 (dual pseudo training): confident pseudo-labels, the rest unconditional",
+        "classifier": pool.model,
+        "classifier_identity": pool.model_identity,
+        "classifier_labelled_images": len(pool.classifier_labelled_ids),
+        "threshold": pool.threshold,
+        "pseudo_labelled_images": len(pool.pseudo_labels),
+        "pseudo_labelled_class_counts": {dx: int(n) for dx, n in zip(conditioning.classes, per_class, strict=False)},
+        "unconditional_images": len(pool.unconditional),
     }
