@@ -53,6 +53,10 @@ class PhantomConfig:
     image_size: int = 128  # rendered size, before preprocessing resizes it
     class_balance: Literal["uniform", "ham10000"] = "uniform"
     views_per_lesion: float = 1.3
+    # a known tone skew for fairness experiments: the share of the TRAIN split's malignant lesions (akiec, bcc, mel)
+    # drawn with brown or dark true skin (ITA < 10 degrees); validation, test and benign lesions keep tones
+    # independent of class (a third dark). None = no skew anywhere
+    train_dark_malignant_share: float | None = None
     seed: int = 0
 
 
@@ -148,6 +152,9 @@ class TrainConfig:
     # class-balanced sampling: "balanced" repeats the images of every class rarer than 1/K of the training rows until
     # it holds 1/K (repeat-factor sampling); the loss weights of `imbalance` then correct only what remains
     sampling: Literal["natural", "balanced"] = "natural"
+    # tone-group oversampling: within each class, the estimated skin-tone groups rarer than an even share of the
+    # class's real labelled images are repeated up to it (on top of `sampling`)
+    tone_oversampling: bool = False
     # loss weighting on top of the sampling: weighted_loss = inverse frequency of the sampled rows, or focal loss
     imbalance: Literal["none", "weighted_loss", "focal"] = "weighted_loss"
     focal_gamma: float = 2.0

@@ -232,3 +232,31 @@ def test_bad_arguments_raise(kwargs):
 def test_zero_images():
     df = phantom_records(0)
     assert len(df) == 0 and "phantom_seed" in df.columns
+
+
+def test_a_train_tone_skew_changes_only_the_train_splits_malignant_lesions():
+    """data.phantom.train_dark_malignant_share: the train split's malignant lesions get dark skin at the given rate;
+    every other lesion, and the split itself, is the one the unskewed set has."""
+    from skinsynth.config import load_config
+    from skinsynth.data.schema import MALIGNANT
+    from skinsynth.data.sources import list_phantom
+    from skinsynth.data.splits import lesion_grouped_split
+
+    def listing(share):
+        skew = [] if share is None else [f"data.phantom.train_dark_malignant_share={share}"]
+        settings = ["data.phantom.n_images=600", *skew]
+        cfg = load_config(None, settings)
+        frame = pd.DataFrame(list_phantom(cfg.data).records)
+        return frame.assign(split=lesion_grouped_split(frame, cfg.data.split)["split"].to_numpy())
+
+    plain, skewed = listing(None), listing(0.0)
+    assert (plain["split"] == skewed["split"]).all()
+    dark = skewed["tone_true"].isin(["brown", "dark"])
+    train_malignant = (skewed["split"] == "train") & skewed["dx"].isin(MALIGNANT)
+    assert train_malignant.sum() > 100 and not dark[train_malignant].any()
+    assert plain.loc[train_malignant, "tone_true"].isin(["brown", "dark"]).mean() > 0.2
+    others = ~train_malignant
+    assert (plain.loc[others, "tone_true"] == skewed.loc[others, "tone_true"]).all()
+    assert dark[others].mean() == pytest.approx(1 / 3, abs=0.06)
+    everyone_dark = listing(1.0)
+    assert everyone_dark.loc[train_malignant, "tone_true"].isin(["brown", "dark"]).all()

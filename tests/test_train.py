@@ -18,6 +18,7 @@ from skinsynth.classify.train import (
     focal_loss,
     labelled_loss,
     logit_adjusted_weights,
+    tone_repeats,
     warmup_cosine,
 )
 from skinsynth.config import TrainConfig, load_config
@@ -47,6 +48,22 @@ def test_balanced_sampling_brings_rare_classes_up_to_the_mean_share_and_keeps_co
     assert per_class[0] == 0
     assert (balanced_repeats(labels, seed=0) == repeats).all()
     assert (balanced_repeats(labels, seed=1) != repeats).any()  # which images get the extra copy is seeded
+
+
+def test_tone_oversampling_evens_the_tone_groups_within_each_class():
+    # mel: 38 very_light, 2 dark; nv: 30 light, 10 tan, 5 of unknown tone
+    labels = np.repeat([4, 4, 5, 5, 5], [38, 2, 30, 10, 5])
+    tones = np.array(["very_light"] * 38 + ["dark"] * 2 + ["light"] * 30 + ["tan"] * 10 + [None] * 5, dtype=object)
+    repeats = tone_repeats(labels, tones, seed=0)
+
+    def shown(tone):
+        return int(repeats[tones == tone].sum()) if tone else int(repeats[[t is None for t in tones]].sum())
+
+    # mel: two groups over 40 images, so each reaches ceil(40 / 2) = 20 showings; the common one is untouched
+    assert shown("very_light") == 38 and shown("dark") == 20 and set(repeats[tones == "dark"]) == {10}
+    # nv: 40 images of known tone in two groups: tan brought up to 20 (each image twice); unknown tone shown once
+    assert shown("light") == 30 and shown("tan") == 20 and shown(None) == 5
+    assert (tone_repeats(labels, tones, seed=1) == repeats).all()  # these cases divide evenly: no seeded extra
 
 
 def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero_and_downweights_easy_examples():

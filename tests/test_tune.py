@@ -27,6 +27,7 @@ from skinsynth.tune.sweep import (
     run_sweep,
     summarise_over_seeds,
     sweep_identity,
+    worst_true_tone_sensitivity,
 )
 
 
@@ -116,6 +117,24 @@ def test_summary_gives_mean_and_sample_std_per_cell_over_seeds():
     assert summary.loc["fixmatch", "test_macro_auroc_std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
     text = format_summary(summary.reset_index())
     assert "0.500 ± 0.100 (n=3)" in text and "fixmatch" in text
+
+
+def test_the_worst_true_tone_group_and_its_lesion_interval():
+    """Malignant sensitivity per true tone on a hand-built test set: dark finds 3 of 12 malignant images (the
+    worst), light 10 of 12; 'tan' has only 4 malignant images and is not judged; benign images do not count."""
+    tones = ["dark"] * 12 + ["light"] * 12 + ["tan"] * 4 + ["dark"] * 6
+    labels = [4] * 28 + [5] * 6  # mel, then nv (benign)
+    found = [1] * 3 + [0] * 9 + [1] * 10 + [0] * 2 + [0] * 4 + [1] * 6
+    probs = np.array([[0, 0, 0, 0, 0.9, 0.1, 0] if f else [0, 0, 0, 0, 0.1, 0.9, 0] for f in found])
+    rows = pd.DataFrame(
+        {"label": labels, "tone_true": tones, "group_id": [f"lesion{i // 2}" for i in range(34)]}  # two views each
+    )
+    result = worst_true_tone_sensitivity(probs, rows, min_malignant=10)
+    assert result["test_worst_true_tone"] == "dark"
+    assert result["test_worst_true_tone_sensitivity"] == pytest.approx(3 / 12)
+    assert result["test_worst_true_tone_malignant"] == 12
+    assert 0.0 <= result["test_worst_true_tone_ci_low"] < 0.25 < result["test_worst_true_tone_ci_high"] < 0.75
+    assert worst_true_tone_sensitivity(probs, rows, min_malignant=13)["test_worst_true_tone"] is None
 
 
 SWEEP = {

@@ -113,6 +113,26 @@ def balanced_repeats(labels: np.ndarray, seed: int, num_classes: int = len(CLASS
     return repeats
 
 
+def tone_repeats(labels: np.ndarray, tones: np.ndarray, seed: int) -> np.ndarray:
+    """How many times each row is shown per epoch under tone-group oversampling (``train.tone_oversampling``).
+
+    Within each class, the estimated skin-tone groups rarer than an even share of the class's rows are brought up
+    to it by repeating their images (the repeat-factor rule of :func:`balanced_repeats`, over tone groups instead
+    of classes), so a class's rare tones are seen as often as its common ones (the oversampling baseline of group
+    robustness studies, e.g. Idrissi et al. 2022, "Simple data balancing achieves competitive worst-group-accuracy").
+    Rows of unknown tone keep one showing and do not count as a group.
+    """
+    repeats = np.ones(len(labels), dtype=np.int64)
+    known = np.array([isinstance(t, str) and t != "unknown" for t in tones])
+    for cls in np.unique(labels):
+        rows = np.flatnonzero((labels == cls) & known)
+        if len(rows) == 0:
+            continue
+        names, codes = np.unique(tones[rows].astype(str), return_inverse=True)
+        repeats[rows] = balanced_repeats(codes, seed + int(cls), num_classes=len(names))
+    return repeats
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -471,7 +491,7 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
 
     splits = load_split_table(run_dir)
     train_splits = splits[splits["split"] == "train"]
-    train_rows = read_rows(run_dir, list(train_splits["image_id"]), columns=["image_id", "dx", "label"])
+    train_rows = read_rows(run_dir, list(train_splits["image_id"]), columns=["image_id", "dx", "label", "tone"])
     train_rows = train_rows.merge(train_splits[["image_id", "group_id", "labelled"]], on="image_id")
     partition = labelled_partition(train_rows, tc.label_fraction, tc.seed)
     if not partition.labelled:
@@ -495,6 +515,10 @@ def training_inputs(run_dir: Path, tc: TrainConfig) -> TrainingInputs:
         synthetic = select_synthetic(pool, counts, tc.mix.seed)
         labels = np.concatenate([labels, pool.set_index("image_id").loc[synthetic, "label"].to_numpy(np.int64)])
     repeats = balanced_repeats(labels, tc.seed) if tc.sampling == "balanced" else np.ones(len(labels), np.int64)
+    if tc.tone_oversampling:  # real labelled rows only: synthetic rows keep their class-level repeats
+        real = len(partition.labelled)
+        tones = labelled_rows["tone"].to_numpy(object)
+        repeats[:real] *= tone_repeats(labels[:real], tones, tc.seed)
     return TrainingInputs(
         partition.labelled,
         synthetic,
@@ -668,6 +692,12 @@ def train_classifier(
             f"train: class-balanced sampling: {int(inputs.repeats.sum())} rows per epoch ("
             + ", ".join(f"{code} {n}" for code, n in zip(CLASSES, per_class, strict=True) if n)
             + ")"
+        )
+    if tc.tone_oversampling:
+        shown = int(inputs.repeats[: len(inputs.labelled)].sum())
+        progress(
+            f"train: tone-group oversampling within each class: {shown} showings of the {len(inputs.labelled)} "
+            "labelled images per epoch"
         )
     quiet_ray_data()
     datasets = training_datasets(run_dir, inputs, tc)

@@ -70,6 +70,8 @@ ITA_RANGES: dict[str, tuple[float, float]] = {
     "dark": (-60.0, -30.5),
 }
 
+DARK_TONES = frozenset({"brown", "dark"})  # ITA below 10 degrees: the rare group of a tone-skewed phantom set
+
 # Melanomas drawn with a border irregularity below this are "early" ones: regular-ish, and brown only.
 MEL_SUBTLE_BELOW = 0.55
 
@@ -219,6 +221,7 @@ def phantom_records(
     image_size: int = 128,
     class_balance: str = "uniform",
     views_per_lesion: float = 1.3,
+    dark_share: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Describe a phantom dataset: one row per image, with its ground truth and per-image seed; nothing is rendered.
 
@@ -234,6 +237,10 @@ def phantom_records(
         class_balance: ``"uniform"`` (equal images per class, remainders to the first classes in CLASSES order) or
             ``"ham10000"`` (HAM10000 prevalences, :data:`HAM10000_COUNTS`, largest-remainder rounding).
         views_per_lesion: mean number of images per lesion, >= 1 (HAM10000 has 10015 images of 7470 lesions, 1.34).
+        dark_share: lesion ``group_id`` -> probability that the lesion gets a dark true tone (the ``brown`` or
+            ``dark`` ITA bins, :data:`DARK_TONES`); the lesions it names draw a dark or a lighter bin first, then a
+            bin uniformly within it. Lesions it does not name keep the uniform draw over the six bins (a third dark).
+            A known tone skew, for fairness experiments (``data.phantom.train_dark_malignant_share``).
 
     Returns:
         DataFrame with columns ``image_id``, ``group_id``, ``dx``, ``label``, ``source`` (``"phantom"``), ``view``,
@@ -275,14 +282,20 @@ def phantom_records(
     for j, (dx, n_views) in enumerate(lesions):
         prof = CLASS_PROFILES[dx]
         lr = _rng(seed, 1, j)
-        lo, hi = ITA_RANGES[tones[int(lr.integers(len(tones)))]]
+        group_id = f"phantom_lesion_{j:06d}"
+        if dark_share is not None and group_id in dark_share:
+            dark = lr.random() < dark_share[group_id]
+            bins = [t for t in tones if (t in DARK_TONES) == dark]
+            lo, hi = ITA_RANGES[bins[int(lr.integers(len(bins)))]]
+        else:
+            lo, hi = ITA_RANGES[tones[int(lr.integers(len(tones)))]]
         ita = float(lr.uniform(lo, hi))
         skin_L, skin_a, skin_b = _skin_lab(ita, lr)
         irregularity, n_colours = _irregularity_and_colours(dx, lr)
         sites = list(prof["sites"])
         p_site = np.array(list(prof["sites"].values()), dtype=float)
         lesion = {
-            "group_id": f"phantom_lesion_{j:06d}",
+            "group_id": group_id,
             "dx": dx,
             "label": CLASS_TO_LABEL[dx],
             "source": SOURCE,

@@ -457,15 +457,37 @@ def list_phantom(cfg: DataConfig) -> SourceListing:
     from skinsynth.data.phantom import phantom_records
 
     ph = cfg.phantom
-    frame = phantom_records(
-        ph.n_images,
-        seed=ph.seed,
-        image_size=ph.image_size,
-        class_balance=ph.class_balance,
-        views_per_lesion=ph.views_per_lesion,
-    )
+    args = dict(seed=ph.seed, image_size=ph.image_size, class_balance=ph.class_balance)
+    frame = phantom_records(ph.n_images, views_per_lesion=ph.views_per_lesion, **args)
+    if ph.train_dark_malignant_share is not None:
+        frame = phantom_records(
+            ph.n_images,
+            views_per_lesion=ph.views_per_lesion,
+            dark_share=train_malignant_dark_share(frame, cfg, ph.train_dark_malignant_share),
+            **args,
+        )
     frame = frame.assign(uri="", source="phantom", fitzpatrick=None, source_split=None)
     return SourceListing("phantom", _as_records(frame.to_dict("records")), [], files_indexed=len(frame))
+
+
+def train_malignant_dark_share(frame: pd.DataFrame, cfg: DataConfig, share: float) -> dict[str, float]:
+    """The train split's malignant lesions of a phantom listing, each with ``share`` (its chance of dark skin).
+
+    The split that prepare will make (lesion-grouped, class-stratified, ``data.split``) depends only on the lesion
+    ids, classes and split settings, which tones do not change: the lesions named here are exactly the train split's
+    malignant ones of the re-drawn set.
+
+    Raises:
+        SourceError: a share outside [0, 1].
+    """
+    from skinsynth.data.schema import MALIGNANT
+    from skinsynth.data.splits import lesion_grouped_split
+
+    if not 0.0 <= share <= 1.0:
+        raise SourceError(f"data.phantom.train_dark_malignant_share must be in [0, 1], got {share}")
+    splits = lesion_grouped_split(frame, cfg.split)
+    train = frame.loc[(splits["split"].to_numpy() == "train") & frame["dx"].isin(MALIGNANT).to_numpy(), "group_id"]
+    return dict.fromkeys(train.unique().tolist(), share)
 
 
 def list_source(cfg: DataConfig, progress: Callable[[str], None] = print) -> SourceListing:

@@ -541,40 +541,77 @@ def add_test_metrics(trials: pd.DataFrame, cfg: ExperimentConfig, run_dir: Path,
     from skinsynth.core.shards import load_split_table, read_rows, split_ids
     from skinsynth.data.schema import CLASSES
 
-    test = read_rows(run_dir, split_ids(load_split_table(run_dir), "test"), ["image", "label"])
+    test_ids = split_ids(load_split_table(run_dir), "test")
+    test = read_rows(run_dir, test_ids, ["image", "label", "group_id", "tone_true"])
     labels = test["label"].to_numpy(np.int64)
-    bacc, auroc = [], []
+    # a source with known true skin tones (phantom): each trial's worst true-tone group, for fairness experiments
+    true_tones = test["tone_true"].notna().all() and len(test)
+    bacc, auroc, tone_rows = [], [], []
     for row in trials.to_dict("records"):
         if pd.isna(row["checkpoint_path"]) or not row["checkpoint_path"]:  # an errored trial: NaN in the table
             bacc.append(float("nan"))
             auroc.append(float("nan"))
+            tone_rows.append({})
             continue
         trial = trial_config(config_to_dict(cfg), {k: _plain(row[k]) for k in cfg.tune.space}).train
         model = create_classifier(
             trial.model, num_classes=len(CLASSES), pretrained="none", input_size=trial.input_size
         )
         model.load_state_dict(_best_state(row["checkpoint_path"], cfg)["best_model"])
-        report = M.classification_metrics(predict_probs(model.eval(), test["image"]), labels)
+        probs = predict_probs(model.eval(), test["image"])
+        report = M.classification_metrics(probs, labels)
+        if true_tones:
+            tone_rows.append(worst_true_tone_sensitivity(probs, test, trial.tone_min_malignant))
         record_test_look(
             run_dir,
             model_id=f"trial:{row['trial_id']}",
-            metrics=["balanced_accuracy", "macro_auroc"],
+            metrics=["balanced_accuracy", "macro_auroc"] + (["worst_true_tone_sensitivity"] if true_tones else []),
             n_images=len(test),
         )
         bacc.append(report["balanced_accuracy"])
         auroc.append(report["macro_auroc"])
     looks = describe_looks(count_test_looks(run_dir))
     progress(f"tune: scored {sum(not math.isnan(b) for b in bacc)} trials on {len(test)} test images; {looks}")
-    return trials.assign(test_balanced_accuracy=bacc, test_macro_auroc=auroc)
+    trials = trials.assign(test_balanced_accuracy=bacc, test_macro_auroc=auroc)
+    if true_tones:
+        trials = pd.concat([trials.reset_index(drop=True), pd.DataFrame(tone_rows, index=range(len(trials)))], axis=1)
+    return trials
 
 
-SUMMARY_METRICS = [METRIC, "test_balanced_accuracy", "test_macro_auroc"]
+def worst_true_tone_sensitivity(probs: np.ndarray, rows: pd.DataFrame, min_malignant: int) -> dict[str, Any]:
+    """The worst true-tone group's malignant sensitivity on ``rows`` (malignancy score >= 0.5, the rule training
+    reports; groups with at least ``min_malignant`` malignant images), with a 95% lesion-bootstrap interval over
+    that group's malignant lesions. The group is picked on the point estimate, so the interval describes that
+    group, not the minimum over groups."""
+    from skinsynth.classify import metrics as M
+
+    labels = rows["label"].to_numpy(np.int64)
+    value, group = M.worst_group_sensitivity(probs, labels, list(rows["tone_true"]), min_malignant=min_malignant)
+    if group is None:
+        return {TONE_TEST_METRIC: float("nan"), "test_worst_true_tone": None}
+    members = (rows["tone_true"] == group).to_numpy() & M.is_malignant_label(labels).numpy()
+    found = (M.malignant_scores(probs[members]).numpy() >= 0.5).astype(float)
+    resamples = M.LesionBootstrap(rows.loc[members, "group_id"].to_numpy(), n_boot=1000, seed=0)
+    draws = np.array([found[idx].mean() for idx in resamples.indices() if len(idx)])
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return {
+        TONE_TEST_METRIC: value,
+        "test_worst_true_tone": group,
+        "test_worst_true_tone_ci_low": float(low),
+        "test_worst_true_tone_ci_high": float(high),
+        "test_worst_true_tone_malignant": int(members.sum()),
+    }
+
+
+TONE_TEST_METRIC = "test_worst_true_tone_sensitivity"
+SUMMARY_METRICS = [METRIC, "test_balanced_accuracy", "test_macro_auroc", TONE_TEST_METRIC]
 
 
 def summarise_over_seeds(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean, sample standard deviation and count over seeds for every cell (combination of the space's values)."""
     finished = trials[trials["error"].isna()]
-    summary = finished.groupby(keys, dropna=False)[SUMMARY_METRICS].agg(["mean", "std", "count"])
+    metrics = [m for m in SUMMARY_METRICS if m in finished.columns]
+    summary = finished.groupby(keys, dropna=False)[metrics].agg(["mean", "std", "count"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     return summary.reset_index()
 
@@ -582,11 +619,13 @@ def summarise_over_seeds(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def format_summary(summary: pd.DataFrame) -> str:
     """The per-cell summary as aligned text: one line per cell, ``mean ± std (n)`` per metric."""
     keys = [c for c in summary.columns if not any(c.startswith(m) for m in SUMMARY_METRICS)]
-    header = keys + ["val bal. acc", "test bal. acc", "test macro AUROC"]
+    metrics = [m for m in SUMMARY_METRICS if f"{m}_mean" in summary.columns]
+    titles = ["val bal. acc", "test bal. acc", "test macro AUROC", "test worst true-tone malignant sens."]
+    header = keys + [title for metric, title in zip(SUMMARY_METRICS, titles, strict=True) if metric in metrics]
     lines = []
     for row in summary.to_dict("records"):
         cells = [str(row[k]) for k in keys]
-        for metric in SUMMARY_METRICS:
+        for metric in metrics:
             mean, std, count = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_count"]
             cells.append(f"{mean:.3f} ± {0.0 if std != std else std:.3f} (n={count})")  # one seed: no spread
         lines.append(cells)
