@@ -236,10 +236,9 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, progress: Prog
             with stage_log(name):  # Ray's lines of this stage: RUN_DIR/logs/<name>.log (skinsynth.core.console)
                 outcome = stage(cfg, run_dir, force, progress)
             outcomes.append(outcome)
-            if outcome.skipped:
-                state = "skipped (up to date)" if outcome.up_to_date else f"skipped: {outcome.detail}"
-            else:
-                state = f"done in {outcome.seconds:.1f} s"
+            if outcome.skipped and not outcome.up_to_date:
+                continue  # a stage the experiment does not ask for: the run summary says why
+            state = "skipped (up to date)" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
             if store.remote and not outcome.skipped:
                 # a lost machine loses no finished stage
                 state += f"; {store.push()} file(s) pushed to {display_uri(cfg.run.out)}"
@@ -255,7 +254,7 @@ def format_run_summary(cfg: ExperimentConfig, outcomes: list[StageOutcome]) -> s
     lines = ["", f"run summary: {cfg.run.name} ({where})"]
     for o in outcomes:
         state = "skipped" if o.skipped else f"{o.seconds:6.1f} s"
-        lines.append(f"  {o.name:<10} {state:>9}  {o.detail}")
+        lines.append(f"  {o.name:<12} {state:>9}  {o.detail}")
     lines.extend(compute_lines(outcomes))
     lines.extend(stale_lines(run_dir))
     lines.append(f"next: skinsynth data summary {run_dir}")

@@ -79,7 +79,8 @@ def write_pool_labels(
     for start in range(0, len(pool_ids), CHUNK):
         rows = read_rows(run_dir, pool_ids[start : start + CHUNK], columns=["image_id", "image"])  # no label column
         probs.append(predict_probs(model, rows.set_index("image_id").loc[pool_ids[start : start + CHUNK], "image"]))
-        progress(f"pool labels: {min(start + CHUNK, len(pool_ids))}/{len(pool_ids)} pool images predicted")
+        if len(pool_ids) > CHUNK:  # a small pool gets its one closing line only
+            progress(f"pool labels: {min(start + CHUNK, len(pool_ids))}/{len(pool_ids)} pool images predicted")
     p = np.concatenate(probs) if probs else np.zeros((0, len(CLASSES)), np.float32)
     table = pd.DataFrame(
         {"image_id": pool_ids, "label": p.argmax(1).astype(np.int64), "confidence": p.max(1).astype(np.float64)}
@@ -99,8 +100,7 @@ def write_pool_labels(
     tmp.replace(path)
     confident = {t: int((table["confidence"] >= t).sum()) for t in (0.5, 0.8, 0.95)}
     progress(
-        f"pool labels: {len(table)} pool images labelled by {name} -> {path} (confidence >= 0.5 / 0.8 / 0.95: "
-        + " / ".join(str(n) for n in confident.values())
-        + ")"
+        f"pool labels: {len(table)} pool images labelled by {name} -> models/{name}/{MODEL_POOL_LABELS} (confidence "
+        ">= 0.5 / 0.8 / 0.95: " + " / ".join(str(n) for n in confident.values()) + ")"
     )
     return path
