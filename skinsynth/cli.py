@@ -487,8 +487,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_command == "predict":
         from skinsynth.bench.predict import bench_predict
+        from skinsynth.serve.model import default_model_dir
 
-        cfg, model_dir = _predict_config(args)
+        cfg = _predict_config(args)
+        model_dir = default_model_dir(cfg)
         record = bench_predict(cfg, model_dir, args.input, split=args.split, images=args.images, limit=args.limit)
         print(f"record written to {write_record(record, args.json)}")
         return 0
@@ -505,29 +507,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _predict_config(args: argparse.Namespace):
-    """The config of ``predict`` and ``bench predict`` and the model directory they score with (``--model``, else
-    the one ``serve`` would pick for ``--out-run``)."""
+    """The config of ``predict`` and ``bench predict``: ``--out-run`` as ``run.out``, ``--model`` as ``serve.model``
+    (without it, the model is the one ``serve`` picks: :func:`skinsynth.serve.model.default_model_dir`, called once
+    the run is synced, since it looks for ``models/best`` in the run's local copy)."""
     from skinsynth.config import load_config
-    from skinsynth.serve.model import default_model_dir
 
     flags = [f"run.out={args.out_run}"] if args.out_run else []
     cfg = load_config(args.config, flags + list(args.overrides))
     if args.model:
         cfg.serve.model = args.model
-    return cfg, default_model_dir(cfg)
+    return cfg
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from skinsynth.serve.model import default_model_dir
     from skinsynth.serve.predict import batch_predict, quarantine_lines
 
-    cfg, model_dir = _predict_config(args)
-    if "://" not in args.out:
-        from skinsynth.core.console import set_run_dir
+    cfg = _predict_config(args)
+    with _synced(cfg):  # a remote run's model is picked and read in its local copy, as serve does
+        if "://" not in args.out:
+            from skinsynth.core.console import set_run_dir
 
-        set_run_dir(Path(args.out).expanduser().resolve().parent)  # its log: <out folder>/logs/predict.log
-    with _synced(cfg):  # a remote run's model is read from its local copy (as serve does)
+            set_run_dir(Path(args.out).expanduser().resolve().parent)  # its log: <out folder>/logs/predict.log
         result = batch_predict(
-            model_dir,
+            default_model_dir(cfg),
             args.input,
             args.out,
             sc=cfg.serve,

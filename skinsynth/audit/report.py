@@ -37,6 +37,8 @@ from skinsynth.core.rundir import (
     StageIdentity,
     current_identity,
     layout,
+    pool_image_ids,
+    read_generator_pool,
     replace_dir,
     write_manifest,
 )
@@ -92,10 +94,9 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
     lesions = splits.set_index("image_id")["group_id"]
     # every image the generator learnt from: the labelled ones and, for a semi-supervised generator, its pool images
     train_ids = split_ids(splits, "train", labelled_only=True)
-    pool_record = layout(run_dir).generator_pool_ids
-    if pool_record.is_file():
-        pool = json.loads(pool_record.read_text())
-        train_ids = sorted({*train_ids, *pool.get("pseudo_labelled", []), *pool.get("unconditional", [])})
+    pool = read_generator_pool(run_dir)
+    if pool:
+        train_ids = sorted({*train_ids, *pool_image_ids(pool)})
     train = _decode(read_rows(run_dir, train_ids, columns), lesions)
     held_out = _decode(read_rows(run_dir, split_ids(splits, "val"), columns), lesions)
     synthetic = _decode(pq.read_table(shards, columns=columns).to_pandas().sort_values("image_id"))

@@ -194,7 +194,7 @@ def check_generator_provenance(
     Raises:
         SkinsynthError: naming how many of the generator's images fall in each refused place.
     """
-    from skinsynth.core.rundir import ids_hash
+    from skinsynth.core.rundir import ids_hash, pool_image_ids
 
     outside = set(generator_images) - set(labelled)
     if outside:
@@ -215,7 +215,7 @@ def check_generator_provenance(
         "ids_sha256": ids_hash(generator_images),
     }
     if pool:
-        pool_ids = [*pool.get("pseudo_labelled", []), *pool.get("unconditional", [])]
+        pool_ids = pool_image_ids(pool)
         split_of = splits.set_index("image_id")["split"].to_dict()
         not_train = [i for i in pool_ids if split_of.get(i) != "train"]
         behind = set(pool.get("classifier_labelled_ids", [])) - set(labelled)

@@ -94,10 +94,8 @@ def write_pool_labels(
     }
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), POOL_LABELS_METADATA: json.dumps(record)})
-    path = Path(model_dir) / MODEL_POOL_LABELS
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(arrow, tmp)
-    tmp.replace(path)
+    path = Path(model_dir) / MODEL_POOL_LABELS  # the export's temp folder: it is swapped into place whole
+    pq.write_table(arrow, path)
     confident = {t: int((table["confidence"] >= t).sum()) for t in (0.5, 0.8, 0.95)}
     progress(
         f"pool labels: {len(table)} pool images labelled by {name} -> models/{name}/{MODEL_POOL_LABELS} (confidence "

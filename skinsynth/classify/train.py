@@ -34,6 +34,7 @@ from skinsynth.core.rundir import (
     StageIdentity,
     current_identity,
     layout,
+    read_generator_pool,
     replace_dir,
     write_manifest,
 )
@@ -548,8 +549,7 @@ def _generator_training_ids(run_dir: Path) -> tuple[list[str], str, dict[str, An
             "labels are this run's: retrain the generator ('skinsynth generate train', then 'skinsynth generate "
             "sample'), or set train.mix.ratio=0"
         ) from None
-    pool = json.loads(run.generator_pool_ids.read_text()) if run.generator_pool_ids.is_file() else None
-    return list(ids), generator, pool
+    return list(ids), generator, read_generator_pool(run_dir)
 
 
 def training_datasets(run_dir: Path, inputs: TrainingInputs, tc: TrainConfig) -> dict[str, Any]:

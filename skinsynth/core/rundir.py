@@ -306,6 +306,18 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def read_generator_pool(run_dir: str | Path) -> dict[str, Any] | None:
+    """A semi-supervised generator's pool record (``generator/pool_ids.json``: the classifier, its labelled ids, the
+    pool ids learnt with pseudo-labels and unconditionally), or None for a generator of labelled images only."""
+    path = layout(run_dir).generator_pool_ids
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pool_image_ids(pool: dict[str, Any]) -> list[str]:
+    """Every pool image a semi-supervised generator learnt from (pseudo-labelled, then unconditional)."""
+    return [*pool.get("pseudo_labelled", []), *pool.get("unconditional", [])]
+
+
 def current_identity(run_dir: str | Path, stage: str) -> str | None:
     """The identity recorded in a stage's manifest (None: the stage has not run, or ran before identities)."""
     return (read_manifest(layout(run_dir).stage_dir(stage)) or {}).get("identity")

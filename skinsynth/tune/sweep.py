@@ -590,10 +590,12 @@ def worst_true_tone_sensitivity(probs: np.ndarray, rows: pd.DataFrame, min_malig
     if group is None:
         return {TONE_TEST_METRIC: float("nan"), "test_worst_true_tone": None}
     members = (rows["tone_true"] == group).to_numpy() & M.is_malignant_label(labels).numpy()
-    found = (M.malignant_scores(probs[members]).numpy() >= 0.5).astype(float)
-    resamples = M.LesionBootstrap(rows.loc[members, "group_id"].to_numpy(), n_boot=1000, seed=0)
-    draws = np.array([found[idx].mean() for idx in resamples.indices() if len(idx)])
-    low, high = np.quantile(draws, [0.025, 0.975])
+
+    def sensitivity(p, _y):  # every row is a malignant image of the group: the share called malignant
+        return float((M.malignant_scores(p) >= 0.5).double().mean())
+
+    lesions = rows.loc[members, "group_id"].to_numpy()
+    low, high = M.bootstrap_ci(sensitivity, probs[members], labels[members], lesions, n_boot=1000, seed=0)
     return {
         TONE_TEST_METRIC: value,
         "test_worst_true_tone": group,
