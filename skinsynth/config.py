@@ -208,6 +208,10 @@ class GeneratorConfig:
     # UNet preset: tiny (tests, demo), small (CPU), base, large (GPU)
     size: Literal["tiny", "small", "base", "large"] = "tiny"
     tone_conditioning: bool = False  # also condition on the estimated ITA skin-tone group
+    # side (px) the UNet learns and samples at; 0 = the prepared data's side. A smaller side makes a step several
+    # times cheaper (its cost follows the pixel count): training images are area-averaged down to it and samples are
+    # resized up (bicubic) to the data's side, so synthetic rows still match real ones
+    image_size: int = 0
     label_dropout: float = 0.1  # share of training images shown unconditioned (classifier-free guidance)
     train_steps: int = 120  # optimiser steps (demo-sized: a smoke run; real runs use thousands)
     batch_size: int = 16  # per worker, per optimiser step (before accumulation)
@@ -216,9 +220,11 @@ class GeneratorConfig:
     warmup_steps: int = 50
     ema_decay: float = 0.999  # EMA of the weights; sampling uses the EMA weights
     num_train_timesteps: int = 1000  # DDPM noise levels
-    # what the UNet predicts: the noise (epsilon, Ho et al. 2020) or the velocity sqrt(abar) eps - sqrt(1 - abar) x0
-    # (v_prediction, Salimans & Ho 2022); saved with the generator's noise schedule, so sampling follows it
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    # what the UNet predicts: the noise (epsilon, Ho et al. 2020), the velocity sqrt(abar) eps - sqrt(1 - abar) x0
+    # (v_prediction, Salimans & Ho 2022), or EDM's preconditioned denoiser with log-normal noise levels (edm, Karras
+    # et al. 2022; its own loss weighting, so loss_weighting stays uniform); saved with the generator's noise
+    # schedule, so sampling follows it
+    prediction: Literal["epsilon", "v_prediction", "edm"] = "epsilon"
     # per-image weights of the training loss: uniform (the DDPM objective) or min_snr, min(SNR, snr_gamma) on the x0
     # error (Hang et al. 2023), which keeps the nearly noise-free levels from dominating the gradient
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"

@@ -80,6 +80,34 @@ def test_image_size_must_survive_downsampling():
     assert unet.class_embedding.num_embeddings == cond.num_embeddings == 56
 
 
+def test_the_generator_side_is_checked_against_the_data():
+    from skinsynth.generate.model import generator_side
+
+    assert generator_side(GeneratorConfig(size="tiny"), 64) == 64  # 0: the data's side
+    assert generator_side(GeneratorConfig(size="tiny", image_size=32), 64) == 32
+    with pytest.raises(GeneratorError, match="image_size 64 is above the prepared data's side of 32 px"):
+        generator_side(GeneratorConfig(size="tiny", image_size=64), 32)
+    with pytest.raises(GeneratorError, match="divisible by 4; got 30 px"):
+        generator_side(GeneratorConfig(size="small", image_size=30), 64)
+
+
+def test_images_go_down_to_the_generator_side_by_area_and_samples_come_back_up():
+    from skinsynth.generate.diffusion import to_generator_side, to_output_side
+
+    checker = (torch.arange(32).view(1, 32) + torch.arange(32).view(32, 1)) % 2 * 2.0 - 1.0  # +-1 pixel checks
+    x = torch.stack([torch.full((3, 32, 32), 0.25), checker.expand(3, 32, 32)])
+    down = to_generator_side(x, 16)
+    assert down.shape == (2, 3, 16, 16)
+    assert torch.allclose(down[0], torch.tensor(0.25)) and down[1].abs().max() < 0.05  # averaged, not +-1
+    assert to_generator_side(x, 32) is x
+    samples = np.zeros((2, 16, 16, 3), np.uint8)
+    samples[1, :, :8] = 200
+    up = to_output_side(samples, 32)
+    assert up.shape == (2, 32, 32, 3) and up.dtype == np.uint8
+    assert (up[0] == 0).all() and (up[1, :, :12] == 200).all() and (up[1, :, 20:] == 0).all()
+    assert to_output_side(samples, 16) is samples
+
+
 def _real(counts: dict[str, int], tones: dict[str, list[str]] | None = None) -> pd.DataFrame:
     rows = []
     for dx, n in counts.items():
@@ -148,6 +176,63 @@ def test_both_samplers_land_on_the_data_of_a_near_exact_denoiser(sampler, predic
     noise = initial_noise(list(range(4)), 8)
     images = denoise(unet, sampling_scheduler(schedule.config, sampler), noise, torch.zeros(4).long(), 7, 20, 2.0)
     assert (images - target).abs().max() < 0.05
+
+
+class _OnePointEDMDenoiser(_OnePointDenoiser):
+    """The exact EDM network F for data that is one image ``target``, off by 3%: it reads sigma back from
+    c_noise = ln(sigma) / 4 and x from c_in x, and outputs (target - c_skip x) / c_out."""
+
+    def __init__(self, target: torch.Tensor, error: float = 1.03):
+        super().__init__(target, torch.ones(1))
+        self.error = error
+
+    def forward(self, model_in, timesteps, class_labels=None):
+        from skinsynth.generate.diffusion import edm_coefficients
+
+        c_in, c_skip, c_out, _ = edm_coefficients((4 * timesteps.float()).exp())
+        x = model_in / c_in
+        return type("Output", (), {"sample": (self.target - c_skip * x) / c_out * self.error})
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_edm_samplers_land_on_the_data_of_a_near_exact_denoiser(sampler):
+    schedule = training_noise_scheduler(1000, "edm")
+    target = torch.linspace(-0.8, 0.8, 3 * 8 * 8).view(1, 3, 8, 8)
+    noise = initial_noise(list(range(4)), 8)
+    scheduler = sampling_scheduler(schedule.config, sampler)
+    assert type(scheduler).__name__ == {"ddim": "EDMEulerScheduler", "dpm": "EDMDPMSolverMultistepScheduler"}[sampler]
+    images = denoise(_OnePointEDMDenoiser(target), scheduler, noise, torch.zeros(4).long(), 7, 20, 2.0)
+    assert (images - target).abs().max() < 0.05
+
+
+def test_edm_preconditioning_and_target_match_the_paper_by_hand():
+    """Karras et al. 2022, Table 1, at sigma_data = 0.5, by hand: at sigma = 0.5, sigma^2 + sigma_data^2 = 0.5, so
+    c_in = 1 / sqrt(0.5), c_skip = 0.25 / 0.5, c_out = 0.25 / sqrt(0.5), c_noise = ln(0.5) / 4; at sigma = 2,
+    4.25: c_in = 1 / sqrt(4.25), c_skip = 0.25 / 4.25, c_out = 1 / sqrt(4.25)."""
+    from skinsynth.generate.diffusion import attack_scheduler, edm_coefficients, training_batch
+
+    c_in, c_skip, c_out, c_noise = edm_coefficients(torch.tensor([0.5, 2.0]))
+    assert c_in.flatten().tolist() == pytest.approx([1.414214, 0.485071], rel=1e-5)
+    assert c_skip.flatten().tolist() == pytest.approx([0.5, 0.058824], rel=1e-4)
+    assert c_out.flatten().tolist() == pytest.approx([0.353553, 0.485071], rel=1e-5)
+    assert c_noise.tolist() == pytest.approx([-0.173287, 0.173287], rel=1e-5)
+    # the target is what makes the denoiser D = c_skip x + c_out F give back x0 exactly; every image weighs the same
+    schedule = training_noise_scheduler(1000, "edm")
+    torch.manual_seed(0)
+    x0, noise = torch.rand(64, 3, 8, 8) * 2 - 1, torch.randn(64, 3, 8, 8)
+    model_in, c_noise, target, weights = training_batch(schedule, x0, noise, "uniform", 5.0)
+    c_in, c_skip, c_out, _ = edm_coefficients((4 * c_noise).exp())
+    assert torch.allclose(c_skip * (model_in / c_in) + c_out * target, x0, atol=1e-4)
+    assert weights.tolist() == [1.0] * 64
+    assert (4 * c_noise).mean().item() == pytest.approx(-1.2, abs=0.4)  # ln sigma ~ N(-1.2, 1.2^2), 64 draws
+    with pytest.raises(SkinsynthError, match="does not apply to prediction 'edm'"):
+        training_batch(schedule, x0, noise, "min_snr", 5.0)
+    # the membership attacks noise with the cosine DDPM schedule; an exact EDM network gives back that very noise
+    attack = attack_scheduler(schedule.config)
+    t = torch.tensor([20, 100, 300, 500])
+    noisy = attack.add_noise(x0[:4], noise[:4], t)
+    exact = _OnePointEDMDenoiser(x0[:4], error=1.0)
+    assert torch.allclose(predicted_noise(exact, attack, noisy, t, None), noise[:4], atol=1e-3)
 
 
 def _cosine_alpha_bar(t: int, steps: int = 1000, s: float = 0.008) -> float:
@@ -229,6 +314,42 @@ def test_generator_training_writes_weights_grid_and_card(generator_run):
     learnt = json.loads((gen / "training_ids.json").read_text())
     assert learnt == sorted(splits.loc[(splits["split"] == "train") & splits["labelled"], "image_id"])
     assert ids_hash(learnt) == card["training_data"]["image_ids_sha256"]
+
+
+@pytest.mark.slow
+def test_a_generator_at_half_the_data_side_delivers_samples_at_the_data_side(phantom_prepared, tmp_path):
+    """generator.image_size below the data's side: the UNet works at 16 px on 32 px data; grid, samples and the
+    membership attacks' inputs are each at the side they must be."""
+    from skinsynth.audit.membership import _batches, denoising_errors, proximal_initialisation_errors
+    from skinsynth.generate.diffusion import attack_scheduler, training_scheduler_config
+    from skinsynth.generate.sample import sample_synthetic
+    from skinsynth.generate.train import train_generator
+    from tests.conftest import PHANTOM_SMALL, TINY_SAMPLES, copy_run
+
+    out = copy_run(phantom_prepared, tmp_path / "run")
+    settings = [f"run.out={out}", *PHANTOM_SMALL, *GENERATOR_SMALL, *TINY_SAMPLES, "generator.image_size=16"]
+    cfg = load_config(None, settings)
+    train_generator(cfg, progress=print)
+    unet, cond = load_generator(out / "generator")
+    assert (cond.image_size, cond.sample_size, unet.config.sample_size) == (16, 32, 16)
+    card = json.loads((out / "generator" / "generator_card.json").read_text())
+    assert (card["image_size"], card["sample_size"]) == (16, 32)
+    grid = decode_png((out / "generator" / "grid.png").read_bytes())
+    assert grid.shape[0] == 32 * len(CLASSES)  # the grid shows what the synthetic rows look like
+    sample_synthetic(cfg.sample, out, progress=print)
+    rows = pq.read_table(out / "synthetic" / "images").to_pandas()
+    assert len(rows) == 16 and set(rows["width"]) == set(rows["height"]) == {32}
+    assert decode_png(rows["image"].iloc[0]).shape == (32, 32, 3)
+    # both membership attacks noise the real 32 px images at the generator's 16 px, as it learnt them
+    pngs = pq.read_table(out / "data" / "images", columns=["image"]).column("image")[:3].to_pylist()
+    real = np.stack([decode_png(png) for png in pngs])
+    assert real.shape == (3, 32, 32, 3)
+    x0, _ = next(_batches(cond, real, np.array([0, 1, 2]), 8))
+    assert x0.shape == (3, 3, 16, 16)
+    scheduler = attack_scheduler(training_scheduler_config(out / "generator"))
+    labels = np.array([0, 1, 2])
+    assert denoising_errors(unet, cond, scheduler, real, labels, timesteps=2, draws=1).shape == (3,)
+    assert proximal_initialisation_errors(unet, cond, scheduler, real, labels, timesteps=2).shape == (3,)
 
 
 @pytest.mark.slow
@@ -444,8 +565,8 @@ def test_bench_generator_names_an_unknown_recipe_and_missing_data(tmp_path):
 
     cfg = ExperimentConfig()
     cfg.run.out = str(tmp_path / "run")
-    with pytest.raises(SkinsynthError, match=r"unknown generator recipe\(s\) \['edm'\] \(known: ddpm, min_snr"):
-        bench_generator(cfg, recipes=["ddpm", "edm"])
+    with pytest.raises(SkinsynthError, match=r"unknown generator recipe\(s\) \['latent'\] \(known: ddpm, min_snr"):
+        bench_generator(cfg, recipes=["ddpm", "latent"])
     with pytest.raises(SkinsynthError, match="no prepared data in .*run: run 'skinsynth data prepare' first"):
         bench_generator(cfg, recipes=["ddpm", "v_min_snr"])
     # every recipe sets both halves of the objective, so none inherits them from the experiment it runs on

@@ -411,6 +411,20 @@ def test_cpu_autocast_is_bf16_only_when_asked_and_the_cpu_has_native_bf16():
     assert mixed_precision_dtype(True, cpu, cpu_bf16=True) is expected
 
 
+def test_native_bf16_is_read_from_the_cpu_flags_not_from_onednn_alone(monkeypatch):
+    """oneDNN says bf16 is supported on any AVX512 CPU; only AVX512-BF16 or AMX compute it natively."""
+    from skinsynth.core.raytrain import cpu_has_native_bf16
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    avx512 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni\n"
+    assert not cpu_has_native_bf16(avx512)
+    assert cpu_has_native_bf16(avx512.replace("avx512_vnni", "avx512_vnni avx512_bf16"))
+    assert cpu_has_native_bf16(avx512.replace("avx512_vnni", "amx_bf16 amx_tile"))
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # no x86 flags: oneDNN's answer
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not cpu_has_native_bf16(avx512.replace("avx512_vnni", "avx512_bf16"))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [["train.imbalance=focal", "train.focal_gamma=2.0"], ["train.mixup_alpha=0.4", "train.mixup_prob=1.0"]],

@@ -60,11 +60,12 @@ def attack_levels(scheduler, timesteps: int, span: tuple[float, float] = LOSS_LE
 
 
 def _batches(conditioning, images: np.ndarray, labels: np.ndarray, batch_size: int):
-    from skinsynth.generate.diffusion import from_uint8_images
+    from skinsynth.generate.diffusion import from_uint8_images, to_generator_side
 
     for start in range(0, len(images), batch_size):
         batch = np.ascontiguousarray(images[start : start + batch_size])
-        x0 = from_uint8_images(torch.from_numpy(batch).permute(0, 3, 1, 2))
+        # as the generator saw its training images: at its own side
+        x0 = to_generator_side(from_uint8_images(torch.from_numpy(batch).permute(0, 3, 1, 2)), conditioning.image_size)
         joint = torch.as_tensor([conditioning.index(int(lab)) for lab in labels[start : start + batch_size]])
         yield x0, joint
 
@@ -93,7 +94,7 @@ def denoising_errors(
     one with fewer (draw d is the same in both).
 
     Args:
-        images: uint8 (N, H, W, 3) at the generator's resolution.
+        images: uint8 (N, H, W, 3) at the data's side (the attack brings them to the generator's).
         labels: class indices (``CLASSES``), one per image.
         draws: noise draws per level: the attack estimates the expected loss over the noise, and one draw leaves
             the score as noisy as that one noise image.
@@ -107,7 +108,8 @@ def denoising_errors(
         raise AuditError(f"the loss attack needs at least one noise draw per level, not {draws}")
     levels = attack_levels(scheduler, timesteps)
     device = _device_of(unet)
-    shape = (1, 3, *images.shape[1:3])
+    side = conditioning.image_size  # the attack works at the generator's side (images are brought down to it)
+    shape = (1, 3, side, side)
     # drawn once, on the CPU generator (the same numbers on any device)
     noises = {
         (d, int(level)): torch.randn(shape, generator=torch.Generator().manual_seed(_draw_seed(seed, d, int(level))))
@@ -152,7 +154,7 @@ def proximal_initialisation_errors(
     Deterministic: no noise is drawn.
 
     Args:
-        images: uint8 (N, H, W, 3) at the generator's resolution.
+        images: uint8 (N, H, W, 3) at the data's side (the attack brings them to the generator's).
         labels: class indices (``CLASSES``), one per image.
         p: the norm (the paper's 4). The mean p-th power per pixel orders images as the l_p distance does at one
             t.

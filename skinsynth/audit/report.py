@@ -112,16 +112,14 @@ def _membership(run_dir: Path, train: AuditImages, held_out: AuditImages, ac: Au
     """Both membership attacks (``membership.attack_generator``) on the run's generator: members a seeded subset of
     the training split, non-members of the held-out (validation) split, ``audit.mia_images`` each; one line per
     attack."""
-    from diffusers import DDPMScheduler
-
-    from skinsynth.generate.diffusion import training_scheduler_config
+    from skinsynth.generate.diffusion import attack_scheduler, training_scheduler_config
     from skinsynth.generate.model import load_generator
 
     generator_dir = layout(run_dir).generator
     unet, conditioning = load_generator(generator_dir)
     # the attacks' model calls dominate the audit's time; the scores do not depend on the device
     unet = unet.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    scheduler = DDPMScheduler.from_config(training_scheduler_config(generator_dir))
+    scheduler = attack_scheduler(training_scheduler_config(generator_dir))
     members = train.subset(ac.mia_images, ac.seed)
     non_members = held_out.subset(ac.mia_images, ac.seed + 1)
     progress(

@@ -35,6 +35,7 @@ RECIPES: dict[str, dict[str, str]] = {
     "min_snr": {"prediction": "epsilon", "loss_weighting": "min_snr"},  # Hang et al. 2023
     "v": {"prediction": "v_prediction", "loss_weighting": "uniform"},  # Salimans & Ho 2022
     "v_min_snr": {"prediction": "v_prediction", "loss_weighting": "min_snr"},
+    "edm": {"prediction": "edm", "loss_weighting": "uniform"},  # Karras et al. 2022
 }
 BENCH_FOLDER = "bench/generator"  # inside the run directory: one run folder per recipe
 

@@ -155,11 +155,29 @@ def unwrap_model(model):
     return model.module if hasattr(model, "module") else model
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+# the x86 instruction sets that compute in bf16, as /proc/cpuinfo names them
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower.
+
+    On x86 Linux the answer is in the CPU flags (``cpuinfo``: the text of /proc/cpuinfo, read when None). oneDNN's own
+    ``_is_mkldnn_bf16_supported`` is not that question: it says yes on any AVX512 CPU, where bf16 autocast is emulated
+    and trains slower than fp32 (docs/results.md#generator-demo).
+    """
     import torch
 
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: oneDNN's answer is all there is
+            return True
+    flag_lines = [line.split(":", 1)[1] for line in cpuinfo.splitlines() if line.startswith("flags")]
+    flags = {flag for line in flag_lines for flag in line.split()}
+    return not flags or any(flag in flags for flag in NATIVE_BF16_FLAGS)  # no x86 flags (e.g. ARM): oneDNN's answer
 
 
 def mixed_precision_dtype(enabled: bool, device, cpu_bf16: bool = False, announce: str | None = None):

@@ -75,7 +75,13 @@ class Conditioning:
 
     classes: tuple[str, ...] = CLASSES
     tones: tuple[str, ...] = ()  # empty: class conditioning only
-    image_size: int = 64
+    image_size: int = 64  # the side the UNet works at
+    output_size: int = 0  # the side samples are delivered at (the data's); 0 = image_size
+
+    @property
+    def sample_size(self) -> int:
+        """The side of the images the generator delivers (its training data's side)."""
+        return self.output_size or self.image_size
 
     @property
     def num_embeddings(self) -> int:
@@ -110,12 +116,30 @@ def check_image_size(size: int, preset: str) -> None:
     if size < 8 or size % factor:
         raise GeneratorError(
             f"generator size '{preset}' needs an image side of at least 8 px divisible by {factor}; got {size} px "
-            "(prepare the data at such a size, e.g. 32 or 64)"
+            "(prepare the data at such a size, or set generator.image_size, e.g. 32 or 64)"
         )
 
 
-def create_generator(cfg: GeneratorConfig, image_size: int) -> tuple[UNet2DModel, Conditioning]:
-    """A freshly initialised conditional UNet for ``image_size`` px RGB images, and its conditioning map.
+def generator_side(cfg: GeneratorConfig, data_size: int) -> int:
+    """The side the UNet works at for data prepared at ``data_size`` px (``generator.image_size``, 0 = the data's).
+
+    Raises:
+        GeneratorError: a side above the data's (it would invent pixels) or one the preset cannot downsample.
+    """
+    side = cfg.image_size or data_size
+    if side > data_size:
+        raise GeneratorError(
+            f"generator.image_size {side} is above the prepared data's side of {data_size} px: the generator can "
+            f"learn at the data's side or below it (e.g. {data_size // 2})"
+        )
+    if cfg.size in SIZE_PRESETS:
+        check_image_size(side, cfg.size)
+    return side
+
+
+def create_generator(cfg: GeneratorConfig, image_size: int, output_size: int = 0) -> tuple[UNet2DModel, Conditioning]:
+    """A freshly initialised conditional UNet for ``image_size`` px RGB images, and its conditioning map
+    (``output_size``: the side samples are delivered at, when larger).
 
     Raises:
         GeneratorError: an unknown preset or an image size the preset cannot downsample.
@@ -123,7 +147,11 @@ def create_generator(cfg: GeneratorConfig, image_size: int) -> tuple[UNet2DModel
     if cfg.size not in SIZE_PRESETS:
         raise GeneratorError(f"unknown generator size '{cfg.size}' (known: {', '.join(SIZE_PRESETS)})")
     check_image_size(image_size, cfg.size)
-    conditioning = Conditioning(tones=TONES if cfg.tone_conditioning else (), image_size=image_size)
+    conditioning = Conditioning(
+        tones=TONES if cfg.tone_conditioning else (),
+        image_size=image_size,
+        output_size=output_size if output_size and output_size != image_size else 0,
+    )
     unet = UNet2DModel(
         sample_size=image_size,
         in_channels=3,
@@ -172,6 +200,9 @@ def load_generator(directory: str | Path) -> tuple[UNet2DModel, Conditioning]:
     unet = UNet2DModel.from_pretrained(directory / UNET_DIR, local_files_only=True, low_cpu_mem_usage=False)
     info = json.loads((directory / CONDITIONING_FILE).read_text())
     conditioning = Conditioning(
-        classes=tuple(info["classes"]), tones=tuple(info["tones"]), image_size=int(info["image_size"])
+        classes=tuple(info["classes"]),
+        tones=tuple(info["tones"]),
+        image_size=int(info["image_size"]),
+        output_size=int(info.get("output_size", 0)),  # generators saved before generator.image_size existed: 0
     )
     return unet.eval(), conditioning

@@ -59,6 +59,7 @@ from skinsynth.generate.diffusion import (
     denoise,
     initial_noise,
     sampling_scheduler,
+    to_output_side,
     to_uint8_images,
     training_scheduler_config,
 )
@@ -174,8 +175,11 @@ def sample_rows(
     )
     noise = initial_noise(plan["seed"].tolist(), conditioning.image_size).to(device)
     scheduler = sampling_scheduler(settings.scheduler_config, settings.sampler)
-    images = to_uint8_images(
-        denoise(unet, scheduler, noise, labels, conditioning.null_index, settings.steps, settings.guidance)
+    images = to_output_side(
+        to_uint8_images(
+            denoise(unet, scheduler, noise, labels, conditioning.null_index, settings.steps, settings.guidance)
+        ),
+        conditioning.sample_size,
     )
     out = []
     for r, rgb in zip(plan.itertuples(index=False), images):
@@ -457,4 +461,9 @@ def _counts_text(plan: pd.DataFrame) -> str:
 
 def _conditioning_args(generator_dir: Path) -> dict[str, Any]:
     info = json.loads((generator_dir / CONDITIONING_FILE).read_text())
-    return {"classes": tuple(info["classes"]), "tones": tuple(info["tones"]), "image_size": int(info["image_size"])}
+    return {
+        "classes": tuple(info["classes"]),
+        "tones": tuple(info["tones"]),
+        "image_size": int(info["image_size"]),
+        "output_size": int(info.get("output_size", 0)),
+    }

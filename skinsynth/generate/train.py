@@ -55,16 +55,25 @@ from skinsynth.core.shards import load_split_table, read_pool_labels, read_rows,
 from skinsynth.errors import SkinsynthError
 from skinsynth.generate.diffusion import (
     SCHEDULER_DIR,
+    check_objective,
     denoise,
     from_uint8_images,
     initial_noise,
-    loss_weights,
     sampling_scheduler,
+    to_generator_side,
+    to_output_side,
     to_uint8_images,
+    training_batch,
     training_noise_scheduler,
-    training_target,
 )
-from skinsynth.generate.model import UNET_DIR, Conditioning, create_generator, predict_noise, save_generator
+from skinsynth.generate.model import (
+    UNET_DIR,
+    Conditioning,
+    create_generator,
+    generator_side,
+    predict_noise,
+    save_generator,
+)
 
 Progress = Callable[[str], None]
 GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
@@ -74,6 +83,7 @@ HISTORY_FILE = "training.json"  # generator/training.json: the loss history and 
 OBJECTIVES = {
     "epsilon": "DDPM noise prediction (Ho et al. 2020)",
     "v_prediction": "DDPM velocity prediction (Salimans & Ho 2022)",
+    "edm": "EDM preconditioning and log-normal noise levels (Karras et al. 2022)",
 }
 
 
@@ -91,7 +101,7 @@ class GeneratorCollate:
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         from skinsynth.core.shards import decode_pngs
 
-        images = from_uint8_images(decode_pngs(batch["image"]))
+        images = to_generator_side(from_uint8_images(decode_pngs(batch["image"])), self.conditioning.image_size)
         if self.augment:
             images = torch.stack([_dihedral(img) for img in images])
         c = self.conditioning
@@ -116,17 +126,18 @@ def sample_grid(
     seed: int = 0,
 ) -> np.ndarray:
     """One row of ``per_class`` DDIM samples per class (fixed seeds, so grids over training are comparable),
-    tiled into an RGB image with the class code at the start of each row."""
+    tiled into an RGB image with the class code at the start of each row; at the side samples are delivered at."""
     device = next(unet.parameters()).device
-    size = conditioning.image_size
+    size = conditioning.sample_size
     labels = torch.arange(len(conditioning.classes)).repeat_interleave(per_class)
     cond = torch.as_tensor([conditioning.index(int(lab)) for lab in labels], device=device)
-    noise = initial_noise([seed + i for i in range(len(labels))], size).to(device)
+    noise = initial_noise([seed + i for i in range(len(labels))], conditioning.image_size).to(device)
     images = to_uint8_images(
         denoise(
             unet, sampling_scheduler(scheduler_config, "ddim"), noise, cond, conditioning.null_index, steps, guidance
         )
     )
+    images = to_output_side(images, size)
     label_w = max(48, size)
     rows = []
     for c, dx in enumerate(conditioning.classes):
@@ -154,7 +165,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
 
     gc = GeneratorConfig(**config["generator"])
     rank, world = raytrain.start_worker(config, gc.seed)
-    unet, conditioning = create_generator(gc, config["image_size"])
+    unet, conditioning = create_generator(gc, config["image_size"], config["output_size"])
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
     model = ray.train.torch.prepare_model(unet)
     device = ray.train.torch.get_device()
@@ -201,11 +212,9 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             # label dropout: these images train the unconditional model of classifier-free guidance
             drop = torch.rand(labels.shape, device=device) < gc.label_dropout
             labels = torch.where(drop, torch.full_like(labels, conditioning.null_index), labels)
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, gc.num_train_timesteps, (x0.shape[0],), device=device)
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            target = training_target(noise_scheduler, x0, noise, t)
-            weights = loss_weights(noise_scheduler, t, gc.loss_weighting, gc.snr_gamma)
+            noisy, t, target, weights = training_batch(
+                noise_scheduler, x0, torch.randn_like(x0), gc.loss_weighting, gc.snr_gamma
+            )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = predict_noise(model, noisy, t, labels).float()
             loss = (weights * (out - target).pow(2).flatten(1).mean(dim=1)).mean()
@@ -396,7 +405,6 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     from skinsynth.core.raytrain import fit_torch_run
     from skinsynth.core.shards import cached_dataset, shard_dataset
     from skinsynth.core.storage import open_run_store
-    from skinsynth.generate.model import check_image_size
 
     store = open_run_store(cfg.run.out, cfg.run.cache_dir)
     run_dir = store.local.resolve()
@@ -415,8 +423,9 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
             f"x {gc.num_workers} worker(s); lower generator.batch_size"
         )
     card = json.loads(layout(run_dir).data_card.read_text())
-    image_size = int(card["image_size"])
-    check_image_size(image_size, gc.size)
+    data_size = int(card["image_size"])
+    image_size = generator_side(gc, data_size)
+    check_objective(gc.prediction, gc.loss_weighting)
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(gc.use_gpu, "generator.use_gpu")
     if pool:
@@ -426,7 +435,9 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
             f"besides {len(train_ids)} labelled"
         )
     progress(
-        f"generate train: '{gc.size}' UNet at {image_size} px on {len(train_ids) + len(pool_ids)} real training "
+        f"generate train: '{gc.size}' UNet at {image_size} px"
+        + (f" (samples resized up to the data's {data_size} px)" if image_size != data_size else "")
+        + f" on {len(train_ids) + len(pool_ids)} real training "
         f"images, {gc.train_steps} steps of {gc.batch_size * gc.grad_accum * gc.num_workers} images, "
         f"{gc.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     )
@@ -446,7 +457,12 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         train_images = shard_dataset(run_dir, train_ids, GENERATOR_COLUMNS, shuffle_seed=gc.seed)
     saved = fit_torch_run(
         generator_train_loop,
-        {"generator": config_to_dict(gc), "image_size": image_size, "grid_dir": str(storage / name / GRIDS_DIR)},
+        {
+            "generator": config_to_dict(gc),
+            "image_size": image_size,
+            "output_size": data_size,
+            "grid_dir": str(storage / name / GRIDS_DIR),
+        },
         name=name,
         storage=store.ray_storage(RAY_TRAIN_FOLDER),
         num_workers=gc.num_workers,
@@ -459,6 +475,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
         gc,
         saved,
         image_size=image_size,
+        output_size=data_size,
         train_ids=train_ids,
         data_card=card,
         grids=storage / name / GRIDS_DIR,
@@ -482,6 +499,7 @@ def export_generator(
     saved: dict[str, Any],
     *,
     image_size: int,
+    output_size: int,
     train_ids: list[str],
     data_card: dict[str, Any],
     grids: Path,
@@ -492,7 +510,7 @@ def export_generator(
     to ``RUN_DIR/generator/`` (with ``pool``, also ``pool_ids.json``)."""
     from diffusers.training_utils import EMAModel
 
-    unet, conditioning = create_generator(gc, image_size)
+    unet, conditioning = create_generator(gc, image_size, output_size)
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
     ema.load_state_dict(saved["ema"])
     ema.copy_to(unet.parameters())
@@ -549,8 +567,10 @@ def generator_card(
         "parameters": sum(p.numel() for p in unet.parameters()),
         "objective": OBJECTIVES[gc.prediction]
         + (f", min-SNR-{gc.snr_gamma:g} weighting (Hang et al. 2023)" if gc.loss_weighting == "min_snr" else "")
-        + f", cosine schedule, classifier-free guidance by label dropout {gc.label_dropout}, EMA decay {gc.ema_decay}",
+        + (", cosine schedule" if gc.prediction != "edm" else "")
+        + f", classifier-free guidance by label dropout {gc.label_dropout}, EMA decay {gc.ema_decay}",
         "image_size": conditioning.image_size,
+        "sample_size": conditioning.sample_size,  # the side its samples are delivered at (resized up when larger)
         "classes": list(conditioning.classes),
         "tone_conditioning": list(conditioning.tones),
         "training_data": {
