@@ -224,7 +224,8 @@ class GeneratorConfig:
     # (v_prediction, Salimans & Ho 2022), or EDM's preconditioned denoiser with log-normal noise levels (edm, Karras
     # et al. 2022; its own loss weighting, so loss_weighting stays uniform); saved with the generator's noise
     # schedule, so sampling follows it
-    prediction: Literal["epsilon", "v_prediction", "edm"] = "epsilon"
+    # (default edm: the best FID and CAS of the recipes compared at equal steps, docs/results.md#generator-recipes)
+    prediction: Literal["epsilon", "v_prediction", "edm"] = "edm"
     # per-image weights of the training loss: uniform (the DDPM objective) or min_snr, min(SNR, snr_gamma) on the x0
     # error (Hang et al. 2023), which keeps the nearly noise-free levels from dominating the gradient
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
@@ -567,8 +568,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 # (timings in docs/results.md): each stage shows what it does, none of them is trained to quality
 DEMO_SETTINGS: dict[str, Any] = {
     "data": {"split": {"label_fraction": 0.3}},
-    "generator": {"train_steps": 60},
-    "sample": {"ratio": 1.0, "steps": 10},
+    "generator": {
+        "image_size": 32,
+        "train_steps": 1500,
+        "lr": 0.002,
+        "checkpoint_every": 500,
+    },
+    "sample": {"ratio": 1.0, "steps": 25, "guidance": 4.0},
     "train": {"epochs": 3, "ssl": {"unlabelled_ratio": 1}},
     "tune": {
         "name": "demo_sweep",

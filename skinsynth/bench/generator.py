@@ -31,7 +31,7 @@ from skinsynth.errors import SkinsynthError
 
 # name -> the objective it trains with; the first named on the command line is the baseline
 RECIPES: dict[str, dict[str, str]] = {
-    "ddpm": {"prediction": "epsilon", "loss_weighting": "uniform"},  # Ho et al. 2020: the default until now
+    "ddpm": {"prediction": "epsilon", "loss_weighting": "uniform"},  # Ho et al. 2020: the default before edm
     "min_snr": {"prediction": "epsilon", "loss_weighting": "min_snr"},  # Hang et al. 2023
     "v": {"prediction": "v_prediction", "loss_weighting": "uniform"},  # Salimans & Ho 2022
     "v_min_snr": {"prediction": "v_prediction", "loss_weighting": "min_snr"},

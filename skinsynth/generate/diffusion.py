@@ -76,7 +76,8 @@ def check_objective(prediction: str, weighting: str) -> None:
     if prediction == "edm" and weighting != "uniform":
         raise SkinsynthError(
             f"generator.loss_weighting '{weighting}' does not apply to prediction 'edm', which weights its noise "
-            "levels itself (Karras et al. 2022): set generator.loss_weighting=uniform"
+            "levels itself (Karras et al. 2022): set generator.loss_weighting=uniform, or generator.prediction to "
+            "epsilon or v_prediction"
         )
 
 
