@@ -198,11 +198,15 @@ def load_generator(directory: str | Path) -> tuple[UNet2DModel, Conditioning]:
         raise GeneratorError(f"no trained generator at {directory}: run 'skinsynth generate train' first")
     # low_cpu_mem_usage=False: the default path wants the optional `accelerate` package and warns without it
     unet = UNet2DModel.from_pretrained(directory / UNET_DIR, local_files_only=True, low_cpu_mem_usage=False)
-    info = json.loads((directory / CONDITIONING_FILE).read_text())
-    conditioning = Conditioning(
+    return unet.eval(), read_conditioning(directory)
+
+
+def read_conditioning(directory: str | Path) -> Conditioning:
+    """A saved generator's conditioning map (``conditioning.json``), without loading its weights."""
+    info = json.loads((Path(directory) / CONDITIONING_FILE).read_text())
+    return Conditioning(
         classes=tuple(info["classes"]),
         tones=tuple(info["tones"]),
         image_size=int(info["image_size"]),
         output_size=int(info.get("output_size", 0)),  # generators saved before generator.image_size existed: 0
     )
-    return unet.eval(), conditioning

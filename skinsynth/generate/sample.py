@@ -63,7 +63,7 @@ from skinsynth.generate.diffusion import (
     to_uint8_images,
     training_scheduler_config,
 )
-from skinsynth.generate.model import CONDITIONING_FILE, Conditioning, load_generator
+from skinsynth.generate.model import Conditioning, load_generator, read_conditioning
 
 Progress = Callable[[str], None]
 PLAN_COLUMNS = ["plan_index", "dx", "label", "tone", "seed"]
@@ -397,7 +397,7 @@ def sample_synthetic(
     generator_id = generator_id_of(generator_dir)
     labelled = split_ids(load_split_table(run_dir), "train", labelled_only=True)  # what the generator learnt from
     real_train = read_rows(run_dir, labelled, columns=["image_id", "dx", "tone"])
-    conditioning = Conditioning(**_conditioning_args(generator_dir))
+    conditioning = read_conditioning(generator_dir)
     plan = build_plan(cfg, real_train, conditioning)
     identity = synthetic_identity(cfg, run_dir, generator_id)
     expected = identity.identity
@@ -457,13 +457,3 @@ def sample_synthetic(
 def _counts_text(plan: pd.DataFrame) -> str:
     counts = plan["dx"].value_counts()
     return ", ".join(f"{dx} {int(counts[dx])}" for dx in CLASSES if dx in counts)
-
-
-def _conditioning_args(generator_dir: Path) -> dict[str, Any]:
-    info = json.loads((generator_dir / CONDITIONING_FILE).read_text())
-    return {
-        "classes": tuple(info["classes"]),
-        "tones": tuple(info["tones"]),
-        "image_size": int(info["image_size"]),
-        "output_size": int(info.get("output_size", 0)),
-    }
