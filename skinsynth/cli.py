@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_generator.add_argument("--out", metavar="RUN_DIR", help="run directory with prepared data (run.out)")
     bench_generator.add_argument(
         "--recipes",
-        default="ddpm,min_snr,v,v_min_snr",
-        help="comma-separated recipe names (ddpm, min_snr, v, v_min_snr); the first is the baseline",
+        default="ddpm,min_snr,v,v_min_snr,edm",
+        help="comma-separated recipe names (ddpm, min_snr, v, v_min_snr, edm); the first is the baseline",
     )
     bench_generator.add_argument("--steps", type=int, help="optimiser steps of every recipe (generator.train_steps)")
     bench_generator.add_argument("--images", type=int, default=500, help="synthetic images per recipe (FID's n)")

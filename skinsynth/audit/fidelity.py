@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from skinsynth.audit.features import AuditError
+from skinsynth.core.fid import PrecomputedFeatures, check_feature_pair, frechet_distance
 from skinsynth.data.schema import CLASSES
 
 # Per-class FID needs this many images on each side. FID fits a D x D covariance (2048 x 2048 for Inception) to each
@@ -33,40 +32,13 @@ from skinsynth.data.schema import CLASSES
 MIN_PER_CLASS_FID = 50
 
 
-class _Precomputed(torch.nn.Module):
-    """Lets torchmetrics' FID/KID take feature tensors: the "network" returns its input unchanged."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def _check_pair(real: torch.Tensor, fake: torch.Tensor, minimum: int = 2) -> None:
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise AuditError(f"features must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    if len(real) < minimum or len(fake) < minimum:
-        raise AuditError(f"need at least {minimum} real and {minimum} synthetic images, got {len(real)}/{len(fake)}")
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two sets of features (N, D); 0 for identical distributions."""
-    _check_pair(real, fake)
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=True)
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return max(0.0, float(metric.compute()))  # tiny negative values are round-off of an exact 0
-
-
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int, seed: int = 0) -> tuple[float, float]:
     """KID (mean, std over 100 random subsets) between two sets of features; unbiased, so it can dip below 0."""
-    _check_pair(real, fake)
+    check_feature_pair(real, fake)
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # it warns that it keeps every feature in memory: that is what it is given
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=100)
+        metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subset_size=size, subsets=100)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng():
@@ -88,7 +60,7 @@ def precision_recall_density_coverage(real: torch.Tensor, fake: torch.Tensor, k:
     synthetic point's k-NN ball. Density: mean number of real balls holding a synthetic point, over k. Coverage: share
     of real balls that hold at least one synthetic point. All are 1 (density about 1) for a set against itself.
     """
-    _check_pair(real, fake, minimum=k + 1)
+    check_feature_pair(real, fake, minimum=k + 1)
     real, fake = real.double(), fake.double()
     real_radius = _kth_neighbour_radius(real, k)
     fake_radius = _kth_neighbour_radius(fake, k)

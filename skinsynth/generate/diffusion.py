@@ -267,6 +267,29 @@ def to_output_side(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC) for img in images])
 
 
+def generate_images(
+    unet: torch.nn.Module,
+    scheduler_config: Any,
+    sampler: str,
+    labels: list[int],
+    seeds: list[int],
+    *,
+    image_size: int,
+    output_size: int,
+    null_label: int,
+    steps: int,
+    guidance: float,
+) -> np.ndarray:
+    """uint8 (N, H, W, 3) samples at ``output_size``: noise from ``seeds`` at the generator's ``image_size``, the
+    reverse process of ``sampler`` (:func:`sampling_scheduler`) under the joint conditioning ``labels``, resized up
+    to the data's side (:func:`to_output_side`). One image depends on its seed and label alone, never on its batch."""
+    device = next(unet.parameters()).device
+    noise = initial_noise(seeds, image_size).to(device)
+    cond = torch.as_tensor(labels, dtype=torch.long, device=device)
+    images = denoise(unet, sampling_scheduler(scheduler_config, sampler), noise, cond, null_label, steps, guidance)
+    return to_output_side(to_uint8_images(images), output_size)
+
+
 def training_scheduler_config(generator_dir: Path) -> Any:
     """The noise schedule a saved generator was trained with (what its samplers must use): DDPM's or EDM's."""
     config = DDPMScheduler.load_config(generator_dir / SCHEDULER_DIR, local_files_only=True)

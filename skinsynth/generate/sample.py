@@ -55,14 +55,7 @@ from skinsynth.data.preprocess import encode_png
 from skinsynth.data.schema import CLASS_TO_LABEL, CLASSES, IMAGE_SCHEMA
 from skinsynth.data.tone import estimate_tone
 from skinsynth.errors import SkinsynthError
-from skinsynth.generate.diffusion import (
-    denoise,
-    initial_noise,
-    sampling_scheduler,
-    to_output_side,
-    to_uint8_images,
-    training_scheduler_config,
-)
+from skinsynth.generate.diffusion import generate_images, training_scheduler_config
 from skinsynth.generate.model import Conditioning, load_generator, read_conditioning
 
 Progress = Callable[[str], None]
@@ -164,22 +157,21 @@ def sample_rows(
     unet: torch.nn.Module, conditioning: Conditioning, plan: pd.DataFrame, settings: SamplerSettings
 ) -> list[dict[str, Any]]:
     """Generate the images of ``plan`` rows as one batch and return them as IMAGE_SCHEMA rows."""
-    device = next(unet.parameters()).device
-    labels = torch.as_tensor(
-        [
-            conditioning.index(int(r.label), conditioning.tone_index(r.tone) if conditioning.tones else None)
-            for r in plan.itertuples(index=False)
-        ],
-        dtype=torch.long,
-        device=device,
-    )
-    noise = initial_noise(plan["seed"].tolist(), conditioning.image_size).to(device)
-    scheduler = sampling_scheduler(settings.scheduler_config, settings.sampler)
-    images = to_output_side(
-        to_uint8_images(
-            denoise(unet, scheduler, noise, labels, conditioning.null_index, settings.steps, settings.guidance)
-        ),
-        conditioning.sample_size,
+    labels = [
+        conditioning.index(int(r.label), conditioning.tone_index(r.tone) if conditioning.tones else None)
+        for r in plan.itertuples(index=False)
+    ]
+    images = generate_images(
+        unet,
+        settings.scheduler_config,
+        settings.sampler,
+        labels,
+        plan["seed"].tolist(),
+        image_size=conditioning.image_size,
+        output_size=conditioning.sample_size,
+        null_label=conditioning.null_index,
+        steps=settings.steps,
+        guidance=settings.guidance,
     )
     out = []
     for r, rgb in zip(plan.itertuples(index=False), images):

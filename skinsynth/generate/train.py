@@ -21,6 +21,7 @@ and ``generator_card.json``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -38,6 +39,7 @@ import torch
 
 from skinsynth.config import ExperimentConfig, GeneratorConfig, changed_settings, config_to_dict
 from skinsynth.core.console import worker_progress
+from skinsynth.core.fid import INCEPTION_INSTALL, InceptionFeatures, frechet_distance, inception_weights_path
 from skinsynth.core.rundir import (
     GENERATOR_CARD,
     GENERATOR_GRID,
@@ -51,18 +53,14 @@ from skinsynth.core.rundir import (
     replace_dir,
     write_manifest,
 )
-from skinsynth.core.shards import load_split_table, read_pool_labels, read_rows, split_ids
+from skinsynth.core.shards import decode_png_arrays, load_split_table, read_pool_labels, read_rows, split_ids
 from skinsynth.errors import SkinsynthError
 from skinsynth.generate.diffusion import (
     SCHEDULER_DIR,
     check_objective,
-    denoise,
     from_uint8_images,
-    initial_noise,
-    sampling_scheduler,
+    generate_images,
     to_generator_side,
-    to_output_side,
-    to_uint8_images,
     training_batch,
     training_noise_scheduler,
 )
@@ -78,6 +76,7 @@ from skinsynth.generate.model import (
 Progress = Callable[[str], None]
 GENERATOR_COLUMNS = ["image_id", "image", "label", "tone"]
 GRID_PER_CLASS = 6
+GRID_SAMPLER = {"sampler": "ddim", "steps": 25, "guidance": 2.0}  # the grids' sampler, and the checkpoint choice's
 GRIDS_DIR = "grids"  # the grids sampled during training, in the Ray Train run's folder and then generator/
 HISTORY_FILE = "training.json"  # generator/training.json: the loss history and step count
 OBJECTIVES = {
@@ -121,23 +120,24 @@ def sample_grid(
     conditioning: Conditioning,
     scheduler_config: Any,
     per_class: int = GRID_PER_CLASS,
-    steps: int = 25,
-    guidance: float = 2.0,
     seed: int = 0,
 ) -> np.ndarray:
     """One row of ``per_class`` DDIM samples per class (fixed seeds, so grids over training are comparable),
     tiled into an RGB image with the class code at the start of each row; at the side samples are delivered at."""
-    device = next(unet.parameters()).device
     size = conditioning.sample_size
     labels = torch.arange(len(conditioning.classes)).repeat_interleave(per_class)
-    cond = torch.as_tensor([conditioning.index(int(lab)) for lab in labels], device=device)
-    noise = initial_noise([seed + i for i in range(len(labels))], conditioning.image_size).to(device)
-    images = to_uint8_images(
-        denoise(
-            unet, sampling_scheduler(scheduler_config, "ddim"), noise, cond, conditioning.null_index, steps, guidance
-        )
+    images = generate_images(
+        unet,
+        scheduler_config,
+        GRID_SAMPLER["sampler"],
+        [conditioning.index(int(lab)) for lab in labels],
+        [seed + i for i in range(len(labels))],
+        image_size=conditioning.image_size,
+        output_size=size,
+        null_label=conditioning.null_index,
+        steps=GRID_SAMPLER["steps"],
+        guidance=GRID_SAMPLER["guidance"],
     )
-    images = to_output_side(images, size)
     label_w = max(48, size)
     rows = []
     for c, dx in enumerate(conditioning.classes):
@@ -151,6 +151,65 @@ def save_png(rgb: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return path
+
+
+def selection_reference(gc: GeneratorConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The real side of the checkpoint choice (``generator.select_every``; None when off): a seeded subset of
+    ``select_images`` validation images, their FID Inception features, and their labels and tones, which the
+    checkpoints' samples take so that both sides have the same class (and tone) mix.
+
+    Validation images, because FID against the training images would reward a generator for copying them, and test
+    images choose nothing.
+
+    Raises:
+        SkinsynthError: the FID Inception weights are not installed, or the split has under 2 validation images.
+    """
+    if not gc.select_every:
+        return None
+    weights = inception_weights_path()
+    if weights is None:
+        raise SkinsynthError(
+            f"generator.select_every chooses the exported weights by FID, which needs the FID Inception weights: "
+            f"{INCEPTION_INSTALL} (or set generator.select_every=0 to export the last step's weights)"
+        )
+    val_ids = split_ids(load_split_table(run_dir), "val")
+    if len(val_ids) < 2:
+        raise SkinsynthError(
+            f"generator.select_every needs at least 2 validation images, the split has {len(val_ids)}"
+        )
+    rng = np.random.default_rng(gc.seed)
+    chosen = sorted(rng.choice(val_ids, size=min(gc.select_images, len(val_ids)), replace=False).tolist())
+    rows = read_rows(run_dir, chosen, columns=["image", "label", "tone"])
+    features = InceptionFeatures(weights)(np.stack(decode_png_arrays(rows["image"])))
+    return {
+        "features": features.numpy(),
+        "labels": rows["label"].astype(int).tolist(),
+        "tones": rows["tone"].tolist(),
+        "image_ids": rows["image_id"].tolist(),
+        "n": len(chosen),
+    }
+
+
+def selection_fid(unet, conditioning: Conditioning, scheduler_config, reference: dict, extractor) -> float:
+    """FID at matched n between ``unet``'s samples (fixed seeds, the reference's labels and tones, the grids' sampler)
+    and the reference's validation images: the figure the exported checkpoint is chosen on."""
+    labels = [
+        conditioning.index(int(y), conditioning.tone_index(tone) if conditioning.tones else None)
+        for y, tone in zip(reference["labels"], reference["tones"])
+    ]
+    images = generate_images(
+        unet,
+        scheduler_config,
+        GRID_SAMPLER["sampler"],
+        labels,
+        list(range(len(labels))),
+        image_size=conditioning.image_size,
+        output_size=conditioning.sample_size,
+        null_label=conditioning.null_index,
+        steps=GRID_SAMPLER["steps"],
+        guidance=GRID_SAMPLER["guidance"],
+    )
+    return frechet_distance(torch.as_tensor(reference["features"]), extractor(images))
 
 
 def generator_train_loop(config: dict[str, Any]) -> None:
@@ -187,6 +246,10 @@ def generator_train_loop(config: dict[str, Any]) -> None:
         ema.to(device)  # the checkpoint's averages were loaded onto the CPU
         if rank == 0:
             worker_progress(f"generate train: resuming from the checkpoint of step {state['step']}")
+
+    reference = config.get("selection")
+    weights = inception_weights_path() if reference and rank == 0 else None
+    extractor = InceptionFeatures(weights) if weights else None
 
     collate = GeneratorCollate(conditioning)
     shard = ray.train.get_dataset_shard("train")
@@ -252,6 +315,16 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and gc.grid_every and step % gc.grid_every == 0 and not last:
                 grid = grid_dir / f"step-{step:07d}.png"
                 _grid_with_ema(raytrain.unwrap_model(model), ema, conditioning, noise_scheduler.config, grid)
+            if extractor is not None and (step % gc.select_every == 0 or last):
+                _select(
+                    raytrain.unwrap_model(model),
+                    ema,
+                    conditioning,
+                    noise_scheduler.config,
+                    reference,
+                    extractor,
+                    state,
+                )
             if step % gc.checkpoint_every == 0 or last:
                 # the checkpoint's step, not that of the last progress line (which may be earlier)
                 metrics = {**(state["history"][-1] if state["history"] else {}), "step": step}
@@ -261,6 +334,28 @@ def generator_train_loop(config: dict[str, Any]) -> None:
                 break
         if state["step"] == steps_before and micro == 0:
             raise RuntimeError("a pass over the training shard gave no full batch; lower generator.batch_size")
+
+
+def _select(unet, ema, conditioning, scheduler_config, reference, extractor, state: dict[str, Any]) -> None:
+    """Score the EMA weights of this step (:func:`selection_fid`) into ``state["selection"]``, and keep a copy of
+    them as ``state["best"]`` when their FID is the lowest so far (checkpoints carry both, so a resumed run goes on
+    choosing among every step it has scored)."""
+    step = state["step"]
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        fid = selection_fid(unet, conditioning, scheduler_config, reference, extractor)
+    finally:
+        ema.restore(unet.parameters())
+    state.setdefault("selection", []).append({"step": step, "fid": fid})
+    best = state.get("best")
+    if best is None or fid < best["fid"]:
+        best = state["best"] = {"step": step, "fid": fid, "ema": copy.deepcopy(ema.state_dict())}
+    worker_progress(
+        f"generate train: step {step}: FID {fid:.1f} against {reference['n']} validation images; "
+        f"best {best['fid']:.1f} at step {best['step']}"
+    )
 
 
 def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> None:
@@ -426,6 +521,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
     data_size = int(card["image_size"])
     image_size = generator_side(gc, data_size)
     check_objective(gc.prediction, gc.loss_weighting)
+    reference = selection_reference(gc, run_dir)
     ensure_ray(cfg.data.num_cpus)
     use_gpu = resolve_use_gpu(gc.use_gpu, "generator.use_gpu")
     if pool:
@@ -462,6 +558,7 @@ def train_generator(cfg: ExperimentConfig, *, progress: Progress = print) -> Gen
             "image_size": image_size,
             "output_size": data_size,
             "grid_dir": str(storage / name / GRIDS_DIR),
+            "selection": reference,
         },
         name=name,
         storage=store.ray_storage(RAY_TRAIN_FOLDER),
@@ -512,7 +609,9 @@ def export_generator(
 
     unet, conditioning = create_generator(gc, image_size, output_size)
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
-    ema.load_state_dict(saved["ema"])
+    state = saved["state"]
+    # the weights of the step with the lowest checkpoint-choice FID (generator.select_every), else the last step's
+    ema.load_state_dict(state["best"]["ema"] if state.get("best") else saved["ema"])
     ema.copy_to(unet.parameters())
     unet.eval()
 
@@ -526,8 +625,8 @@ def export_generator(
         shutil.copytree(grids, tmp / GRIDS_DIR)
     weights = next((tmp / UNET_DIR).glob("*.safetensors"))
     generator_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    state = saved["state"]
-    (tmp / HISTORY_FILE).write_text(json.dumps({"history": state["history"], "steps": state["step"]}, indent=2))
+    history = {"history": state["history"], "steps": state["step"], "selection": state.get("selection", [])}
+    (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
     # the images it learnt from (the labelled train images), not the whole train split of the data card
     learnt = read_rows(run_dir, train_ids, columns=["image_id", "dx"])["dx"].value_counts()
     class_counts = {dx: int(learnt.get(dx, 0)) for dx in conditioning.classes}
@@ -594,6 +693,7 @@ def generator_card(
             "final_loss": state["history"][-1]["loss"] if state["history"] else None,
             "seed": gc.seed,
         },
+        "checkpoint_choice": checkpoint_choice(gc, state),
         "default_sampling": {"samplers": ["ddim", "dpm"], "steps": 25, "guidance": 2.0},
         "intended_use": "research on synthetic data augmentation for skin-lesion classifiers; never a diagnosis",
         "limitations": [
@@ -605,6 +705,21 @@ def generator_card(
         "versions": {"skinsynth": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def checkpoint_choice(gc: GeneratorConfig, state: dict[str, Any]) -> dict[str, Any]:
+    """Which step's weights were exported, and why: the lowest FID of ``generator.select_every``, or the last step."""
+    best = state.get("best")
+    if not best:
+        return {"method": "last step", "exported_step": state["step"]}
+    return {
+        "method": f"lowest FID against at most {gc.select_images} validation images (matched n, FID Inception), "
+        f"every {gc.select_every} steps and at the last, on samples of the EMA weights with the grids' sampler "
+        f"({GRID_SAMPLER['sampler']}, {GRID_SAMPLER['steps']} steps, guidance {GRID_SAMPLER['guidance']:g})",
+        "exported_step": best["step"],
+        "fid": best["fid"],
+        "scored": state.get("selection", []),
     }
 
 
