@@ -281,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_generator.add_argument(
         "--recipes",
         default="ddpm,min_snr,v,v_min_snr,edm",
-        help="comma-separated recipe names (ddpm, min_snr, v, v_min_snr, edm); the first is the baseline",
+        help="comma-separated recipe names (ddpm, min_snr, v, v_min_snr, edm, latent); the first is the baseline",
+    )
+    bench_generator.add_argument(
+        "--latent-steps",
+        default="1000,2000",
+        metavar="AE,UNET",
+        help="the latent recipe's autoencoder and UNet steps (its training seconds are reported beside the others')",
     )
     bench_generator.add_argument("--steps", type=int, help="optimiser steps of every recipe (generator.train_steps)")
     bench_generator.add_argument("--images", type=int, default=500, help="synthetic images per recipe (FID's n)")
@@ -573,7 +579,13 @@ def _bench_on_run(args: argparse.Namespace, cfg) -> dict:
         from skinsynth.bench.generator import bench_generator
 
         recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
-        return bench_generator(cfg, recipes=recipes, steps=args.steps, images=args.images)
+        try:
+            latent_steps = tuple(int(n) for n in args.latent_steps.split(","))
+        except ValueError:
+            latent_steps = ()
+        if len(latent_steps) != 2 or min(latent_steps) < 1:
+            raise SkinsynthError(f"--latent-steps takes two positive step counts, AE,UNET; got '{args.latent_steps}'")
+        return bench_generator(cfg, recipes=recipes, steps=args.steps, images=args.images, latent_steps=latent_steps)
     from skinsynth.bench.sample import bench_sample
 
     return bench_sample(cfg, images=args.images)

@@ -77,18 +77,10 @@ def _decode(frame: pd.DataFrame, groups: pd.Series | None = None) -> AuditImages
     return AuditImages(images, frame["label"].to_numpy(np.int64), ids, group_ids)
 
 
-def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages]:
-    """(real training images the generator saw, held-out real images - the validation split, never test -,
-    synthetic images).
-
-    Raises:
-        AuditError: no synthetic set, or no held-out real images to compare with.
-    """
+def load_real_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages]:
+    """(real training images the generator saw, held-out real images - the validation split, never test)."""
     from skinsynth.core.shards import load_split_table, read_rows, split_ids
 
-    shards = layout(run_dir).synthetic_images
-    if not shards.is_dir():
-        raise AuditError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
     splits = load_split_table(run_dir)
     columns = ["image_id", "image", "label"]
     lesions = splits.set_index("image_id")["group_id"]
@@ -99,6 +91,21 @@ def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditIma
         train_ids = sorted({*train_ids, *pool_image_ids(pool)})
     train = _decode(read_rows(run_dir, train_ids, columns), lesions)
     held_out = _decode(read_rows(run_dir, split_ids(splits, "val"), columns), lesions)
+    return train, held_out
+
+
+def load_audit_images(run_dir: Path) -> tuple[AuditImages, AuditImages, AuditImages]:
+    """(real training images the generator saw, held-out real images - the validation split, never test -,
+    synthetic images).
+
+    Raises:
+        AuditError: no synthetic set, or no held-out real images to compare with.
+    """
+    shards = layout(run_dir).synthetic_images
+    if not shards.is_dir():
+        raise AuditError(f"no synthetic images at {shards}: run 'skinsynth generate sample' first")
+    train, held_out = load_real_audit_images(run_dir)
+    columns = ["image_id", "image", "label"]
     synthetic = _decode(pq.read_table(shards, columns=columns).to_pandas().sort_values("image_id"))
     if len(held_out.ids) < 2 or len(synthetic.ids) < 2 or len(train.ids) < 2:
         raise AuditError(

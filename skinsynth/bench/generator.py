@@ -37,6 +37,11 @@ RECIPES: dict[str, dict[str, str]] = {
     "v_min_snr": {"prediction": "v_prediction", "loss_weighting": "min_snr"},
     "edm": {"prediction": "edm", "loss_weighting": "uniform"},  # Karras et al. 2022
 }
+# latent diffusion (Rombach et al. 2022, skinsynth.generate.latent): an autoencoder, then the experiment's UNet with
+# EDM on its latents; trained in this process, its cost set by its own steps (bench_generator's latent_steps)
+LATENT_RECIPE = "latent"
+LATENT_OBJECTIVE = {"prediction": "edm", "loss_weighting": "uniform"}
+LATENT_FILE = "latent_samples.npz"  # RUN_DIR/bench/generator/latent/: its samples and reconstructions, for a re-run
 BENCH_FOLDER = "bench/generator"  # inside the run directory: one run folder per recipe
 
 
@@ -50,12 +55,15 @@ def recipe_run(run_dir: Path, name: str) -> Path:
     return folder
 
 
-def _score(folder: Path, images: int, extractor, ac, progress: Progress, cache: dict) -> dict[str, Any]:
-    """Matched-n fidelity (with its floor) and the Classification Accuracy Score of one recipe's synthetic set.
-    ``cache`` keeps the real images' features between recipes (the same seeded subsets of the same data)."""
-    from skinsynth.audit.report import classification_accuracy_score, fidelity_at_matched_n, load_audit_images
+def _score(
+    name: str, real: tuple, synthetic, images: int, extractor, ac, progress: Progress, cache: dict
+) -> dict[str, Any]:
+    """Matched-n fidelity (with its floor) and the Classification Accuracy Score of one recipe's synthetic set
+    (``real``: the training and held-out real images, ``AuditImages``). ``cache`` keeps the real images' features
+    between recipes (the same seeded subsets of the same data)."""
+    from skinsynth.audit.report import classification_accuracy_score, fidelity_at_matched_n
 
-    train, held_out, synthetic = load_audit_images(folder)
+    train, held_out = real
     n = min(images, len(synthetic.ids), len(train.ids))
     real_sub, held_sub = train.subset(n, ac.seed), held_out.subset(n, ac.seed + 1)
     syn_sub = synthetic.subset(n, ac.seed + 2)
@@ -66,7 +74,7 @@ def _score(folder: Path, images: int, extractor, ac, progress: Progress, cache: 
     (real_f, held_f), syn_f = cache[key], extractor(syn_sub.images)
     fid = fidelity_at_matched_n(real_f, held_f, syn_f, real_sub, syn_sub, ac)
     utility = classification_accuracy_score(train, held_out, syn_sub, ac)  # scored on every validation image
-    progress(f"bench generator: scored {folder.name} in {time.perf_counter() - t0:.0f} s")
+    progress(f"bench generator: scored {name} in {time.perf_counter() - t0:.0f} s")
     syn_arm, real_arm = utility["synthetic_only"], utility["real_only"]
     cas_ratio = utility["balanced_accuracy_ratio"]
     return {
@@ -89,7 +97,13 @@ def _score(folder: Path, images: int, extractor, ac, progress: Progress, cache: 
 
 
 def bench_generator(
-    cfg, *, recipes: list[str], steps: int | None = None, images: int = 500, progress: Progress = print
+    cfg,
+    *,
+    recipes: list[str],
+    steps: int | None = None,
+    images: int = 500,
+    latent_steps: tuple[int, int] = (1000, 2000),
+    progress: Progress = print,
 ) -> dict[str, Any]:
     """Train, sample and score each recipe of ``recipes`` (names of :data:`RECIPES`) on ``cfg``'s prepared run.
 
@@ -100,6 +114,8 @@ def bench_generator(
         steps: optimiser steps of every recipe (``generator.train_steps`` when None).
         images: synthetic images per recipe, and the matched n of its FID (real images of the train split's class
             mix, as many).
+        latent_steps: the ``latent`` recipe's (autoencoder, UNet) steps; its record gives its training seconds
+            beside the others', the figure to equalise.
         progress: receives one-line messages.
 
     Returns:
@@ -109,12 +125,14 @@ def bench_generator(
         SkinsynthError: an unknown recipe, no prepared data, or no FID Inception weights.
     """
     from skinsynth.audit.features import choose_extractors
+    from skinsynth.audit.report import load_audit_images, load_real_audit_images
     from skinsynth.generate.sample import sample_synthetic
     from skinsynth.generate.train import train_generator
 
-    unknown = [name for name in recipes if name not in RECIPES]
+    unknown = [name for name in recipes if name not in RECIPES and name != LATENT_RECIPE]
     if unknown or not recipes:
-        raise SkinsynthError(f"unknown generator recipe(s) {unknown or recipes} (known: {', '.join(RECIPES)})")
+        known = ", ".join([*RECIPES, LATENT_RECIPE])
+        raise SkinsynthError(f"unknown generator recipe(s) {unknown or recipes} (known: {known})")
     run_dir = local_run_dir(cfg.run)
     if not (layout(run_dir).data / "manifest.json").is_file():
         raise SkinsynthError(f"no prepared data in {run_dir}: run 'skinsynth data prepare' first")
@@ -124,6 +142,14 @@ def bench_generator(
     cache: dict = {}
     for name in recipes:
         folder = recipe_run(run_dir, name)
+        if name == LATENT_RECIPE:
+            real = load_real_audit_images(run_dir)
+            synthetic, row = latent_recipe(cfg, folder, real, latent_steps, images, _tagged(progress, name))
+            row.update(_score(name, real, synthetic, images, extractor, cfg.audit, progress, cache))
+            row.update(_reconstruction_fid(real, row["n"], extractor, cfg.audit.seed, row))
+            rows.append(row)
+            progress(_line(rows[-1], rows[0]))
+            continue
         recipe_cfg = copy.deepcopy(cfg)
         recipe_cfg.run.out = str(folder)
         recipe_cfg.generator = dataclasses.replace(cfg.generator, train_steps=steps, **RECIPES[name])
@@ -132,7 +158,8 @@ def bench_generator(
         tagged = _tagged(progress, name)
         result = train_generator(recipe_cfg, progress=tagged)
         sample_synthetic(recipe_cfg.sample, folder, progress=tagged)
-        scores = _score(folder, images, extractor, cfg.audit, progress, cache)
+        train, held_out, synthetic = load_audit_images(folder)
+        scores = _score(name, (train, held_out), synthetic, images, extractor, cfg.audit, progress, cache)
         rows.append(
             {
                 "recipe": name,
@@ -161,6 +188,145 @@ def bench_generator(
     )
 
 
+def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int], images: int, progress: Progress):
+    """Train the latent recipe on the labelled training images (``real[0]``) and sample the plan every recipe samples
+    (the train split's class mix, ``images`` in all, seeds ``sample.seed + i``, the experiment's sampler). Returns the
+    samples (``AuditImages``) and the recipe's record, which also holds the autoencoder's reconstructions of the
+    held-out images the FID floor uses (``_reconstruction_fid``). A finished run is read back from its folder."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from skinsynth.audit.report import AuditImages
+    from skinsynth.config import SampleConfig
+    from skinsynth.data.schema import CLASSES
+    from skinsynth.generate.diffusion import (
+        from_uint8_images,
+        generate_images,
+        to_uint8_images,
+        training_noise_scheduler,
+    )
+    from skinsynth.generate.latent import (
+        LATENT_FACTOR,
+        decode,
+        encode,
+        latent_scale,
+        train_autoencoder,
+        train_latent_generator,
+    )
+    from skinsynth.generate.sample import class_counts_for_plan
+    from skinsynth.generate.train import GRID_PER_CLASS, dihedral, save_png
+
+    train, held_out = real
+    saved = folder / LATENT_FILE
+    if saved.is_file():
+        with np.load(saved, allow_pickle=False) as arrays:
+            record = json.loads(str(arrays["record"]))
+            labels = arrays["labels"]
+            ids = [f"latent-{i:06d}" for i in range(len(labels))]
+            synthetic = AuditImages(arrays["images"], labels, ids, np.asarray(ids, dtype=object))
+            record["reconstructions"] = arrays["reconstructions"]
+        progress(f"read back from {saved}")
+        return synthetic, record
+    gc = dataclasses.replace(cfg.generator, **LATENT_OBJECTIVE)
+    ae_steps, unet_steps = latent_steps
+    x = from_uint8_images(torch.from_numpy(train.images).permute(0, 3, 1, 2))
+    t0 = time.perf_counter()
+    progress(
+        f"autoencoder (AutoencoderKL, {x.shape[-1]} px -> {x.shape[-1] // LATENT_FACTOR} px latents) on "
+        f"{len(x)} training images, {ae_steps} steps of {gc.batch_size}"
+    )
+    autoencoder, ae_history = train_autoencoder(
+        x,
+        steps=ae_steps,
+        batch_size=gc.batch_size,
+        seed=gc.seed,
+        augment=lambda batch: torch.stack([dihedral(img) for img in batch]),
+        progress=progress,
+    )
+    scale = latent_scale(autoencoder, x[:1024])
+    latents = encode(autoencoder, x, scale)
+    ae_seconds = time.perf_counter() - t0
+    progress(f"'{gc.size}' UNet (EDM) on {tuple(latents.shape[1:])} latents, {unet_steps} steps of {gc.batch_size}")
+    unet, conditioning, history = train_latent_generator(
+        latents, torch.as_tensor(train.labels), gc, steps=unet_steps, progress=progress
+    )
+    train_seconds = time.perf_counter() - t0
+
+    real_counts = {CLASSES[int(label)]: int(n) for label, n in zip(*np.unique(train.labels, return_counts=True))}
+    plan = SampleConfig(plan="ratio", ratio=1.0, max_images=images)
+    counts = class_counts_for_plan(plan, real_counts)
+    labels = np.concatenate([np.full(counts[dx], c, np.int64) for c, dx in enumerate(CLASSES)])
+    sc = cfg.sample
+    scheduler_config = training_noise_scheduler(gc.num_train_timesteps, gc.prediction).config
+    with torch.no_grad():
+
+        def sample(classes, seeds):
+            return generate_images(
+                unet,
+                scheduler_config,
+                sc.sampler,
+                [int(c) for c in classes],
+                [int(s) for s in seeds],
+                image_size=conditioning.image_size,
+                output_size=x.shape[-1],
+                null_label=conditioning.null_index,
+                steps=sc.steps,
+                guidance=sc.guidance,
+                decoder=lambda z: decode(autoencoder, z, scale),
+            )
+
+        t1 = time.perf_counter()
+        samples = np.concatenate(
+            [
+                sample(labels[i : i + 64], sc.seed + np.arange(i, min(i + 64, len(labels))))
+                for i in range(0, len(labels), 64)
+            ]
+        )
+        sample_seconds = time.perf_counter() - t1
+        grid_classes = np.repeat(np.arange(len(CLASSES)), GRID_PER_CLASS)
+        grid = sample(grid_classes, np.arange(len(grid_classes)))
+        held_sub = held_out.subset(min(images, len(samples)), cfg.audit.seed + 1)  # the floor's held-out subset
+        held_x = from_uint8_images(torch.from_numpy(held_sub.images).permute(0, 3, 1, 2))
+        reconstructions = to_uint8_images(decode(autoencoder, encode(autoencoder, held_x, scale), scale))
+    side = x.shape[-1]
+    rows = [
+        np.concatenate(list(grid[c * GRID_PER_CLASS : (c + 1) * GRID_PER_CLASS]), axis=1) for c in range(len(CLASSES))
+    ]
+    grid_path = save_png(np.concatenate(rows, axis=0), folder / "grid.png")
+    record = {
+        "recipe": LATENT_RECIPE,
+        **LATENT_OBJECTIVE,
+        "steps": unet_steps,
+        "autoencoder_steps": ae_steps,
+        "autoencoder_seconds": round(ae_seconds, 1),
+        "autoencoder_final_loss": ae_history[-1]["loss"] if ae_history else None,
+        "latent_shape": list(latents.shape[1:]),
+        "latent_scale": scale,
+        "train_seconds": round(train_seconds, 1),
+        "sample_seconds": round(sample_seconds, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+        "grid": str(grid_path),
+        "grid_layout": f"one row per class ({', '.join(CLASSES)}), {GRID_PER_CLASS} samples each, {side} px",
+    }
+    np.savez(saved, images=samples, labels=labels, reconstructions=reconstructions, record=json.dumps(record))
+    ids = [f"latent-{i:06d}" for i in range(len(labels))]
+    record["reconstructions"] = reconstructions
+    return AuditImages(samples, labels, ids, np.asarray(ids, dtype=object)), record
+
+
+def _reconstruction_fid(real: tuple, n: int, extractor, seed: int, record: dict) -> dict[str, Any]:
+    """FID at matched n of the autoencoder's reconstructions of the floor's held-out images against the training
+    subset the synthetic images are compared with: how close any sample of this latent space can come."""
+    from skinsynth.core.fid import frechet_distance
+
+    train, _ = real
+    reconstructions = record.pop("reconstructions")[:n]
+    real_sub = train.subset(n, seed)
+    return {"reconstruction_fid": round(frechet_distance(extractor(real_sub.images), extractor(reconstructions)), 2)}
+
+
 def _tagged(progress: Progress, name: str) -> Progress:
     return lambda message: progress(f"  [{name}] {message}")
 
@@ -172,6 +338,8 @@ def _line(row: dict[str, Any], baseline: dict[str, Any]) -> str:
     cas = "n/a" if row["cas_synthetic"] is None else f"{row['cas_synthetic']:.3f}{interval(row['cas_synthetic_ci'])}"
     real = "n/a" if row["cas_real"] is None else f"{row['cas_real']:.3f}{interval(row['cas_real_ci'])}"
     versus = "" if row is baseline else f"; FID {ratio(row['fid'], baseline['fid']):.2f}x the baseline's"
+    if "reconstruction_fid" in row:
+        versus += f"; the autoencoder's reconstructions: FID {row['reconstruction_fid']:.1f}"
     return (
         f"bench generator: {row['recipe']}: {row['steps']} steps in {row['train_seconds']:.0f} s; "
         f"FID {row['fid']:.1f} at n={row['n']} (floor {row['fid_floor']:.1f}), "

@@ -23,6 +23,7 @@ which is the paper's lambda(sigma)-weighted loss on D with unit weight on F. Its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,26 @@ def edm_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     s = sigma.view(-1, 1, 1, 1)
     total = s**2 + EDM_SIGMA_DATA**2
     return total.rsqrt(), EDM_SIGMA_DATA**2 / total, s * EDM_SIGMA_DATA * total.rsqrt(), sigma.log() / 4
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    scheduler: Any,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    null_label: int,
+    gc: Any,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The generator's loss on one batch: label dropout (a ``gc.label_dropout`` share of ``labels`` become the null
+    token, which trains the unconditional model of classifier-free guidance; Ho & Salimans 2022), then the
+    objective's noised input, target and weights (:func:`training_batch`) and their weighted squared error."""
+    drop = torch.rand(labels.shape, device=labels.device) < gc.label_dropout
+    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    noisy, t, target, weights = training_batch(scheduler, x0, torch.randn_like(x0), gc.loss_weighting, gc.snr_gamma)
+    with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = predict_noise(model, noisy, t, labels).float()
+    return (weights * (out - target).pow(2).flatten(1).mean(dim=1)).mean()
 
 
 def training_batch(
@@ -194,10 +215,11 @@ def sampling_scheduler(train_scheduler_config: Any, sampler: str):
     raise SkinsynthError(f"unknown sampler '{sampler}' (known: ddim, dpm)")
 
 
-def initial_noise(seeds: list[int], image_size: int) -> torch.Tensor:
-    """One N(0, I) image per seed, each drawn from its own generator (so an image never depends on its batch)."""
+def initial_noise(seeds: list[int], image_size: int, channels: int = 3) -> torch.Tensor:
+    """One N(0, I) image (or latent) per seed, each drawn from its own generator (so an image never depends on its
+    batch)."""
     return torch.stack(
-        [torch.randn(3, image_size, image_size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        [torch.randn(channels, image_size, image_size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     )
 
 
@@ -210,6 +232,7 @@ def denoise(
     null_label: int,
     steps: int,
     guidance: float,
+    clip: bool = True,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` for ``steps`` steps with classifier-free guidance.
 
@@ -221,9 +244,10 @@ def denoise(
         null_label: the unconditional index.
         steps: denoising steps.
         guidance: guidance scale ``w``; 1 is the conditional model alone (half the work).
+        clip: clamp the result to the pixel range (off for latents, which have none).
 
     Returns:
-        Images in [-1, 1], (N, 3, H, W).
+        Images in [-1, 1], (N, 3, H, W) (latents, unclamped, without ``clip``).
     """
     scheduler.set_timesteps(steps)
     x = noise * scheduler.init_noise_sigma
@@ -237,7 +261,7 @@ def denoise(
             out_cond, out_uncond = out.float().chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
         x = scheduler.step(out.float(), t, x).prev_sample
-    return x.clamp(-1.0, 1.0)
+    return x.clamp(-1.0, 1.0) if clip else x
 
 
 def from_uint8_images(images: torch.Tensor) -> torch.Tensor:
@@ -279,15 +303,18 @@ def generate_images(
     null_label: int,
     steps: int,
     guidance: float,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) samples at ``output_size``: noise from ``seeds`` at the generator's ``image_size``, the
     reverse process of ``sampler`` (:func:`sampling_scheduler`) under the joint conditioning ``labels``, resized up
-    to the data's side (:func:`to_output_side`). One image depends on its seed and label alone, never on its batch."""
+    to the data's side (:func:`to_output_side`). One image depends on its seed and label alone, never on its batch.
+    A latent generator's ``decoder`` turns its latents into images in [-1, 1]."""
     device = next(unet.parameters()).device
-    noise = initial_noise(seeds, image_size).to(device)
+    noise = initial_noise(seeds, image_size, unet.config.in_channels).to(device)
     cond = torch.as_tensor(labels, dtype=torch.long, device=device)
-    images = denoise(unet, sampling_scheduler(scheduler_config, sampler), noise, cond, null_label, steps, guidance)
-    return to_output_side(to_uint8_images(images), output_size)
+    scheduler = sampling_scheduler(scheduler_config, sampler)
+    images = denoise(unet, scheduler, noise, cond, null_label, steps, guidance, clip=decoder is None)
+    return to_output_side(to_uint8_images(images if decoder is None else decoder(images)), output_size)
 
 
 def training_scheduler_config(generator_dir: Path) -> Any:

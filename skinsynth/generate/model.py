@@ -137,9 +137,11 @@ def generator_side(cfg: GeneratorConfig, data_size: int) -> int:
     return side
 
 
-def create_generator(cfg: GeneratorConfig, image_size: int, output_size: int = 0) -> tuple[UNet2DModel, Conditioning]:
-    """A freshly initialised conditional UNet for ``image_size`` px RGB images, and its conditioning map
-    (``output_size``: the side samples are delivered at, when larger).
+def create_generator(
+    cfg: GeneratorConfig, image_size: int, output_size: int = 0, channels: int = 3
+) -> tuple[UNet2DModel, Conditioning]:
+    """A freshly initialised conditional UNet for ``image_size`` px RGB images (or latents of ``channels``), and its
+    conditioning map (``output_size``: the side samples are delivered at, when larger).
 
     Raises:
         GeneratorError: an unknown preset or an image size the preset cannot downsample.
@@ -154,8 +156,8 @@ def create_generator(cfg: GeneratorConfig, image_size: int, output_size: int = 0
     )
     unet = UNet2DModel(
         sample_size=image_size,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         num_class_embeds=conditioning.num_embeddings,
         **SIZE_PRESETS[cfg.size],
     )

@@ -58,10 +58,10 @@ from skinsynth.errors import SkinsynthError
 from skinsynth.generate.diffusion import (
     SCHEDULER_DIR,
     check_objective,
+    diffusion_loss,
     from_uint8_images,
     generate_images,
     to_generator_side,
-    training_batch,
     training_noise_scheduler,
 )
 from skinsynth.generate.model import (
@@ -69,7 +69,6 @@ from skinsynth.generate.model import (
     Conditioning,
     create_generator,
     generator_side,
-    predict_noise,
     save_generator,
 )
 
@@ -102,7 +101,7 @@ class GeneratorCollate:
 
         images = to_generator_side(from_uint8_images(decode_pngs(batch["image"])), self.conditioning.image_size)
         if self.augment:
-            images = torch.stack([_dihedral(img) for img in images])
+            images = torch.stack([dihedral(img) for img in images])
         c = self.conditioning
         tones = [c.tone_index(tone) for tone in batch["tone"]] if c.tones else [None] * len(images)
         # a negative label marks a pool image learnt unconditionally (semi-supervised generator): the null token
@@ -110,7 +109,7 @@ class GeneratorCollate:
         return images, torch.as_tensor(labels, dtype=torch.long)
 
 
-def _dihedral(img: torch.Tensor) -> torch.Tensor:
+def dihedral(img: torch.Tensor) -> torch.Tensor:
     img = torch.rot90(img, int(torch.randint(0, 4, ())), dims=(1, 2))
     return torch.flip(img, dims=(2,)) if torch.rand(()) < 0.5 else img
 
@@ -272,15 +271,7 @@ def generator_train_loop(config: dict[str, Any]) -> None:
         for x0, labels in batches:
             model.train()
             x0, labels = x0.to(device), labels.to(device)
-            # label dropout: these images train the unconditional model of classifier-free guidance
-            drop = torch.rand(labels.shape, device=device) < gc.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, conditioning.null_index), labels)
-            noisy, t, target, weights = training_batch(
-                noise_scheduler, x0, torch.randn_like(x0), gc.loss_weighting, gc.snr_gamma
-            )
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = predict_noise(model, noisy, t, labels).float()
-            loss = (weights * (out - target).pow(2).flatten(1).mean(dim=1)).mean()
+            loss = diffusion_loss(model, noise_scheduler, x0, labels, conditioning.null_index, gc, amp_dtype)
             scaler.scale(loss / gc.grad_accum).backward()
             window_loss += float(loss.detach()) * x0.shape[0]
             window_images += x0.shape[0]
