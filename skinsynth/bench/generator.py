@@ -146,7 +146,7 @@ def bench_generator(
             real = load_real_audit_images(run_dir)
             synthetic, row = latent_recipe(cfg, folder, real, latent_steps, images, _tagged(progress, name))
             row.update(_score(name, real, synthetic, images, extractor, cfg.audit, progress, cache))
-            row.update(_reconstruction_fid(real, row["n"], extractor, cfg.audit.seed, row))
+            row.update(_reconstruction_fid(real, row["n"], extractor, cfg.audit.seed, row, cache))
             rows.append(row)
             progress(_line(rows[-1], rows[0]))
             continue
@@ -316,15 +316,16 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     return AuditImages(samples, labels, ids, np.asarray(ids, dtype=object)), record
 
 
-def _reconstruction_fid(real: tuple, n: int, extractor, seed: int, record: dict) -> dict[str, Any]:
+def _reconstruction_fid(real: tuple, n: int, extractor, seed: int, record: dict, cache: dict) -> dict[str, Any]:
     """FID at matched n of the autoencoder's reconstructions of the floor's held-out images against the training
-    subset the synthetic images are compared with: how close any sample of this latent space can come."""
+    subset the synthetic images are compared with (its features from ``_score``'s ``cache``): how close any sample
+    of this latent space can come."""
     from skinsynth.core.fid import frechet_distance
 
-    train, _ = real
+    train, held_out = real
     reconstructions = record.pop("reconstructions")[:n]
-    real_sub = train.subset(n, seed)
-    return {"reconstruction_fid": round(frechet_distance(extractor(real_sub.images), extractor(reconstructions)), 2)}
+    real_features, _ = cache[(tuple(train.subset(n, seed).ids), tuple(held_out.subset(n, seed + 1).ids))]
+    return {"reconstruction_fid": round(frechet_distance(real_features, extractor(reconstructions)), 2)}
 
 
 def _tagged(progress: Progress, name: str) -> Progress:

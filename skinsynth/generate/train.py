@@ -21,6 +21,7 @@ and ``generator_card.json``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -332,13 +333,8 @@ def _select(unet, ema, conditioning, scheduler_config, reference, extractor, sta
     them as ``state["best"]`` when their FID is the lowest so far (checkpoints carry both, so a resumed run goes on
     choosing among every step it has scored)."""
     step = state["step"]
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    unet.eval()
-    try:
+    with ema_weights(unet, ema):
         fid = selection_fid(unet, conditioning, scheduler_config, reference, extractor)
-    finally:
-        ema.restore(unet.parameters())
     state.setdefault("selection", []).append({"step": step, "fid": fid})
     best = state.get("best")
     if best is None or fid < best["fid"]:
@@ -349,12 +345,21 @@ def _select(unet, ema, conditioning, scheduler_config, reference, extractor, sta
     )
 
 
-def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> None:
+@contextlib.contextmanager
+def ema_weights(unet, ema):
+    """``unet`` in eval mode with the EMA weights (what sampling uses) inside the block; its training weights after."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
     unet.eval()
-    save_png(sample_grid(unet, conditioning, scheduler_config), path)
-    ema.restore(unet.parameters())
+    try:
+        yield unet
+    finally:
+        ema.restore(unet.parameters())
+
+
+def _grid_with_ema(unet, ema, conditioning, scheduler_config, path: Path) -> None:
+    with ema_weights(unet, ema):
+        save_png(sample_grid(unet, conditioning, scheduler_config), path)
 
 
 def check_no_synthetic_rows(run_dir: Path, image_ids: list[str]) -> None:
