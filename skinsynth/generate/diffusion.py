@@ -239,7 +239,7 @@ def denoise(
     Args:
         unet: the conditional UNet (eval mode).
         scheduler: a fresh sampling scheduler (:func:`sampling_scheduler`).
-        noise: (N, 3, H, W) starting noise on the UNet's device.
+        noise: (N, C, H, W) starting noise on the UNet's device (C = 3, or a latent generator's channels).
         labels: (N,) joint conditioning indices (:class:`Conditioning`).
         null_label: the unconditional index.
         steps: denoising steps.

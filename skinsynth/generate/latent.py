@@ -43,6 +43,11 @@ KL_WEIGHT = 1e-6  # Rombach et al. 2022, the KL-regularised autoencoders
 LATENT_STD = 0.5  # EDM's sigma_data (Karras et al. 2022): the scaled latents' standard deviation
 
 
+def _check_batch(images: int, batch_size: int) -> None:
+    if images < batch_size:
+        raise SkinsynthError(f"{images} training images cannot fill one batch of {batch_size}; lower the batch size")
+
+
 def create_autoencoder(image_size: int) -> AutoencoderKL:
     """A freshly initialised autoencoder for ``image_size`` px RGB images in [-1, 1].
 
@@ -78,6 +83,7 @@ def train_autoencoder(
     """Train an autoencoder on ``images`` (float, [-1, 1], (N, 3, S, S)) for ``steps`` AdamW steps of seeded random
     batches (``augment``: a per-batch transform such as the generator's dihedral turns). Returns it in eval mode, and
     the loss history."""
+    _check_batch(len(images), batch_size)
     torch.manual_seed(seed)
     autoencoder = create_autoencoder(images.shape[-1])
     optimiser = torch.optim.AdamW(autoencoder.parameters(), lr=lr, weight_decay=0.0)
@@ -137,8 +143,10 @@ def train_latent_generator(
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
+    _check_batch(len(latents), gc.batch_size)
     torch.manual_seed(gc.seed)
     unet, conditioning = create_generator(gc, latents.shape[-1], channels=latents.shape[1])
+    joint = torch.as_tensor([conditioning.index(int(label)) for label in labels])  # class only: no tones here
     ema = EMAModel(unet.parameters(), decay=gc.ema_decay, use_ema_warmup=True, power=3 / 4)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=gc.lr, weight_decay=0.0)
     schedule = get_constant_schedule_with_warmup(optimiser, num_warmup_steps=gc.warmup_steps)
@@ -150,7 +158,7 @@ def train_latent_generator(
     unet.train()
     for step in range(1, steps + 1):
         batch = torch.from_numpy(rng.choice(len(latents), size=gc.batch_size, replace=False))
-        loss = diffusion_loss(unet, scheduler, latents[batch], labels[batch], conditioning.null_index, gc)
+        loss = diffusion_loss(unet, scheduler, latents[batch], joint[batch], conditioning.null_index, gc)
         scaler.scale(loss).backward()
         optimizer_step(unet, optimiser, scaler, schedule)
         ema.step(unet.parameters())

@@ -166,6 +166,11 @@ def selection_reference(gc: GeneratorConfig, run_dir: Path) -> dict[str, Any] | 
     """
     if not gc.select_every:
         return None
+    if gc.select_every < 0 or gc.select_images < 2:
+        raise SkinsynthError(
+            f"generator.select_every must be 0 (off) or a positive number of steps, and generator.select_images at "
+            f"least 2 (FID needs two images a side); got {gc.select_every} and {gc.select_images}"
+        )
     weights = inception_weights_path()
     if weights is None:
         raise SkinsynthError(
@@ -248,8 +253,14 @@ def generator_train_loop(config: dict[str, Any]) -> None:
             worker_progress(f"generate train: resuming from the checkpoint of step {state['step']}")
 
     reference = config.get("selection")
-    weights = inception_weights_path() if reference and rank == 0 else None
-    extractor = InceptionFeatures(weights) if weights else None
+    extractor = None
+    if reference and rank == 0:
+        weights = inception_weights_path()  # on this worker's node, which need not be the driver's
+        if weights is None:
+            raise SkinsynthError(
+                f"generator.select_every needs the FID Inception weights on every node: {INCEPTION_INSTALL}"
+            )
+        extractor = InceptionFeatures(weights)
 
     collate = GeneratorCollate(conditioning)
     shard = ray.train.get_dataset_shard("train")
@@ -338,11 +349,20 @@ def _select(unet, ema, conditioning, scheduler_config, reference, extractor, sta
     state.setdefault("selection", []).append({"step": step, "fid": fid})
     best = state.get("best")
     if best is None or fid < best["fid"]:
-        best = state["best"] = {"step": step, "fid": fid, "ema": copy.deepcopy(ema.state_dict())}
+        best = state["best"] = {"step": step, "fid": fid, "ema": _cpu_copy(ema.state_dict())}
     worker_progress(
         f"generate train: step {step}: FID {fid:.1f} against {reference['n']} validation images; "
         f"best {best['fid']:.1f} at step {best['step']}"
     )
+
+
+def _cpu_copy(ema_state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an ``EMAModel.state_dict()`` that later steps cannot change (its ``shadow_params`` are the live
+    averages, updated in place) and that holds no accelerator memory."""
+    return {
+        key: [t.detach().to("cpu", copy=True) for t in value] if key == "shadow_params" else copy.deepcopy(value)
+        for key, value in ema_state.items()
+    }
 
 
 @contextlib.contextmanager
