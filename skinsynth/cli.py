@@ -38,7 +38,12 @@ EXAMPLES = """examples:
 
 def _add_config_args(parser: argparse.ArgumentParser, *, with_file: bool = True) -> None:
     if with_file:
-        parser.add_argument("--config", metavar="EXPERIMENT.yaml", help="experiment file (defaults: the phantom demo)")
+        parser.add_argument(
+            "--config",
+            metavar="EXPERIMENT.yaml",
+            help="experiment file (without one: the built-in defaults of docs/configuration.md, on phantom data; "
+            "the demo's own settings are experiments/demo.yaml)",
+        )
     parser.add_argument(
         "--set",
         dest="overrides",
