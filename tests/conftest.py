@@ -14,31 +14,6 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# The files that take longest on 2 cores, longest first (from `--durations` of a whole run). pytest-xdist's
-# `--dist loadfile` hands whole files to its workers in collection order (pyproject.toml turns off its own reordering
-# by test count, which put test_storage's 7 long tests and test_cluster's 11 after files of many quick ones), so a
-# long file collected late ran on alone at the end; started first, the short files fill in around them.
-LONGEST_FILES = [
-    "test_cluster.py",
-    "test_storage.py",
-    "test_serve.py",
-    "test_generate.py",
-    "test_view.py",
-    "test_train.py",
-    "test_tune.py",
-    "test_predict.py",
-    "test_realdata.py",
-    "test_audit.py",
-    "test_ssl.py",
-    "test_semisupervised_generator.py",
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    """Collect the longest files first (:data:`LONGEST_FILES`); the order inside a file, and of the rest, is kept."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(scope="session")
 def ray_local():
