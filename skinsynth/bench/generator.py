@@ -196,9 +196,10 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     import json
 
     import numpy as np
+    import pandas as pd
     import torch
 
-    from skinsynth.config import SampleConfig, config_to_dict
+    from skinsynth.config import config_to_dict
     from skinsynth.core.rundir import current_identity
     from skinsynth.data.schema import CLASSES
     from skinsynth.generate.diffusion import (
@@ -215,7 +216,7 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
         train_autoencoder,
         train_latent_generator,
     )
-    from skinsynth.generate.sample import class_counts_for_plan
+    from skinsynth.generate.sample import build_plan
     from skinsynth.generate.train import GRID_PER_CLASS, dihedral, save_png
 
     train, held_out = real
@@ -259,10 +260,12 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
     )
     train_seconds = time.perf_counter() - t0
 
-    real_counts = {CLASSES[int(label)]: int(n) for label, n in zip(*np.unique(train.labels, return_counts=True))}
-    plan = SampleConfig(plan="ratio", ratio=1.0, max_images=images)
-    counts = class_counts_for_plan(plan, real_counts)
-    labels = np.concatenate([np.full(counts[dx], c, np.int64) for c, dx in enumerate(CLASSES)])
+    # the plan the pixel recipes sample (sample.plan=ratio at 1 capped at ``images``): labels and seeds
+    plan_cfg = dataclasses.replace(sc, plan="ratio", ratio=1.0, max_images=images, tones="match")
+    plan = build_plan(
+        plan_cfg, pd.DataFrame({"dx": [CLASSES[int(y)] for y in train.labels], "tone": None}), conditioning
+    )
+    labels, seeds = plan["label"].to_numpy(np.int64), plan["seed"].to_numpy(np.int64)
     scheduler_config = training_noise_scheduler(gc.num_train_timesteps, gc.prediction).config
     with torch.no_grad():
 
@@ -282,12 +285,7 @@ def latent_recipe(cfg, folder: Path, real: tuple, latent_steps: tuple[int, int],
             )
 
         t1 = time.perf_counter()
-        samples = np.concatenate(
-            [
-                sample(labels[i : i + 64], sc.seed + np.arange(i, min(i + 64, len(labels))))
-                for i in range(0, len(labels), 64)
-            ]
-        )
+        samples = np.concatenate([sample(labels[i : i + 64], seeds[i : i + 64]) for i in range(0, len(labels), 64)])
         sample_seconds = time.perf_counter() - t1
         grid_classes = np.repeat(np.arange(len(CLASSES)), GRID_PER_CLASS)
         grid = sample(grid_classes, np.arange(len(grid_classes)))
