@@ -383,9 +383,10 @@ class ServeConfig:
     max_replicas: int = 1  # > num_replicas turns on Serve autoscaling between num_replicas and this
     target_ongoing_requests: float = 16.0  # autoscaling target per replica
     max_batch_size: int = 16  # images per model call (@serve.batch)
-    # how long a batch waits to fill: what a lone request pays in latency, and what lets batches form under load
-    # (docs/results.md#serve-ingress)
-    batch_wait_timeout_s: float = 0.005
+    # how long a batch waits for more requests while others in the replica are on their way to it (a lone request
+    # and a batch that every in-flight request has joined do not wait): what lets batches form under load
+    # (docs/results.md#serve-batching)
+    batch_wait_timeout_s: float = 0.02
     max_upload_mb: float = 10.0  # larger uploads get 413
     # uploads that would decode to more pixels than this get 413 from their header alone, before decoding (a 445 KB
     # PNG can hold 12,000 x 12,000 pixels: 430 MB and seconds of CPU); dermoscopy images are at most about 25 MP

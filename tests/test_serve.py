@@ -406,6 +406,51 @@ def test_bench_serve_load_generator_counts_answers_errors_and_the_open_loop_sche
         server.server_close()
 
 
+def test_a_request_alone_skips_the_batch_wait_and_a_batch_closes_once_no_request_is_on_its_way():
+    """The replica's gate in front of ``@serve.batch``: one request at a time goes straight to the model; requests
+    in flight together (one still preprocessing counts) go to the batch queue, whose batch counts as full (closes
+    without waiting out ``batch_wait_timeout_s``) only once no other request of the replica is on its way."""
+    import asyncio
+
+    from skinsynth.serve.app import BatchWhenBusy
+
+    routes: list[tuple[str, int]] = []
+    sizes: list[int] = []
+    gate: BatchWhenBusy
+
+    def route(name: str):
+        async def infer(served, image, tta):
+            routes.append((name, image))
+            if name == "batched":  # what the queue's batch_size_fn sees as this request joins
+                sizes.append(gate.batch_size(list(range(len(sizes) % 3 + 1))))
+            await asyncio.sleep(0.01)  # the model's time: the requests beside it stay in flight
+            return {"image": image}
+
+        return infer
+
+    gate = BatchWhenBusy(batched=route("batched"), max_batch_size=16, alone=route("alone"))
+
+    async def request(image: int, preprocess_s: float = 0.0):
+        with gate.request():
+            await asyncio.sleep(preprocess_s)
+            return await gate(None, image, False)
+
+    async def scenario():
+        first = await request(1)
+        together = await asyncio.gather(request(2), request(3, 0.003), request(4, 0.006))
+        last = await request(5)
+        return [first, *together, last]
+
+    answers = asyncio.run(scenario())
+    assert [a["image"] for a in answers] == [1, 2, 3, 4, 5]
+    assert routes == [("alone", 1), ("batched", 2), ("batched", 3), ("batched", 4), ("alone", 5)]
+    # joining first and second, others were still on their way (their batch's own length); the third joins
+    # last: nobody is coming, so its batch of 3 counts as full (16); more items than that keep their length
+    assert sizes == [1, 2, 16]
+    assert gate.batch_size(list(range(20))) == 20
+    assert gate.in_flight == 0 and gate.at_model == 0
+
+
 def test_haproxy_ingress_without_its_binary_is_one_error_naming_the_path(monkeypatch):
     from skinsynth.config import ServeConfig
     from skinsynth.errors import SkinsynthError

@@ -8,7 +8,9 @@ Routes (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 - ``GET /healthz``: 200 once a model is loaded.
 - ``GET /v1/model``: the model card and this endpoint's calibration.
 
-Requests are batched per replica with ``@serve.batch``. A new model is swapped in through Serve's reconfiguration
+Requests are batched per replica with ``@serve.batch`` while others are in flight beside them; a request alone in
+its replica runs at once, and a batch closes as soon as no request of the replica is on its way to it, instead of
+waiting out ``batch_wait_timeout_s`` for company that is not coming (:class:`BatchWhenBusy`). A new model is swapped in through Serve's reconfiguration
 (``user_config``), which replaces the model between batches on the running replicas: no request is dropped.
 The model loader is an argument of the deployment, so tests and benchmarks can inject their own.
 
@@ -17,6 +19,7 @@ decoded by Pillow after a magic-number check, and never unpickled or used as a p
 """
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +39,7 @@ RAW_TYPES = {"image/jpeg", "image/png", "application/octet-stream"}
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
 Loader = Callable[[str, ServeConfig], ServedModel]
+Infer = Callable[[ServedModel, np.ndarray, bool], Awaitable[dict[str, Any]]]
 
 
 class RequestError(Exception):
@@ -198,7 +202,7 @@ class PredictService:
         request: Request,
         explain: str | None,
         tta: bool,
-        infer: Callable[[ServedModel, np.ndarray, bool], Awaitable[dict[str, Any]]],
+        infer: Infer,
     ) -> JSONResponse:
         try:
             if explain not in (None, "", "gradcam"):
@@ -222,6 +226,52 @@ class PredictService:
         if self.served is None:
             return JSONResponse({"detail": "no model loaded yet"}, status_code=503)
         return JSONResponse(self.served.describe())
+
+
+async def infer_alone(served: ServedModel, image: np.ndarray, tta: bool) -> dict[str, Any]:
+    """One image through the model now, in a worker thread (the event loop keeps accepting requests)."""
+    (body,) = await asyncio.to_thread(predict_images, served, [image], [tta])
+    return body
+
+
+class BatchWhenBusy:
+    """Counts the requests in flight in a replica, sends an image to the batch queue only when it has company, and
+    closes a batch as soon as no other request is on its way to it.
+
+    ``@serve.batch`` holds a batch open up to ``batch_wait_timeout_s`` for more requests. Under load that wait is
+    what lets batches form; but for a request alone in the replica it is pure latency, and so is the rest of the
+    wait once every request in the replica has joined a batch (the others still reading their upload or
+    preprocessing are the ones on their way). :meth:`batch_size` is the queue's ``batch_size_fn``: it reports such a
+    batch as full.
+    """
+
+    def __init__(self, batched: Infer, max_batch_size: int, alone: Infer = infer_alone):
+        self.batched, self.alone, self.max_batch_size = batched, alone, max_batch_size
+        self.in_flight = 0  # requests in the replica, from their first byte read to their answer
+        self.at_model = 0  # of those, the ones queued for a batch or in one
+
+    @contextlib.contextmanager
+    def request(self):
+        """Around a whole request, from its first byte read to its answer."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def __call__(self, served: ServedModel, image: np.ndarray, tta: bool) -> dict[str, Any]:
+        if self.in_flight <= 1:
+            return await self.alone(served, image, tta)
+        self.at_model += 1
+        try:
+            return await self.batched(served, image, tta)
+        finally:
+            self.at_model -= 1
+
+    def batch_size(self, items: list) -> int:
+        """``@serve.batch``'s size of a forming batch: its length, or full when no request is on its way to it."""
+        on_their_way = self.in_flight - self.at_model
+        return max(len(items), self.max_batch_size) if on_their_way <= 0 else len(items)
 
 
 def _new_api(title: str) -> FastAPI:
@@ -250,12 +300,17 @@ def _serve_deployment():
             self.service = PredictService(loader, sc)
             self._predict_batch.set_max_batch_size(sc.max_batch_size)
             self._predict_batch.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
+            self.infer = BatchWhenBusy(self._batched, sc.max_batch_size)
 
         def reconfigure(self, user_config: dict[str, Any]) -> None:
             self.service.load(user_config["model_dir"])
 
-        @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
-        async def _predict_batch(self, items: list[tuple[ServedModel, np.ndarray, bool]]) -> list[dict[str, Any]]:
+        @serve.batch(
+            max_batch_size=ServeConfig.max_batch_size,
+            batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s,
+            batch_size_fn=lambda items: items[0][3].batch_size(items),  # each item carries its replica's gate
+        )
+        async def _predict_batch(self, items: list[tuple[ServedModel, np.ndarray, bool, BatchWhenBusy]]) -> list:
             # a swap between enqueue and run leaves items of two models in one batch: group by model
             results: list[dict[str, Any] | None] = [None] * len(items)
             for served in {id(item[0]): item[0] for item in items}.values():
@@ -267,8 +322,8 @@ def _serve_deployment():
                     results[i] = body
             return results  # type: ignore[return-value]
 
-        async def _infer(self, served: ServedModel, image: np.ndarray, tta: bool) -> dict[str, Any]:
-            return await self._predict_batch((served, image, tta))
+        async def _batched(self, served: ServedModel, image: np.ndarray, tta: bool) -> dict[str, Any]:
+            return await self._predict_batch((served, image, tta, self.infer))
 
         @api.post("/v1/predict", response_model=Prediction, responses=ERRORS, openapi_extra=PREDICT_OPENAPI)
         async def predict(
@@ -278,7 +333,8 @@ def _serve_deployment():
             tta: bool = Query(False, description="add the flip spread (test-time augmentation) to the uncertainty"),
         ):
             """Classify one dermoscopy image (multipart field 'file', or the raw JPEG/PNG body)."""
-            return await self.service.predict(request, explain, tta, self._infer)
+            with self.infer.request():
+                return await self.service.predict(request, explain, tta, self.infer)
 
         @api.get("/healthz", responses={503: {"model": ErrorBody}})
         def healthz(self):
@@ -442,13 +498,9 @@ def plain_app(model_dir: str, sc: ServeConfig, loader: Loader = load_served_mode
     service = PredictService(loader, sc)
     service.load(model_dir)
 
-    async def infer(served: ServedModel, image: np.ndarray, tta: bool) -> dict[str, Any]:
-        (body,) = await asyncio.to_thread(predict_images, served, [image], [tta])
-        return body
-
     @plain.post("/v1/predict", response_model=Prediction, responses=ERRORS, openapi_extra=PREDICT_OPENAPI)
     async def predict(request: Request, explain: str | None = None, tta: bool = False):
-        return await service.predict(request, explain, tta, infer)
+        return await service.predict(request, explain, tta, infer_alone)
 
     @plain.get("/healthz")
     def healthz():
