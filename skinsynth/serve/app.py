@@ -10,8 +10,9 @@ Routes (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
 Requests are batched per replica with ``@serve.batch`` while others are in flight beside them; a request alone in
 its replica runs at once, and a batch closes as soon as no request of the replica is on its way to it, instead of
-waiting out ``batch_wait_timeout_s`` for company that is not coming (:class:`BatchWhenBusy`). A new model is swapped in through Serve's reconfiguration
-(``user_config``), which replaces the model between batches on the running replicas: no request is dropped.
+waiting out ``batch_wait_timeout_s`` for company that is not coming (:class:`BatchWhenBusy`). A new model is
+swapped in through Serve's reconfiguration (``user_config``), which replaces the model between batches on the
+running replicas: no request is dropped.
 The model loader is an argument of the deployment, so tests and benchmarks can inject their own.
 
 Every error is JSON ``{"detail": reason}`` with a 4xx status: the upload is read into memory with a size cap,
