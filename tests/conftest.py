@@ -393,14 +393,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_ray_head(log_dir: Path, attempts: int = 2, num_cpus: int = 2):
+def running_ray_head(log_dir: Path, attempts: int = 3, num_cpus: int = 2):
     """A real Ray head on 127.0.0.1 (`ray start --head --block`) offering ``num_cpus`` CPUs to tasks, as a
     ``JobSubmissionClient`` that also carries ``gcs_address`` and ``dashboard_url`` (for a second node); killed with
     its process group on exit.
 
     Start it where it is needed, not beside other heavy work: a raylet that takes over 30 s to register ends
     `ray start` ("node timed out during startup", a limit fixed in Ray), which a loaded 2-core machine can reach;
-    a head that dies starting is started once more, each time on fresh ports.
+    a head that dies starting is started again (up to ``attempts`` times), each time on fresh ports.
     """
     import os
     import shutil
@@ -413,7 +413,8 @@ def running_ray_head(log_dir: Path, attempts: int = 2, num_cpus: int = 2):
     from ray.job_submission import JobSubmissionClient
 
     ray = Path(sys.executable).parent / "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the dashboard's start-up limit as `skinsynth` sets it for its own Ray (skinsynth.core.ray)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
     env.pop("RAY_ADDRESS", None)
     for attempt in range(1, attempts + 1):
         gcs, dashboard = free_port(), free_port()

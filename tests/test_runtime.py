@@ -1,4 +1,5 @@
-"""Process set-up shared by the stages: the glibc allocator settings for torch on the CPU."""
+"""Process set-up shared by the stages: the glibc allocator settings for torch on the CPU, and the start-up limit a
+local Ray gives its dashboard."""
 
 import os
 import platform
@@ -77,3 +78,20 @@ def test_the_allocator_settings_stop_the_page_faults_of_reused_large_blocks():
     # the CLI's mallopt does the same for its main thread
     assert _faults("main", "plain", plain) > 10 * 18_000
     assert _faults("main", "keep", plain) < default / 5
+
+
+def test_a_local_ray_gives_its_dashboard_five_minutes_unless_the_environment_says_otherwise(monkeypatch):
+    """Ray's 60 s for its dashboard to start ended whole commands on a loaded 2-core machine (a ``skinsynth serve``
+    in this suite once failed so). The limit is read when ray is imported, so it is raised on Ray's constants."""
+    from ray._private import ray_constants
+
+    from skinsynth.core.ray import DASHBOARD_STARTUP_TIMEOUT_S, _allow_a_slow_dashboard
+
+    monkeypatch.delenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", raising=False)
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 60)
+    _allow_a_slow_dashboard()
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == DASHBOARD_STARTUP_TIMEOUT_S == 300
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 45)
+    monkeypatch.setenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "45")  # the user's own choice stands
+    _allow_a_slow_dashboard()
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 45

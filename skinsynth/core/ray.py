@@ -17,6 +17,26 @@ from skinsynth.errors import SkinsynthError
 _STARTED_ENV: dict[str, str] | None = None
 
 
+DASHBOARD_STARTUP_TIMEOUT_S = 300  # Ray's own limit is 60 s
+
+
+def _allow_a_slow_dashboard() -> None:
+    """Give a local Ray's dashboard :data:`DASHBOARD_STARTUP_TIMEOUT_S` to start instead of Ray's 60 s.
+
+    ``ray.init`` fails when its dashboard has not started within ``RAY_DASHBOARD_STARTUP_TIMEOUT_S``. The dashboard
+    starts nine subprocesses, each a Python interpreter; on 2 cores shared with other work they can take longer than
+    a minute, and the command would end before its first stage. Ray reads the variable once, when it is imported,
+    so the limit is raised on its constants module; a value set in the environment is left as it is.
+    """
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" in os.environ:
+        return
+    from ray._private import ray_constants
+
+    current = getattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", None)
+    if isinstance(current, int) and current < DASHBOARD_STARTUP_TIMEOUT_S:
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = DASHBOARD_STARTUP_TIMEOUT_S
+
+
 def ensure_ray(num_cpus: int | None = None, env: Mapping[str, str] | None = None) -> None:
     """Start (or join) Ray once per process.
 
@@ -59,6 +79,7 @@ def ensure_ray(num_cpus: int | None = None, env: Mapping[str, str] | None = None
         # that long. The processes of a local Ray inherit this process's environment, so a longer first check is
         # set here (a cluster's own environment decides on a cluster).
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+        _allow_a_slow_dashboard()
         # "local": always an embedded Ray of our own, even when `ray start` left a cluster running on this machine
         # (ray.init() would join it, and refuse num_cpus); RAY_ADDRESS is how to use that cluster instead
         kwargs.update(address="local", num_cpus=num_cpus)
