@@ -243,7 +243,8 @@ class BatchWhenBusy:
     what lets batches form; but for a request alone in the replica it is pure latency, and so is the rest of the
     wait once every request in the replica has joined a batch (the others still reading their upload or
     preprocessing are the ones on their way). :meth:`batch_size` is the queue's ``batch_size_fn``: it reports such a
-    batch as full.
+    batch as full. A request already past the model (drawing its Grad-CAM, or its answer being written) still
+    counts as on its way: the batch beside it then waits its timeout out, as every batch did without this gate.
     """
 
     def __init__(self, batched: Infer, max_batch_size: int, alone: Infer = infer_alone):
