@@ -392,6 +392,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RAY_START_TIMEOUT = "The current node timed out during startup"  # Ray's fixed 30 s for a raylet to register
+
+
 @contextlib.contextmanager
 def running_ray_head(log_dir: Path, attempts: int = 3, num_cpus: int = 2):
     """A real Ray head on 127.0.0.1 (`ray start --head --block`) offering ``num_cpus`` CPUs to tasks, as a
@@ -495,31 +498,42 @@ def wait_for_job(client, job_id: str, timeout_s: float, until=None) -> str:
 
 
 @contextlib.contextmanager
-def command_in_own_group(command: list[str], log: Path, ready_url: str, timeout_s: float = 300):
+def command_in_own_group(command: list[str], log: Path, ready_url: str, timeout_s: float = 300, attempts: int = 2):
     """Start ``command`` in its own process group (its output to ``log``), wait until ``ready_url`` answers 200, and
-    yield the process; afterwards every process left in its group is killed."""
+    yield the process; afterwards every process left in its group is killed.
+
+    A command whose embedded Ray ended it at start-up because the raylet missed Ray's fixed 30 s to register ("node
+    timed out during startup", which a loaded 2-core machine can reach) is started again, up to ``attempts`` times,
+    as ``running_ray_head`` does for a head.
+    """
     import os
     import signal
     import subprocess
     import time
     import urllib.request
 
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(ready_url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-        yield process
-    finally:
+    for attempt in range(1, attempts + 1):
+        with log.open("w") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    if process.poll() is not None and attempt < attempts and RAY_START_TIMEOUT in log.read_text():
+                        break
+                    assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.5)
+            if process.poll() is not None:  # ended by Ray's start-up limit: once more
+                continue
+            yield process
+            return
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=30)
