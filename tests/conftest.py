@@ -416,8 +416,14 @@ def running_ray_head(log_dir: Path, attempts: int = 3, num_cpus: int = 2):
     from ray.job_submission import JobSubmissionClient
 
     ray = Path(sys.executable).parent / "ray"
-    # the dashboard's start-up limit as `skinsynth` sets it for its own Ray (skinsynth.core.ray)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
+    from skinsynth.core.ray import DASHBOARD_STARTUP_TIMEOUT_S
+
+    # the dashboard's start-up limit as `skinsynth` sets it for its own Ray
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(DASHBOARD_STARTUP_TIMEOUT_S),
+    }
     env.pop("RAY_ADDRESS", None)
     for attempt in range(1, attempts + 1):
         gcs, dashboard = free_port(), free_port()
@@ -516,7 +522,7 @@ def command_in_own_group(command: list[str], log: Path, ready_url: str, timeout_
         with log.open("w") as sink:
             process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + timeout_s
+            deadline, ended_by_ray_start = time.monotonic() + timeout_s, False
             while True:
                 try:
                     with urllib.request.urlopen(ready_url, timeout=5) as response:
@@ -524,10 +530,11 @@ def command_in_own_group(command: list[str], log: Path, ready_url: str, timeout_
                             break
                 except OSError:
                     if process.poll() is not None and attempt < attempts and RAY_START_TIMEOUT in log.read_text():
+                        ended_by_ray_start = True
                         break
                     assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(0.5)
-            if process.poll() is not None:  # ended by Ray's start-up limit: once more
+            if ended_by_ray_start:  # once more, on a fresh Ray
                 continue
             yield process
             return
